@@ -1,0 +1,178 @@
+"""Shareable groups: layers across models that can hold one copy of their weights.
+
+A group has members with one signature, at most one layer per model. Two alignments:
+
+- `order` (GEMEL's reference): the k-th occurrence of a signature in one model pairs with
+  the k-th occurrence in every other, wherever it sits in the graph.
+- `structure`: models are aligned one by one against the groups so far, like a multiple
+  sequence alignment over execution order: a dynamic programme keeps the matching monotone
+  (no crossing pairs) and, among equal-signature candidates, prefers layers whose qualified
+  names correspond. A layer is thus not paired with an unrelated twin further down.
+
+Only parameters are shared; each model keeps its own buffers (batch-norm statistics), so a
+group's savings are its parameter bytes times (members - 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from difflib import SequenceMatcher
+from typing import Literal
+
+from .inventory import LayerRecord, ModelInventory
+
+Alignment = Literal["order", "structure"]
+ALIGNMENTS: tuple[Alignment, ...] = ("structure", "order")
+
+
+@dataclass(frozen=True)
+class GroupMember:
+    model: str
+    layer: str
+
+
+@dataclass
+class ShareGroup:
+    signature: str
+    kind: str
+    members: list[GroupMember]
+    bytes_per_copy: int  # parameter bytes of one member
+
+    @property
+    def savings_bytes(self) -> int:
+        return self.bytes_per_copy * (len(self.members) - 1)
+
+    @property
+    def models(self) -> list[str]:
+        return [m.model for m in self.members]
+
+    def layer_of(self, model: str) -> str | None:
+        for m in self.members:
+            if m.model == model:
+                return m.layer
+        return None
+
+    def to_dict(self) -> dict:
+        return {"signature": self.signature, "kind": self.kind,
+                "members": [{"model": m.model, "layer": m.layer} for m in self.members],
+                "bytes_per_copy": self.bytes_per_copy, "savings_bytes": self.savings_bytes}
+
+
+def _shareable(inv: ModelInventory) -> list[LayerRecord]:
+    return [layer for layer in inv.layers if layer.shareable]
+
+
+def _order_groups(inventories: list[ModelInventory]) -> list[list[tuple[str, LayerRecord]]]:
+    columns: dict[tuple[str, int], list[tuple[str, LayerRecord]]] = {}
+    for inv in inventories:
+        count: dict[str, int] = {}
+        for layer in _shareable(inv):
+            k = count.get(layer.signature, 0)
+            count[layer.signature] = k + 1
+            columns.setdefault((layer.signature, k), []).append((inv.name, layer))
+    return list(columns.values())
+
+
+@dataclass
+class _Column:
+    signature: str
+    tokens: list[str]
+    members: list[tuple[str, LayerRecord]] = field(default_factory=list)
+
+
+def _tokens(name: str) -> list[str]:
+    return name.split(".")
+
+
+def _name_similarity(a: list[str], b: list[str]) -> float:
+    if a == b:
+        return 1.0
+    return SequenceMatcher(None, a, b, autojunk=False).ratio()
+
+
+def _align(columns: list[_Column], layers: list[LayerRecord]) -> dict[int, int]:
+    """Monotone alignment of `layers` onto `columns`: returns layer index -> column index.
+
+    Score of a pair: 0 unless the signatures match, else 1 + name similarity (in [0, 1]), so
+    the number of matched layers comes first and corresponding names break ties.
+    """
+    n, m = len(columns), len(layers)
+    by_sig: dict[str, list[int]] = {}
+    for j, layer in enumerate(layers):
+        by_sig.setdefault(layer.signature, []).append(j)
+    # Sparse scores: only equal-signature pairs can match.
+    score: list[dict[int, float]] = []
+    for col in columns:
+        row = {}
+        for j in by_sig.get(col.signature, ()):
+            row[j] = 1.0 + _name_similarity(col.tokens, _tokens(layers[j].name))
+        score.append(row)
+    prev = [0.0] * (m + 1)
+    back: list[bytearray] = []  # 0 = skip column, 1 = skip layer, 2 = match
+    for i in range(1, n + 1):
+        cur = [0.0] * (m + 1)
+        moves = bytearray(m + 1)
+        row = score[i - 1]
+        for j in range(1, m + 1):
+            best, move = prev[j], 0
+            if cur[j - 1] > best:
+                best, move = cur[j - 1], 1
+            s = row.get(j - 1)
+            if s is not None and prev[j - 1] + s > best:
+                best, move = prev[j - 1] + s, 2
+            cur[j] = best
+            moves[j] = move
+        moves[0] = 0
+        back.append(moves)
+        prev = cur
+    pairs: dict[int, int] = {}
+    i, j = n, m
+    while i > 0 and j > 0:
+        move = back[i - 1][j]
+        if move == 2:
+            pairs[j - 1] = i - 1
+            i, j = i - 1, j - 1
+        elif move == 1:
+            j -= 1
+        else:
+            i -= 1
+    return pairs
+
+
+def _structure_groups(inventories: list[ModelInventory]) -> list[list[tuple[str, LayerRecord]]]:
+    columns: list[_Column] = []
+    for inv in inventories:
+        layers = _shareable(inv)
+        pairs = _align(columns, layers)
+        merged: list[_Column] = []
+        col_index = 0
+        for j, layer in enumerate(layers):
+            if j in pairs:
+                target = pairs[j]
+                merged.extend(columns[col_index:target])
+                col = columns[target]
+                col.members.append((inv.name, layer))
+                merged.append(col)
+                col_index = target + 1
+            else:
+                merged.append(_Column(layer.signature, _tokens(layer.name), [(inv.name, layer)]))
+        merged.extend(columns[col_index:])
+        columns = merged
+    return [c.members for c in columns]
+
+
+def find_share_groups(inventories: list[ModelInventory], alignment: Alignment = "structure") -> list[ShareGroup]:
+    """Groups of two or more interchangeable layers, heaviest savings first."""
+    if alignment not in ALIGNMENTS:
+        raise ValueError(f"unknown alignment '{alignment}'; expected one of {', '.join(ALIGNMENTS)}")
+    raw = _order_groups(inventories) if alignment == "order" else _structure_groups(inventories)
+    groups = []
+    for members in raw:
+        if len(members) < 2:
+            continue
+        first = members[0][1]
+        groups.append(ShareGroup(signature=first.signature, kind=first.kind,
+                                 members=[GroupMember(model, layer.name) for model, layer in members],
+                                 bytes_per_copy=first.param_bytes))
+    groups.sort(key=lambda g: (-g.savings_bytes, -len(g.members), g.signature))
+    return groups

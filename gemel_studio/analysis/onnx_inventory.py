@@ -1,0 +1,135 @@
+"""Layer records from an ONNX graph: nodes that consume initializers (weights) become layers.
+
+Conv, Gemm (as Linear) and BatchNormalization get the same signatures as their torch
+twins, so an ONNX model can share layers with a torchvision one. Activation bytes come from
+ONNX shape inference with the graph's inputs fixed to the workload's input size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import onnx
+from onnx import helper
+
+from .inventory import LayerRecord, TensorInfo
+from .signature import batchnorm_signature, conv_signature, linear_signature
+
+_KINDS = {"Conv": "Conv", "ConvTranspose": "ConvTranspose", "Gemm": "Linear", "MatMul": "MatMul",
+          "BatchNormalization": "BatchNorm"}
+
+
+def _itemsize(elem_type: int) -> int:
+    return helper.tensor_dtype_to_np_dtype(elem_type).itemsize
+
+
+def _dtype(elem_type: int) -> str:
+    name = str(helper.tensor_dtype_to_np_dtype(elem_type))
+    return {"float32": "float32", "float16": "float16", "float64": "float64"}.get(name, name)
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _fix_inputs(model: onnx.ModelProto, batch: int, size: tuple[int, int, int]) -> onnx.ModelProto:
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    init_names = {i.name for i in model.graph.initializer}
+    for inp in model.graph.input:
+        if inp.name in init_names:
+            continue
+        dims = inp.type.tensor_type.shape.dim
+        wanted = [batch, *size]
+        if len(dims) == len(wanted):
+            for d, w in zip(dims, wanted):
+                if not d.HasField("dim_value"):
+                    d.dim_value = w
+    return model
+
+
+def _shapes(model: onnx.ModelProto, batch: int, size) -> dict[str, tuple[list[int], int]]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(_fix_inputs(model, batch, size))
+    except Exception:  # inference is best effort: without it, activations are unknown
+        return {}
+    out = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):
+        t = vi.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+        if dims and all(d is not None for d in dims):
+            out[vi.name] = (dims, t.elem_type)
+    return out
+
+
+def _signature(node: onnx.NodeProto, weights: list[onnx.TensorProto], shapes: dict) -> tuple[str, str]:
+    a = _attrs(node)
+    w = weights[0]
+    dtype = _dtype(w.data_type)
+    dims = list(w.dims)
+    has_bias = len(weights) > 1
+    if node.op_type in ("Conv", "ConvTranspose") and len(dims) >= 3:
+        spatial = len(dims) - 2
+        kind = f"{'Conv' if node.op_type == 'Conv' else 'ConvTranspose'}{spatial}d"
+        groups = a.get("group", 1)
+        if node.op_type == "Conv":
+            out_ch, in_ch = dims[0], dims[1] * groups
+        else:
+            in_ch, out_ch = dims[0], dims[1] * groups
+        pads = list(a.get("pads", [0] * 2 * spatial))
+        padding = tuple(pads[:spatial]) if pads[:spatial] == pads[spatial:] else tuple(pads)
+        if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            padding = str(a["auto_pad"], "ascii") if isinstance(a["auto_pad"], bytes) else a["auto_pad"]
+        return kind, conv_signature(kind, in_ch, out_ch, tuple(a.get("kernel_shape", dims[2:])),
+                                    tuple(a.get("strides", [1] * spatial)), padding,
+                                    tuple(a.get("dilations", [1] * spatial)), groups, has_bias, dtype)
+    if node.op_type == "Gemm" and len(dims) == 2 and a.get("transB", 0) == 1 and a.get("transA", 0) == 0 \
+            and a.get("alpha", 1.0) == 1.0 and a.get("beta", 1.0) == 1.0:
+        return "Linear", linear_signature(dims[1], dims[0], has_bias, dtype)
+    if node.op_type == "BatchNormalization":
+        rank = len(shapes.get(node.input[0], ([0] * 4, 0))[0])
+        kind = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}.get(rank, "BatchNorm2d")
+        return kind, batchnorm_signature(kind, dims[0], a.get("epsilon", 1e-5), True, dtype)
+    shapes_s = ";".join(f"{i}:({','.join(map(str, t.dims))})" for i, t in enumerate(weights))
+    attrs = ",".join(f"{k}={v}" for k, v in sorted(a.items()))
+    return node.op_type, f"{node.op_type}({attrs}|{shapes_s},{dtype})"
+
+
+def onnx_layers(model: onnx.ModelProto, batch: int, size: tuple[int, int, int]):
+    """Records in graph order, per-node output bytes, notes, and parameter/buffer totals."""
+    inits = {t.name: t for t in model.graph.initializer}
+    shapes = _shapes(model, batch, size)
+    notes = [] if shapes else ["ONNX shape inference failed: activation bytes are not measured"]
+    used: set[str] = set()
+    records: list[LayerRecord] = []
+    calls: list[int] = []
+    param_bytes = buffer_bytes = 0
+    for index, node in enumerate(model.graph.node):
+        weights = [inits[i] for i in node.input if i in inits and i not in used]
+        out_bytes = None
+        known = [shapes[o] for o in node.output if o in shapes]
+        if known and len(known) == len(node.output):
+            out_bytes = sum(math.prod(d) * _itemsize(t) for d, t in known)
+            calls.append(out_bytes)
+        if not weights:
+            continue
+        used.update(t.name for t in weights)
+        kind, signature = _signature(node, weights, shapes)
+        infos = [TensorInfo(t.name, tuple(t.dims), _dtype(t.data_type), math.prod(t.dims) * _itemsize(t.data_type))
+                 for t in weights]
+        if node.op_type == "BatchNormalization":  # inputs: X, scale, B, mean, var
+            stats = set(node.input[3:5])
+            params = tuple(t for t in infos if t.name not in stats)
+            buffers = tuple(t for t in infos if t.name in stats)
+        else:
+            params, buffers = tuple(infos), ()
+        pb, bb = sum(t.nbytes for t in params), sum(t.nbytes for t in buffers)
+        param_bytes += pb
+        buffer_bytes += bb
+        records.append(LayerRecord(name=node.name or f"{node.op_type}_{index}", kind=kind, signature=signature,
+                                   param_bytes=pb, buffer_bytes=bb, activation_bytes=out_bytes, trainable=True,
+                                   executed=out_bytes is not None, params=params, buffers=buffers))
+    # Initializers no node consumes directly (e.g. behind a Constant or If) still cost memory.
+    for name, t in inits.items():
+        if name not in used:
+            param_bytes += math.prod(t.dims) * _itemsize(t.data_type)
+    return records, calls, notes, param_bytes, buffer_bytes

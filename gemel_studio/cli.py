@@ -1,0 +1,212 @@
+"""The `gemel` command: the same functions the studio calls, from a terminal.
+
+Errors a user can cause print one line on stderr and exit with code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import Cancelled, GemelError
+
+DEFAULT_WORKLOAD = Path(__file__).resolve().parent.parent / "sample_workloads" / "quickstart.yaml"
+
+
+def human_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+# --- gemel info ----------------------------------------------------------------------------
+
+
+def gpu_info() -> list[dict]:
+    """NVIDIA GPUs through pynvml: name, total and used memory. Empty when there is none."""
+    try:
+        import pynvml
+    except ImportError:
+        return []
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return []
+    try:
+        out = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+            mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            name = pynvml.nvmlDeviceGetName(handle)
+            out.append({"index": i, "name": name.decode() if isinstance(name, bytes) else name,
+                        "memory_total": int(mem.total), "memory_used": int(mem.used)})
+        return out
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def versions() -> dict:
+    import onnx
+    import torch
+    import torchvision
+
+    info = {"gemel_studio": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "onnx": onnx.__version__}
+    try:
+        import onnxruntime
+        info["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        info["onnxruntime"] = None
+    try:
+        import PySide6
+        from PySide6 import QtCore
+        info["pyside6"] = PySide6.__version__
+        info["qt"] = QtCore.qVersion()
+    except ImportError:
+        info["pyside6"] = info["qt"] = None
+    info["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    info["gpus"] = gpu_info()
+    return info
+
+
+def cmd_info(args) -> int:
+    info = versions()
+    if args.architectures:
+        from .models import known_architectures
+        for name, task in known_architectures().items():
+            print(f"{name:40} {task}")
+        return 0
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    for key in ("gemel_studio", "python", "torch", "torchvision", "onnx", "onnxruntime", "pyside6", "qt", "device"):
+        print(f"{key:14} {info[key] or 'not installed'}")
+    if info["gpus"]:
+        for gpu in info["gpus"]:
+            print(f"{'gpu ' + str(gpu['index']):14} {gpu['name']}, {human_bytes(gpu['memory_used'])} used "
+                  f"of {human_bytes(gpu['memory_total'])}")
+    else:
+        print(f"{'gpu':14} no NVIDIA GPU")
+    return 0
+
+
+# --- gemel analyze -------------------------------------------------------------------------
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def format_analysis(analysis) -> str:
+    out = [f"workload {analysis.workload}: {len(analysis.models)} models, alignment: {analysis.alignment}", ""]
+    rows = [[m.name, m.architecture, m.task, f"{m.param_count:,}", human_bytes(m.param_bytes),
+             human_bytes(m.buffer_bytes), human_bytes(m.activation_bytes), str(len(m.layers))]
+            for m in analysis.models]
+    out.append(_table(rows, ["model", "architecture", "task", "parameters", "param bytes", "buffers",
+                             "peak activations", "layers"]))
+    out.append("")
+    top = analysis.groups[:15]
+    rows = [[str(i + 1), g.kind, str(len(g.members)), human_bytes(g.bytes_per_copy), human_bytes(g.savings_bytes),
+             ", ".join(f"{m.model}:{m.layer}" for m in g.members)[:70]] for i, g in enumerate(top)]
+    out.append(f"{len(analysis.groups)} share groups (heaviest {len(top)} shown)")
+    if rows:
+        out.append(_table(rows, ["#", "kind", "models", "per copy", "saves", "members"]))
+    out.append("")
+    out.append(f"total parameter bytes   {human_bytes(analysis.total_param_bytes)}")
+    out.append(f"all-shareable bound     {human_bytes(analysis.max_savings_bytes)} "
+               f"({analysis.max_savings_fraction:.1%} of the total)")
+    for m in analysis.models:
+        for note in m.notes:
+            out.append(f"note: {m.name}: {note}")
+    return "\n".join(out)
+
+
+def cmd_analyze(args) -> int:
+    from .analysis import analyze_workload
+    from .progress import terminal_progress
+    from .workload import load_workload
+
+    workload = load_workload(args.workload)
+    progress = terminal_progress() if not args.json else None
+    analysis = analyze_workload(workload, alignment=args.alignment, progress=progress)
+    if args.json:
+        print(json.dumps(analysis.to_dict(), indent=None if args.compact else 2))
+    else:
+        print(format_analysis(analysis))
+    return 0
+
+
+# --- gemel studio --------------------------------------------------------------------------
+
+
+def cmd_studio(args) -> int:
+    try:
+        from .ui.app import run_studio
+    except ImportError as exc:
+        raise GemelError(f"the studio needs the GUI extras ({exc.name} is missing): "
+                         "pip install 'gemel-studio[gui]'") from None
+    return run_studio(args.workload)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gemel", description="GEMEL Studio: share layers across vision models "
+                                     "to fit them onto one edge GPU.")
+    parser.add_argument("--version", action="version", version=f"gemel-studio {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="versions, compute device and GPUs")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--architectures", action="store_true", help="list the torchvision architectures by name")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("analyze", help="per-layer memory and shareable layers of a workload")
+    p.add_argument("workload", type=Path)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--compact", action="store_true", help="with --json: on one line")
+    p.add_argument("--alignment", choices=["structure", "order"], default="structure",
+                   help="how layers are matched across models: by position in the structure (default) "
+                        "or by order of appearance (GEMEL's reference)")
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("studio", help="open the desktop studio")
+    p.add_argument("workload", type=Path, nargs="?", default=None)
+    p.set_defaults(func=cmd_studio)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except GemelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Cancelled:
+        print("cancelled", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def studio_main() -> int:
+    """`gemel-studio [WORKLOAD]`."""
+    return main(["studio", *sys.argv[1:]])
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,17 @@
+"""Errors a user can cause. Each carries one line that names the problem and the fix."""
+
+
+class GemelError(Exception):
+    """A problem with the user's input: shown as one line, exit code 2, never a traceback."""
+
+
+class WorkloadError(GemelError):
+    """A workload file is missing, unreadable or does not fit the schema."""
+
+
+class ModelLoadError(GemelError):
+    """A model's source (architecture, weights, checkpoint, TorchScript, ONNX) cannot be used."""
+
+
+class Cancelled(Exception):
+    """Long work stopped because the caller asked it to (not an error)."""

@@ -1,0 +1,77 @@
+"""The torchvision model zoo by name: which architectures exist, and building one.
+
+Architectures are built with torchvision's own constructors; on the meta device when the
+constructor allows it (no weight memory), else on the CPU and moved to meta.
+"""
+
+from __future__ import annotations
+
+import difflib
+from functools import lru_cache
+
+import torch
+import torchvision
+from torchvision.models import get_model, list_models
+
+from ..errors import ModelLoadError
+
+
+@lru_cache(maxsize=None)
+def _classifiers() -> frozenset[str]:
+    return frozenset(list_models(module=torchvision.models))
+
+
+@lru_cache(maxsize=None)
+def _detectors() -> frozenset[str]:
+    return frozenset(list_models(module=torchvision.models.detection))
+
+
+def known_architectures() -> dict[str, str]:
+    """Architecture name -> task, for every torchvision classifier and detector."""
+    names = {n: "classification" for n in _classifiers()}
+    names.update({n: "detection" for n in _detectors()})
+    return dict(sorted(names.items()))
+
+
+def task_of(architecture: str) -> str:
+    check_architecture(architecture)
+    return "detection" if architecture in _detectors() else "classification"
+
+
+def check_architecture(name: str) -> None:
+    """Raise a ValueError (pydantic turns it into a field error) for an unknown name."""
+    known = known_architectures()
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=3)
+        hint = f"did you mean {', '.join(close)}?" if close else "see `gemel info --architectures`"
+        raise ValueError(f"unknown torchvision architecture '{name}'; {hint}")
+
+
+def _constructor_kwargs(architecture: str, num_classes: int) -> dict:
+    kwargs: dict = {"weights": None, "num_classes": num_classes}
+    if architecture in _detectors():
+        kwargs["weights_backbone"] = None
+    if architecture in ("inception_v3", "googlenet"):
+        # Their default init draws from scipy's truncated normal: slow and not needed here.
+        kwargs["init_weights"] = False
+    return kwargs
+
+
+def construct(architecture: str, num_classes: int, device: str) -> tuple[torch.nn.Module, str]:
+    """Build an untrained architecture; returns the module and the device it was built on.
+
+    With device='meta', a constructor that computes with tensors while building (RegNet)
+    is built on the CPU instead and moved to meta; the second value says 'cpu' then.
+    """
+    kwargs = _constructor_kwargs(architecture, num_classes)
+    try:
+        if device == "meta":
+            try:
+                with torch.device("meta"):
+                    return get_model(architecture, **kwargs), "meta"
+            except (NotImplementedError, RuntimeError):
+                return get_model(architecture, **kwargs).to("meta"), "cpu"
+        with torch.device(device):
+            return get_model(architecture, **kwargs), device
+    except (TypeError, ValueError) as exc:
+        raise ModelLoadError(f"{architecture}: torchvision cannot build it with {num_classes} classes: {exc}") from None

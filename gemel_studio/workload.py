@@ -1,0 +1,267 @@
+"""Workload files: the YAML list of candidate models, its schema, loading and saving.
+
+A workload names each model's source, task, classes, input size, dataset and accuracy
+target. Validation is strict (unknown keys are errors) and every message names the file,
+the model and the field. Relative paths in a workload are relative to the workload file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import WorkloadError
+
+SCHEMA_VERSION = 1
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+# --- model sources -------------------------------------------------------------------------
+
+
+class TorchvisionSource(_Strict):
+    """A torchvision architecture by name; `weights` is a torchvision weight name
+    (e.g. IMAGENET1K_V1, DEFAULT), a local file, or absent for random init."""
+
+    kind: Literal["torchvision"]
+    architecture: str
+    weights: str | None = None
+
+    @field_validator("architecture")
+    @classmethod
+    def _known_architecture(cls, value: str) -> str:
+        from .models.zoo import check_architecture
+
+        check_architecture(value)
+        return value
+
+
+class CheckpointSource(_Strict):
+    """A state_dict (safetensors, or .pt/.pth loaded weights-only) for a torchvision architecture."""
+
+    kind: Literal["checkpoint"]
+    architecture: str
+    path: Path
+
+    _known_architecture = field_validator("architecture")(TorchvisionSource._known_architecture.__func__)
+
+
+class TorchScriptSource(_Strict):
+    kind: Literal["torchscript"]
+    path: Path
+    architecture: str | None = None  # a label for display only
+
+
+class OnnxSource(_Strict):
+    kind: Literal["onnx"]
+    path: Path
+    architecture: str | None = None  # a label for display only
+
+
+ModelSource = Annotated[
+    Union[TorchvisionSource, CheckpointSource, TorchScriptSource, OnnxSource],
+    Field(discriminator="kind"),
+]
+
+# --- datasets (used by retraining) ---------------------------------------------------------
+
+
+class SyntheticDataset(_Strict):
+    """Images the project generates itself (no download), seeded and reproducible."""
+
+    kind: Literal["synthetic"]
+    task: str = "shapes"
+    samples: int = Field(512, gt=0)
+    seed: int = 0
+
+
+class ImageFolderDataset(_Strict):
+    kind: Literal["image_folder"]
+    path: Path
+
+
+class FashionMnistDataset(_Strict):
+    kind: Literal["fashion_mnist"]
+    path: Path = Path("/usr/share/datasets/fashion-mnist")
+    classes: list[int] | None = None  # a subset of the ten classes, relabelled 0..n-1
+
+
+Dataset = Annotated[
+    Union[SyntheticDataset, ImageFolderDataset, FashionMnistDataset], Field(discriminator="kind")
+]
+
+
+class AccuracyTarget(_Strict):
+    """Either relative to the unmerged model's measured accuracy, or an absolute figure."""
+
+    relative: float | None = Field(None, gt=0, le=1)
+    absolute: float | None = Field(None, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "AccuracyTarget":
+        if (self.relative is None) == (self.absolute is None):
+            raise ValueError("give exactly one of 'relative' or 'absolute'")
+        return self
+
+
+# --- the workload --------------------------------------------------------------------------
+
+InputSize = tuple[int, int, int]
+
+
+class ModelSpec(_Strict):
+    name: str = Field(min_length=1)
+    source: ModelSource
+    task: Literal["classification", "detection"] = "classification"
+    num_classes: int = Field(1000, gt=0)
+    input_size: InputSize | None = None  # channels, height, width; default: the workload's
+    dataset: Dataset | None = None
+    target: AccuracyTarget = Field(default_factory=lambda: AccuracyTarget(relative=0.95))
+
+    @field_validator("input_size")
+    @classmethod
+    def _positive(cls, value: InputSize | None) -> InputSize | None:
+        if value is not None and min(value) <= 0:
+            raise ValueError("every dimension must be positive: [channels, height, width]")
+        return value
+
+    @property
+    def architecture(self) -> str:
+        """What to show as the model's architecture."""
+        arch = getattr(self.source, "architecture", None)
+        return arch or f"{self.source.kind}:{Path(self.source.path).name}"
+
+
+class Workload(_Strict):
+    version: Literal[1] = SCHEMA_VERSION
+    name: str = "workload"
+    description: str = ""
+    input_size: InputSize = (3, 224, 224)
+    batch_size: int = Field(1, gt=0)
+    models: list[ModelSpec] = Field(default_factory=list)
+
+    # Where the file lives; relative paths resolve against it. Not part of the YAML.
+    path: Path | None = Field(None, exclude=True)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "Workload":
+        seen: set[str] = set()
+        for spec in self.models:
+            if spec.name in seen:
+                raise ValueError(f"duplicate model name '{spec.name}': every model needs its own name")
+            seen.add(spec.name)
+        return self
+
+    def input_size_of(self, spec: ModelSpec) -> InputSize:
+        return spec.input_size or self.input_size
+
+    def resolve(self, path: Path | str) -> Path:
+        """A path from the workload, made absolute against the workload file's folder."""
+        p = Path(path).expanduser()
+        if p.is_absolute() or self.path is None:
+            return p
+        return (self.path.parent / p).resolve()
+
+    def model(self, name: str) -> ModelSpec:
+        for spec in self.models:
+            if spec.name == name:
+                return spec
+        raise KeyError(name)
+
+
+def _describe(error: dict[str, Any], data: Any) -> str:
+    """Turn one pydantic error into 'model 'cam1', field source.architecture: message'."""
+    loc = list(error["loc"])
+    where = ""
+    if len(loc) >= 2 and loc[0] == "models" and isinstance(loc[1], int):
+        index = loc[1]
+        name = None
+        try:
+            name = data["models"][index].get("name")
+        except (KeyError, IndexError, TypeError, AttributeError):
+            pass
+        where = f"model '{name}'" if name else f"models[{index}]"
+        loc = loc[2:]
+    # Drop discriminator tags that pydantic inserts into the location (e.g. 'torchvision').
+    loc = [str(p) for p in loc if p not in ("torchvision", "checkpoint", "torchscript", "onnx",
+                                             "synthetic", "image_folder", "fashion_mnist")]
+    field = ".".join(loc)
+    msg = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        msg = "unknown key (remove it or check its spelling)"
+    elif error["type"] == "union_tag_invalid":
+        msg = f"{msg}; expected one of torchvision, checkpoint, torchscript, onnx (or for a dataset: synthetic, image_folder, fashion_mnist)"
+    parts = [p for p in (where, f"field '{field}'" if field else "") if p]
+    return f"{', '.join(parts)}: {msg}" if parts else msg
+
+
+def parse_workload(data: Any, origin: str = "<workload>", path: Path | None = None) -> Workload:
+    if not isinstance(data, dict):
+        raise WorkloadError(f"{origin}: expected a mapping with a 'models' list at the top level")
+    try:
+        workload = Workload.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        more = f" (and {exc.error_count() - 1} more problem(s))" if exc.error_count() > 1 else ""
+        raise WorkloadError(f"{origin}: {_describe(first, data)}{more}") from None
+    workload.path = path.resolve() if path else None
+    return workload
+
+
+def load_workload(path: Path | str) -> Workload:
+    path = Path(path)
+    if not path.exists():
+        raise WorkloadError(f"{path}: no such workload file (check the path)")
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = yaml.safe_load(text)
+    except UnicodeDecodeError:
+        raise WorkloadError(f"{path}: not a text file; a workload is YAML") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise WorkloadError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    return parse_workload(data, origin=str(path), path=path)
+
+
+def workload_to_dict(workload: Workload) -> dict[str, Any]:
+    data = workload.model_dump(mode="json", exclude_none=True, exclude={"path"})
+    for model in data.get("models", []):
+        if model.get("target") == {"relative": 0.95}:
+            del model["target"]
+    return data
+
+
+def _rebase_paths(workload: Workload, new_file: Path) -> Workload:
+    """A copy whose relative paths point at the same files when read from `new_file`."""
+    import os
+
+    copy = workload.model_copy(deep=True)
+    for spec in copy.models:
+        for part in (spec.source, spec.dataset):
+            path = getattr(part, "path", None)
+            if path is None or Path(path).is_absolute():
+                continue
+            target = workload.resolve(path)
+            try:
+                part.path = Path(os.path.relpath(target, new_file.parent))
+            except ValueError:  # another drive on Windows
+                part.path = target
+    return copy
+
+
+def save_workload(workload: Workload, path: Path | str) -> None:
+    """Write the workload as YAML, relative paths rebased so they still name the same files.
+    Written atomically: a crash leaves the old file as it was."""
+    path = Path(path).resolve()
+    text = yaml.safe_dump(workload_to_dict(_rebase_paths(workload, path)), sort_keys=False)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    workload.path = path.resolve()

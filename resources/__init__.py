@@ -1,0 +1,1 @@
+"""Icons and theme stylesheets of the studio, read with importlib.resources."""
