@@ -6,6 +6,7 @@ Errors a user can cause print one line on stderr and exit with code 2, never a t
 from __future__ import annotations
 
 import argparse
+from importlib import metadata
 import json
 import os
 import platform
@@ -67,13 +68,17 @@ def versions() -> dict:
         info["onnxruntime"] = onnxruntime.__version__
     except ImportError:
         info["onnxruntime"] = None
-    try:
-        import PySide6
-        from PySide6 import QtCore
-        info["pyside6"] = PySide6.__version__
-        info["qt"] = QtCore.qVersion()
-    except ImportError:
-        info["pyside6"] = info["qt"] = None
+    # Read from package metadata: the core must not import Qt (it may be absent on an edge box).
+    info["pyside6"] = info["qt"] = None
+    for dist in ("PySide6-Essentials", "PySide6"):
+        try:
+            info["pyside6"] = metadata.version(dist)
+            break
+        except metadata.PackageNotFoundError:
+            continue
+    qtcore = sys.modules.get("PySide6.QtCore")
+    # PySide6 wheels bundle the Qt of their own version; the running Qt says so when loaded.
+    info["qt"] = qtcore.qVersion() if qtcore is not None else info["pyside6"]
     info["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     info["gpus"] = gpu_info()
     return info

@@ -257,11 +257,15 @@ def _rebase_paths(workload: Workload, new_file: Path) -> Workload:
 
 
 def save_workload(workload: Workload, path: Path | str) -> None:
-    """Write the workload as YAML, relative paths rebased so they still name the same files.
-    Written atomically: a crash leaves the old file as it was."""
+    """Write the workload as YAML, relative paths rebased so they still name the same files,
+    and make `workload` stand for the new file. Written atomically: a crash leaves the old
+    file as it was."""
     path = Path(path).resolve()
-    text = yaml.safe_dump(workload_to_dict(_rebase_paths(workload, path)), sort_keys=False)
+    rebased = _rebase_paths(workload, path)
+    text = yaml.safe_dump(workload_to_dict(rebased), sort_keys=False)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
-    workload.path = path.resolve()
+    # The object now stands for the saved file: its relative paths are the rebased ones.
+    workload.models = rebased.models
+    workload.path = path

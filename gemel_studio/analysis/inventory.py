@@ -115,19 +115,20 @@ def _rcnn_box_head_fallback(module: torch.nn.Module, batch: int) -> None:
         roi_heads.box_predictor(roi_heads.box_head(x))
 
 
-def _torch_layers(built: BuiltModel, workload: Workload) -> tuple[list[LayerRecord], list[int], list[str]]:
-    """Records in execution order, the per-call output bytes in call order, and notes."""
-    module = built.module
-    spec = built.spec
+def _torch_layers(module: torch.nn.Module, task: str, input_size: tuple[int, int, int], batch: int,
+                  measure: bool) -> tuple[list[LayerRecord], list[int], list[str]]:
+    """Records in execution order, the per-call output bytes in call order, and notes.
+
+    With `measure`, one forward pass on meta tensors (the module must be on meta) records
+    which layers run, in what order, and the bytes of their outputs.
+    """
     notes: list[str] = []
     layered = [(n, m) for n, m in module.named_modules()
                if any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False))]
     activation: dict[str, int] = {}
     order: list[str] = []
     calls: list[int] = []
-    measure = built.built_on != "cpu" or next(module.parameters(), torch.empty(0)).is_meta
-    scripted = isinstance(module, torch.jit.ScriptModule)
-    if measure and not scripted:
+    if measure:
         handles = []
 
         def make_hook(name: str):
@@ -144,18 +145,20 @@ def _torch_layers(built: BuiltModel, workload: Workload) -> tuple[list[LayerReco
             handles.append(m.register_forward_hook(make_hook(name)))
         was_training = module.training
         module.eval()
-        dtype = next(module.parameters()).dtype
-        x = _example_input(spec.task, workload.batch_size, workload.input_size_of(spec), dtype, "meta")
+        first = next(module.parameters(), None)
+        dtype = first.dtype if first is not None else torch.float32
+        x = _example_input(task, batch, input_size, dtype, "meta")
         try:
             with torch.no_grad():
                 module(x)
         except NotImplementedError:
             # Detection post-processing (NMS) has no meta implementation; the layers that ran
             # before it are measured. R-CNN box heads run after NMS: measure them directly.
-            _rcnn_box_head_fallback(module, workload.batch_size)
-        except RuntimeError as exc:
-            notes.append(f"forward pass at input {list(workload.input_size_of(spec))} failed, activations not "
-                         f"measured: {str(exc).splitlines()[0][:120]}")
+            _rcnn_box_head_fallback(module, batch)
+        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+            calls.clear()  # a partial pass gives no honest peak
+            notes.append(f"forward pass at input {list(input_size)} failed, activations not "
+                         f"measured: {str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}")
         finally:
             for h in handles:
                 h.remove()
@@ -195,24 +198,39 @@ def _peak(calls: list[int], input_bytes: int) -> int | None:
     return max(a + b for a, b in zip(seq, seq[1:]))
 
 
+def inventory_of_module(module: torch.nn.Module, name: str, *, architecture: str = "", task: str = "classification",
+                        input_size: tuple[int, int, int] = (3, 224, 224), batch_size: int = 1,
+                        source_kind: str = "module", built_on: str = "meta") -> ModelInventory:
+    """Inventory of any torch module. Activations are measured when the module is on meta
+    (call `.to("meta")` on a copy first); TorchScript modules keep definition order."""
+    first = next(module.parameters(), None)
+    measure = (first is None or first.is_meta) and not isinstance(module, torch.jit.ScriptModule)
+    records, calls, notes = _torch_layers(module, task, tuple(input_size), batch_size, measure)
+    dtype_size = first.element_size() if first is not None else 4
+    input_bytes = batch_size * math.prod(input_size) * dtype_size
+    return ModelInventory(
+        name=name, architecture=architecture or type(module).__name__, task=task, source_kind=source_kind,
+        input_size=tuple(input_size), batch_size=batch_size, layers=records,
+        param_bytes=sum(tensor_nbytes(p) for p in module.parameters()),
+        buffer_bytes=sum(tensor_nbytes(b) for b in module.buffers()),
+        activation_bytes=_peak(calls, input_bytes), built_on=built_on, notes=notes)
+
+
 def inventory_from_built(built: BuiltModel, workload: Workload) -> ModelInventory:
     spec = built.spec
-    size = workload.input_size_of(spec)
-    if built.onnx_model is not None:
-        from .onnx_inventory import onnx_layers
+    size = tuple(workload.input_size_of(spec))
+    if built.onnx_model is None:
+        inv = inventory_of_module(built.module, spec.name, architecture=spec.architecture, task=spec.task,
+                                  input_size=size, batch_size=workload.batch_size,
+                                  source_kind=spec.source.kind, built_on=built.built_on)
+        inv.notes = built.notes + inv.notes
+        return inv
+    from .onnx_inventory import onnx_layers
 
-        records, calls, notes, param_bytes, buffer_bytes = onnx_layers(built.onnx_model, workload.batch_size, size)
-        dtype_size = 4
-    else:
-        records, calls, notes = _torch_layers(built, workload)
-        module = built.module
-        param_bytes = sum(tensor_nbytes(p) for p in module.parameters())
-        buffer_bytes = sum(tensor_nbytes(b) for b in module.buffers())
-        first = next(module.parameters(), None)
-        dtype_size = first.element_size() if first is not None else 4
-    input_bytes = workload.batch_size * math.prod(size) * dtype_size
+    records, calls, notes, param_bytes, buffer_bytes = onnx_layers(built.onnx_model, workload.batch_size, size)
+    input_bytes = workload.batch_size * math.prod(size) * 4
     return ModelInventory(
         name=spec.name, architecture=spec.architecture, task=spec.task, source_kind=spec.source.kind,
-        input_size=tuple(size), batch_size=workload.batch_size, layers=records, param_bytes=param_bytes,
+        input_size=size, batch_size=workload.batch_size, layers=records, param_bytes=param_bytes,
         buffer_bytes=buffer_bytes, activation_bytes=_peak(calls, input_bytes), built_on=built.built_on,
         notes=built.notes + notes)

@@ -32,33 +32,39 @@ def _attrs(node: onnx.NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def _fix_inputs(model: onnx.ModelProto, batch: int, size: tuple[int, int, int]) -> onnx.ModelProto:
+def _fix_inputs(model: onnx.ModelProto, batch: int, size: tuple[int, int, int]) -> tuple[onnx.ModelProto, int]:
+    """A copy whose symbolic input dimensions are set to the workload's batch and size, and
+    the batch the graph is then run at (an exported graph may have a fixed batch of its own)."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
     init_names = {i.name for i in model.graph.initializer}
+    graph_batch = batch
     for inp in model.graph.input:
         if inp.name in init_names:
             continue
         dims = inp.type.tensor_type.shape.dim
         wanted = [batch, *size]
         if len(dims) == len(wanted):
-            for d, w in zip(dims, wanted):
+            for i, (d, w) in enumerate(zip(dims, wanted)):
                 if not d.HasField("dim_value"):
                     d.dim_value = w
-    return model
+                elif i == 0:
+                    graph_batch = d.dim_value
+    return model, graph_batch
 
 
-def _shapes(model: onnx.ModelProto, batch: int, size) -> dict[str, tuple[list[int], int]]:
+def _shapes(model: onnx.ModelProto, batch: int, size) -> tuple[dict[str, tuple[list[int], int]], int]:
+    fixed, graph_batch = _fix_inputs(model, batch, size)
     try:
-        inferred = onnx.shape_inference.infer_shapes(_fix_inputs(model, batch, size))
+        inferred = onnx.shape_inference.infer_shapes(fixed)
     except Exception:  # inference is best effort: without it, activations are unknown
-        return {}
+        return {}, graph_batch
     out = {}
     for vi in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):
         t = vi.type.tensor_type
         dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
         if dims and all(d is not None for d in dims):
             out[vi.name] = (dims, t.elem_type)
-    return out
+    return out, graph_batch
 
 
 def _signature(node: onnx.NodeProto, weights: list[onnx.TensorProto], shapes: dict) -> tuple[str, str]:
@@ -96,9 +102,13 @@ def _signature(node: onnx.NodeProto, weights: list[onnx.TensorProto], shapes: di
 
 def onnx_layers(model: onnx.ModelProto, batch: int, size: tuple[int, int, int]):
     """Records in graph order, per-node output bytes, notes, and parameter/buffer totals."""
-    inits = {t.name: t for t in model.graph.initializer}
-    shapes = _shapes(model, batch, size)
+    # Weights are floating-point initializers; integer ones are shapes and axes, not layers.
+    inits = {t.name: t for t in model.graph.initializer
+             if helper.tensor_dtype_to_np_dtype(t.data_type).kind in "fc"}
+    shapes, graph_batch = _shapes(model, batch, size)
     notes = [] if shapes else ["ONNX shape inference failed: activation bytes are not measured"]
+    if graph_batch != batch and graph_batch > 0:
+        notes.append(f"the graph's batch is fixed at {graph_batch}; activations are scaled to batch {batch}")
     used: set[str] = set()
     records: list[LayerRecord] = []
     calls: list[int] = []
@@ -108,7 +118,7 @@ def onnx_layers(model: onnx.ModelProto, batch: int, size: tuple[int, int, int]):
         out_bytes = None
         known = [shapes[o] for o in node.output if o in shapes]
         if known and len(known) == len(node.output):
-            out_bytes = sum(math.prod(d) * _itemsize(t) for d, t in known)
+            out_bytes = sum(math.prod(d) * _itemsize(t) for d, t in known) * batch // max(graph_batch, 1)
             calls.append(out_bytes)
         if not weights:
             continue

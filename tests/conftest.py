@@ -1,0 +1,44 @@
+"""Shared fixtures: workloads written to temporary folders, small models, sample paths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "sample_workloads"
+
+
+@pytest.fixture
+def write_workload(tmp_path):
+    """write_workload(models, **top) -> path of a YAML workload in tmp_path."""
+
+    def write(models: list[dict], name: str = "test.yaml", **top) -> Path:
+        data = {"version": 1, "name": "test", "input_size": [3, 64, 64], **top, "models": models}
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return path
+
+    return write
+
+
+def tv(name: str, architecture: str, **extra) -> dict:
+    """A torchvision model entry for a workload."""
+    return {"name": name, "source": {"kind": "torchvision", "architecture": architecture}, **extra}
+
+
+class SmallNet(torch.nn.Module):
+    """A tiny classifier with conv, batch-norm and linear layers."""
+
+    def __init__(self, classes: int = 4):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.pool = torch.nn.AdaptiveAvgPool2d(1)
+        self.fc = torch.nn.Linear(8, classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(torch.relu(self.bn(self.conv(x)))), 1))

@@ -1,0 +1,102 @@
+"""The `gemel` command: JSON schema, readable tables, and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torchvision.models import get_model
+
+from gemel_studio.analysis import analyze_workload
+from gemel_studio.cli import main
+from gemel_studio.workload import load_workload
+
+from .conftest import SAMPLES, tv
+
+
+def test_analyze_json_has_the_documented_fields(capsys):
+    assert main(["analyze", str(SAMPLES / "quickstart.yaml"), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    expected = analyze_workload(load_workload(SAMPLES / "quickstart.yaml"))
+    assert data["workload"] == "quickstart" and data["alignment"] == "structure"
+    assert data["total_param_bytes"] == expected.total_param_bytes
+    assert data["max_savings_bytes"] == expected.max_savings_bytes
+    model = data["models"][0]
+    assert {"name", "architecture", "param_bytes", "buffer_bytes", "activation_bytes", "layers"} <= set(model)
+    assert {"name", "kind", "signature", "param_bytes", "activation_bytes"} <= set(model["layers"][0])
+    group = data["groups"][0]
+    assert {"signature", "members", "bytes_per_copy", "savings_bytes"} <= set(group)
+    assert set(group["members"][0]) == {"model", "layer"}
+    assert sum(g["savings_bytes"] for g in data["groups"]) == data["max_savings_bytes"]
+
+
+def test_analyze_order_alignment_is_reported(capsys):
+    assert main(["analyze", str(SAMPLES / "medium.yaml"), "--json", "--alignment", "order"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["alignment"] == "order"
+
+
+def test_analyze_table(capsys):
+    assert main(["analyze", str(SAMPLES / "quickstart.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "all-shareable bound     48.4 MiB (50.0% of the total)" in out
+    assert "mobilenet_v3_small" in out and "resnet18" in out
+
+
+def test_info_without_gpu(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"torch          {torch.__version__}" in out
+    if not torch.cuda.is_available():
+        assert "no NVIDIA GPU" in out and "device         cpu" in out
+
+
+def _bad_checkpoint(tmp_path):
+    save_file(get_model("resnet18", weights=None, num_classes=4).state_dict(), tmp_path / "r.safetensors")
+    return {"name": "c", "num_classes": 7, "source": {"kind": "checkpoint", "architecture": "resnet18",
+                                                      "path": "r.safetensors"}}
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing", "no such workload file"),
+    ("unknown_arch", "unknown torchvision architecture 'resnet19'"),
+    ("duplicate", "duplicate model name 'a'"),
+    ("bad_checkpoint", "does not fit the architecture"),
+    ("corrupt_checkpoint", "corrupt or truncated"),
+    ("bad_onnx", "fails the ONNX checker"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, write_workload, capsys, case, expected):
+    if case == "missing":
+        path = tmp_path / "absent.yaml"
+    elif case == "unknown_arch":
+        path = write_workload([tv("a", "resnet19")])
+    elif case == "duplicate":
+        path = write_workload([tv("a", "resnet18"), tv("a", "resnet18")])
+    elif case == "bad_checkpoint":
+        path = write_workload([_bad_checkpoint(tmp_path)])
+    elif case == "corrupt_checkpoint":
+        (tmp_path / "x.pt").write_bytes(b"PK\x03\x04" + b"\x00" * 64)
+        path = write_workload([{"name": "c", "source": {"kind": "checkpoint", "architecture": "resnet18",
+                                                         "path": "x.pt"}}])
+    else:
+        (tmp_path / "m.onnx").write_bytes(b"")
+        path = write_workload([{"name": "o", "source": {"kind": "onnx", "path": "m.onnx"}}])
+    assert main(["analyze", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and expected in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_console_script_prints_no_traceback(tmp_path):
+    """The installed entry point, in a fresh process, on a bad workload."""
+    bad = tmp_path / "w.yaml"
+    bad.write_text("models:\n  - name: a\n    source: {kind: torchvision, architecture: nope}\n")
+    proc = subprocess.run([sys.executable, "-m", "gemel_studio.cli", "analyze", str(bad)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+    assert proc.stdout == ""

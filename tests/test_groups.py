@@ -1,0 +1,99 @@
+"""Share groups: coverage for identical architectures, and structure against order alignment."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gemel_studio.analysis import analyze_workload, find_share_groups
+from gemel_studio.analysis.inventory import inventory_of_module
+from gemel_studio.workload import load_workload
+
+from .conftest import SAMPLES, tv
+
+
+@pytest.mark.parametrize("alignment", ["structure", "order"])
+def test_two_identical_architectures_share_every_parameterised_layer(write_workload, alignment):
+    w = load_workload(write_workload([tv("a", "mobilenet_v2", num_classes=5), tv("b", "mobilenet_v2", num_classes=5)]))
+    analysis = analyze_workload(w, alignment=alignment)
+    a, b = analysis.models
+    param_layers = [layer.name for layer in a.layers if layer.param_bytes > 0]
+    assert len(analysis.groups) == len(param_layers)
+    for group in analysis.groups:
+        assert group.layer_of("a") == group.layer_of("b")  # each layer pairs with its twin
+    assert sorted(g.layer_of("a") for g in analysis.groups) == sorted(param_layers)
+    assert analysis.max_savings_bytes == a.param_bytes == b.param_bytes
+    assert analysis.max_savings_fraction == pytest.approx(0.5)
+
+
+def test_different_heads_are_not_shared(write_workload):
+    w = load_workload(write_workload([tv("a", "resnet18", num_classes=5), tv("b", "resnet18", num_classes=7)]))
+    analysis = analyze_workload(w)
+    shared = {g.layer_of("a") for g in analysis.groups}
+    assert "fc" not in shared and "layer4.1.conv2" in shared
+    head = analysis.model("a").layer("fc").param_bytes
+    assert analysis.max_savings_bytes == analysis.model("a").param_bytes - head
+
+
+def _decoy_models():
+    """B is A without A's first layer. A's first layer has the same signature as the last
+    layer of both: order-of-appearance pairs A's first with B's last (an unrelated twin)."""
+    with torch.device("meta"):
+        a = torch.nn.Sequential()
+        a.add_module("enc", torch.nn.Linear(8, 8))
+        a.add_module("mid", torch.nn.Linear(8, 16))
+        a.add_module("dec", torch.nn.Linear(16, 8))
+        a.add_module("out", torch.nn.Linear(8, 8))
+        b = torch.nn.Sequential()
+        b.add_module("mid", torch.nn.Linear(8, 16))
+        b.add_module("dec", torch.nn.Linear(16, 8))
+        b.add_module("out", torch.nn.Linear(8, 8))
+    shape = (1, 1, 8)  # the batch and these make (1, 1, 1, 8): Linear acts on the last axis
+    return [inventory_of_module(a, "A", input_size=shape), inventory_of_module(b, "B", input_size=shape)]
+
+
+def _pairs(groups):
+    return sorted((g.layer_of("A"), g.layer_of("B")) for g in groups)
+
+
+def test_structure_alignment_avoids_unrelated_twins_that_order_alignment_pairs():
+    inventories = _decoy_models()
+    assert _pairs(find_share_groups(inventories, "order")) == [("dec", "dec"), ("enc", "out"), ("mid", "mid")]
+    assert _pairs(find_share_groups(inventories, "structure")) == [("dec", "dec"), ("mid", "mid"), ("out", "out")]
+
+
+def test_structure_alignment_pairs_corresponding_blocks_across_depths(write_workload):
+    """ResNet-18 and -34: basic blocks of equal shape pair by position, never across stages,
+    and the stage-opening blocks pair with each other."""
+    w = load_workload(write_workload([tv("r18", "resnet18"), tv("r34", "resnet34")]))
+    groups = analyze_workload(w, alignment="structure").groups
+    pairs = {g.layer_of("r18"): g.layer_of("r34") for g in groups}
+    for r18, r34 in pairs.items():
+        assert r18.split(".")[0] == r34.split(".")[0], (r18, r34)  # same stage (layer1..4, conv1, fc)
+    assert pairs["layer2.0.conv1"] == "layer2.0.conv1"
+    assert pairs["layer3.0.downsample.0"] == "layer3.0.downsample.0"
+    assert pairs["fc"] == "fc"
+
+
+@pytest.mark.parametrize("alignment", ["structure", "order"])
+def test_groups_hold_one_layer_per_model_and_are_sorted(alignment):
+    w = load_workload(SAMPLES / "quickstart.yaml")
+    analysis = analyze_workload(w, alignment=alignment)
+    savings = [g.savings_bytes for g in analysis.groups]
+    assert savings == sorted(savings, reverse=True)
+    seen: dict[str, set[str]] = {}
+    for g in analysis.groups:
+        models = g.models
+        assert len(models) == len(set(models)) >= 2
+        signatures = {analysis.model(m.model).layer(m.layer).signature for m in g.members}
+        assert signatures == {g.signature}
+        for m in g.members:
+            assert m.layer not in seen.setdefault(m.model, set()), "a layer is in two groups"
+            seen[m.model].add(m.layer)
+    assert analysis.max_savings_bytes == sum(g.bytes_per_copy * (len(g.members) - 1) for g in analysis.groups)
+    assert analysis.cumulative_savings()[-1] == analysis.max_savings_bytes
+
+
+def test_unknown_alignment_is_refused():
+    with pytest.raises(ValueError, match="unknown alignment 'fuzzy'"):
+        find_share_groups([], "fuzzy")

@@ -1,0 +1,50 @@
+"""Architecture rules: the core runs without Qt; only gemel_studio/ui imports PySide6/pyqtgraph."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "gemel_studio"
+QT = ("PySide6", "pyqtgraph", "shiboken6")
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_no_qt_import_outside_ui():
+    offenders = [str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
+                 if "ui" not in p.relative_to(PACKAGE).parts[:1] and _imports(p) & set(QT)]
+    assert offenders == []
+
+
+def test_core_and_cli_work_with_qt_absent(tmp_path):
+    """A fresh interpreter in which importing any Qt package fails, as on a headless box."""
+    script = f"""
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in {QT!r}:
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+from gemel_studio.cli import main
+rc = main(['analyze', {str(PACKAGE.parent / 'sample_workloads' / 'quickstart.yaml')!r}, '--json', '--compact'])
+assert rc == 0, rc
+assert not any(m.split('.')[0] in {QT!r} for m in sys.modules)
+rc = main(['studio'])
+assert rc == 2, rc
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert '"max_savings_bytes"' in proc.stdout
+    assert "the studio needs the GUI extras" in proc.stderr
