@@ -118,3 +118,15 @@ def test_tied_weights_inside_one_model_are_counted_once():
     assert inv.param_bytes == (64 + 8 + 8) * 4
     assert [layer.param_bytes for layer in inv.layers] == [(64 + 8) * 4, 8 * 4]
     assert sum(layer.param_bytes for layer in inv.layers) == inv.param_bytes
+
+
+def test_meta_analysis_gives_the_figures_of_real_cpu_models(write_workload):
+    w = load_workload(write_workload([tv("a", "mobilenet_v3_small", num_classes=3), tv("b", "resnet18")],
+                                     batch_size=2))
+    meta, cpu = analyze_workload(w, device="meta"), analyze_workload(w, device="cpu")
+    assert [m.built_on for m in cpu.models] == ["cpu", "cpu"]
+    for m, c in zip(meta.models, cpu.models):
+        assert (m.param_bytes, m.buffer_bytes, m.activation_bytes) == (c.param_bytes, c.buffer_bytes, c.activation_bytes)
+        assert [(r.name, r.signature, r.activation_bytes) for r in m.layers] == \
+               [(r.name, r.signature, r.activation_bytes) for r in c.layers]
+    assert [g.to_dict() for g in meta.groups] == [g.to_dict() for g in cpu.groups]

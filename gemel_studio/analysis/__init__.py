@@ -75,15 +75,21 @@ class WorkloadAnalysis:
 
 
 def analyze_workload(workload: Workload, alignment: Alignment = "structure",
-                     progress: Progress | None = None) -> WorkloadAnalysis:
+                     progress: Progress | None = None, device: str = "meta") -> WorkloadAnalysis:
     """Inventory every model and find the share groups. Raises GemelError on bad input and
-    Cancelled (between models) when `progress` was cancelled."""
+    Cancelled (between models) when `progress` was cancelled.
+
+    device='meta' (the default) builds structure only and costs no weight memory;
+    device='cpu' builds real models with their weights and runs a real forward pass (slower,
+    the same figures; kept for comparison, see benchmarks/analyze.py)."""
+    if device not in ("meta", "cpu"):
+        raise ValueError(f"analysis device must be 'meta' or 'cpu', not {device!r}")
     progress = progress or Progress()
     progress.start(len(workload.models) + 1, "analysing")
     inventories = []
     for spec in workload.models:
         progress.check()
-        built = build_model(workload, spec)
+        built = build_model(workload, spec, materialize=device == "cpu")
         inventories.append(inventory_from_built(built, workload))
         progress.step(f"analysed {spec.name}")
     groups = find_share_groups(inventories, alignment)

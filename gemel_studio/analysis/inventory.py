@@ -119,8 +119,9 @@ def _torch_layers(module: torch.nn.Module, task: str, input_size: tuple[int, int
                   measure: bool) -> tuple[list[LayerRecord], list[int], list[str]]:
     """Records in execution order, the per-call output bytes in call order, and notes.
 
-    With `measure`, one forward pass on meta tensors (the module must be on meta) records
-    which layers run, in what order, and the bytes of their outputs.
+    With `measure`, one forward pass records which layers run, in what order, and the bytes
+    of their outputs: on meta tensors when the module is on meta (no memory, no compute),
+    else for real on the module's device.
     """
     notes: list[str] = []
     layered = [(n, m) for n, m in module.named_modules()
@@ -147,7 +148,8 @@ def _torch_layers(module: torch.nn.Module, task: str, input_size: tuple[int, int
         module.eval()
         first = next(module.parameters(), None)
         dtype = first.dtype if first is not None else torch.float32
-        x = _example_input(task, batch, input_size, dtype, "meta")
+        device = first.device if first is not None else torch.device("meta")
+        x = _example_input(task, batch, input_size, dtype, device)
         try:
             with torch.no_grad():
                 module(x)
@@ -201,10 +203,10 @@ def _peak(calls: list[int], input_bytes: int) -> int | None:
 def inventory_of_module(module: torch.nn.Module, name: str, *, architecture: str = "", task: str = "classification",
                         input_size: tuple[int, int, int] = (3, 224, 224), batch_size: int = 1,
                         source_kind: str = "module", built_on: str = "meta") -> ModelInventory:
-    """Inventory of any torch module. Activations are measured when the module is on meta
-    (call `.to("meta")` on a copy first); TorchScript modules keep definition order."""
+    """Inventory of any torch module. Activations come from one forward pass, free on meta and
+    computed for real elsewhere; TorchScript modules (no hooks) keep definition order."""
     first = next(module.parameters(), None)
-    measure = (first is None or first.is_meta) and not isinstance(module, torch.jit.ScriptModule)
+    measure = not isinstance(module, torch.jit.ScriptModule)
     records, calls, notes = _torch_layers(module, task, tuple(input_size), batch_size, measure)
     dtype_size = first.element_size() if first is not None else 4
     input_bytes = batch_size * math.prod(input_size) * dtype_size
