@@ -155,6 +155,23 @@ def cmd_analyze(args) -> int:
     return 0
 
 
+# --- gemel propose -------------------------------------------------------------------------
+
+
+def cmd_propose(args) -> int:
+    from .analysis import analyze_workload
+    from .merging import propose_plan, save_plan
+    from .workload import load_workload
+
+    workload = load_workload(args.workload)
+    analysis = analyze_workload(workload, alignment=args.alignment)
+    plan = propose_plan(workload, analysis)
+    save_plan(plan, args.output)
+    print(f"wrote {len(plan.groups)} proposals to {args.output} (all 'proposed'; the bound is "
+          f"{human_bytes(analysis.max_savings_bytes)}, {analysis.max_savings_fraction:.1%} of the workload)")
+    return 0
+
+
 # --- gemel studio --------------------------------------------------------------------------
 
 
@@ -186,6 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how layers are matched across models: by position in the structure (default) "
                         "or by order of appearance (GEMEL's reference)")
     p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("propose", help="write a merge plan: every share group, heaviest first")
+    p.add_argument("workload", type=Path)
+    p.add_argument("-o", "--output", type=Path, required=True, help="the plan file to write (YAML)")
+    p.add_argument("--alignment", choices=["structure", "order"], default="structure")
+    p.set_defaults(func=cmd_propose)
 
     p = sub.add_parser("studio", help="open the desktop studio")
     p.add_argument("workload", type=Path, nargs="?", default=None)

@@ -1,0 +1,171 @@
+"""Merge plans: the versioned YAML recipe of which layer groups share one copy of weights.
+
+A plan names its workload (and a hash of the workload's content), the share groups in the
+order proposed, each with its members and a state, and the retraining settings. Loading a
+plan checks it against the workload's analysis: unknown models or layers, members that are
+not interchangeable, or a layer in two groups are refused with a message naming the group.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from enum import Enum
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..analysis import WorkloadAnalysis
+from ..errors import GemelError
+from ..workload import Workload, workload_to_dict
+
+PLAN_VERSION = 1
+
+
+class PlanError(GemelError):
+    """A merge plan that cannot be read or does not fit its workload."""
+
+
+class GroupState(str, Enum):
+    proposed = "proposed"
+    accepted = "accepted"
+    rejected = "rejected"
+    kept = "kept"  # accepted, retrained, every model met its target
+    backed_off = "backed_off"  # accepted, but retraining missed a target: not merged
+
+    @property
+    def merged(self) -> bool:
+        return self in (GroupState.accepted, GroupState.kept)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PlannedMember(_Strict):
+    model: str
+    layer: str
+
+
+class PlannedGroup(_Strict):
+    id: str
+    signature: str
+    members: list[PlannedMember] = Field(min_length=2)
+    bytes_per_copy: int = Field(ge=0)
+    state: GroupState = GroupState.proposed
+
+    @property
+    def savings_bytes(self) -> int:
+        return self.bytes_per_copy * (len(self.members) - 1)
+
+
+class RetrainSettings(_Strict):
+    optimizer: str = "sgd"
+    lr: float = Field(1e-3, gt=0)
+    momentum: float = Field(0.9, ge=0)
+    weight_decay: float = Field(5e-4, ge=0)
+    epochs: int = Field(10, gt=0)
+    batch_size: int = Field(32, gt=0)
+    device: str = "auto"
+    time_budget_s: float | None = Field(None, gt=0)
+
+
+class PlanWorkload(_Strict):
+    name: str
+    sha256: str
+
+
+class MergePlan(_Strict):
+    version: int = PLAN_VERSION
+    workload: PlanWorkload
+    alignment: str = "structure"
+    share_buffers: bool = False  # batch-norm running statistics stay per model unless true
+    groups: list[PlannedGroup] = Field(default_factory=list)
+    retraining: RetrainSettings = Field(default_factory=RetrainSettings)
+
+    def merged_groups(self) -> list[PlannedGroup]:
+        return [g for g in self.groups if g.state.merged]
+
+    @property
+    def merged_savings_bytes(self) -> int:
+        return sum(g.savings_bytes for g in self.merged_groups())
+
+
+def workload_hash(workload: Workload) -> str:
+    """Of the workload's content, not its file: comments and key order do not change it."""
+    data = workload_to_dict(workload)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def propose_plan(workload: Workload, analysis: WorkloadAnalysis) -> MergePlan:
+    """Every share group as a proposal, heaviest savings first (GEMEL's first observation)."""
+    groups = [PlannedGroup(id=f"g{i + 1:03d}", signature=g.signature,
+                           members=[PlannedMember(model=m.model, layer=m.layer) for m in g.members],
+                           bytes_per_copy=g.bytes_per_copy)
+              for i, g in enumerate(analysis.groups)]
+    return MergePlan(workload=PlanWorkload(name=workload.name, sha256=workload_hash(workload)),
+                     alignment=analysis.alignment, groups=groups)
+
+
+def validate_plan(plan: MergePlan, workload: Workload, analysis: WorkloadAnalysis, origin: str = "plan") -> None:
+    if plan.version != PLAN_VERSION:
+        raise PlanError(f"{origin}: plan version {plan.version} is not supported (expected {PLAN_VERSION})")
+    if plan.workload.sha256 != workload_hash(workload):
+        raise PlanError(f"{origin}: made for another version of workload '{plan.workload.name}' (its hash differs); "
+                        "propose a new plan for this workload")
+    inventories = {m.name: m for m in analysis.models}
+    used: dict[tuple[str, str], str] = {}
+    for group in plan.groups:
+        models = [m.model for m in group.members]
+        if len(set(models)) != len(models):
+            raise PlanError(f"{origin}: group {group.id} has two layers of one model; a group holds one per model")
+        for member in group.members:
+            inv = inventories.get(member.model)
+            if inv is None:
+                raise PlanError(f"{origin}: group {group.id} names model '{member.model}', which the workload "
+                                f"does not have")
+            try:
+                layer = inv.layer(member.layer)
+            except KeyError:
+                raise PlanError(f"{origin}: group {group.id}: model '{member.model}' has no layer "
+                                f"'{member.layer}'") from None
+            if layer.signature != group.signature:
+                raise PlanError(f"{origin}: group {group.id}: {member.model}:{member.layer} is {layer.signature}, "
+                                f"not interchangeable with the group's {group.signature}")
+            key = (member.model, member.layer)
+            if key in used:
+                raise PlanError(f"{origin}: {member.model}:{member.layer} is in groups {used[key]} and {group.id}; "
+                                "a layer can be in one group only")
+            used[key] = group.id
+        if group.bytes_per_copy != inventories[group.members[0].model].layer(group.members[0].layer).param_bytes:
+            raise PlanError(f"{origin}: group {group.id}: bytes_per_copy does not match the layer's parameters")
+
+
+def save_plan(plan: MergePlan, path: Path | str) -> None:
+    path = Path(path)
+    text = yaml.safe_dump(plan.model_dump(mode="json"), sort_keys=False)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def load_plan(path: Path | str, workload: Workload | None = None, analysis: WorkloadAnalysis | None = None) -> MergePlan:
+    """Read a plan; with a workload and its analysis, also check that it fits them."""
+    path = Path(path)
+    if not path.exists():
+        raise PlanError(f"{path}: no such plan file (check the path)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise PlanError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    try:
+        plan = MergePlan.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"])
+        msg = "unknown key (remove it or check its spelling)" if err["type"] == "extra_forbidden" else err["msg"]
+        raise PlanError(f"{path}: field '{field}': {msg}") from None
+    if workload is not None and analysis is not None:
+        validate_plan(plan, workload, analysis, origin=str(path))
+    return plan
