@@ -1,0 +1,69 @@
+"""GUI tests: the real widgets, offscreen, with settings in a temporary folder.
+
+The whole folder is skipped when PySide6 is not installed, so the Qt-free suite still runs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+import torch  # noqa: E402,F401  (torch before the QApplication exists)
+
+try:  # a Skipped raised in a conftest is an error, so: skip the folder by not collecting it
+    pytest.importorskip("PySide6")
+    pytest.importorskip("pyqtgraph")
+    pytest.importorskip("pytestqt")
+except pytest.skip.Exception:
+    collect_ignore_glob = ["test_*.py"]
+    HAVE_QT = False
+else:
+    HAVE_QT = True
+    from PySide6.QtCore import QSettings
+
+ROOT = Path(__file__).resolve().parents[2]
+QUICKSTART = ROOT / "sample_workloads" / "quickstart.yaml"
+
+
+@pytest.fixture(autouse=True)
+def isolated_settings(tmp_path_factory, monkeypatch):
+    """Every test gets its own empty settings folder, never the user's configuration."""
+    folder = tmp_path_factory.mktemp("settings")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(folder))
+    if HAVE_QT:
+        QSettings.setPath(QSettings.Format.IniFormat, QSettings.Scope.UserScope, str(folder))
+    yield folder
+
+
+@pytest.fixture
+def window(qtbot):
+    """A shown main window with nothing open; closed (and its work stopped) after the test."""
+    from gemel_studio.ui.main_window import MainWindow
+
+    win = MainWindow()
+    win.ask_before_discard = False
+    qtbot.addWidget(win)
+    win.show()
+    yield win
+    win.ask_before_discard = False
+    if win._worker is not None:
+        win._worker.cancel()
+    from gemel_studio.ui.worker import worker_pool
+
+    worker_pool().waitForDone(30_000)
+
+
+@pytest.fixture
+def open_and_wait(qtbot):
+    """open_and_wait(window, path): open a workload and return its committed analysis."""
+
+    def run(win, path, timeout=60_000):
+        with qtbot.waitSignal(win.sigAnalysisChanged, timeout=timeout) as blocker:
+            assert win.open_path(path), win.banner.message
+        return blocker.args[0]
+
+    return run
