@@ -25,6 +25,13 @@ def _ckpt_entry(name: str, path: str, architecture: str = "resnet18", classes: i
             "source": {"kind": "checkpoint", "architecture": architecture, "path": path}}
 
 
+def _save(state, path, wrap: bool = False) -> None:
+    if path.suffix == ".safetensors":
+        save_file(state, path)
+    else:
+        torch.save({"state_dict": state} if wrap else state, path)
+
+
 @pytest.fixture(scope="module")
 def resnet18_state():
     torch.manual_seed(0)
@@ -33,11 +40,7 @@ def resnet18_state():
 
 @pytest.mark.parametrize("filename", ["w.safetensors", "w.pt"])
 def test_checkpoint_loads_real_weights(tmp_path, write_workload, resnet18_state, filename):
-    path = tmp_path / filename
-    if filename.endswith(".safetensors"):
-        save_file(resnet18_state, path)
-    else:
-        torch.save({"state_dict": resnet18_state}, path)  # a common wrapper
+    _save(resnet18_state, tmp_path / filename, wrap=True)  # torch.save inside {'state_dict': ...}, a common wrapper
     w = load_workload(write_workload([_ckpt_entry("c", filename)]))
     built = build_model(w, w.models[0], materialize=True)
     assert torch.equal(built.module.conv1.weight, resnet18_state["conv1.weight"])
@@ -63,10 +66,7 @@ def test_pickle_that_runs_code_is_refused(tmp_path, write_workload, monkeypatch)
 @pytest.mark.parametrize("filename", ["w.safetensors", "w.pt"])
 def test_truncated_checkpoint_is_reported_as_corrupt(tmp_path, write_workload, resnet18_state, filename):
     path = tmp_path / filename
-    if filename.endswith(".safetensors"):
-        save_file(resnet18_state, path)
-    else:
-        torch.save(resnet18_state, path)
+    _save(resnet18_state, path)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 3])
     w = load_workload(write_workload([_ckpt_entry("c", filename)]))
