@@ -36,9 +36,11 @@ class Progress:
         self.total, self.done, self.message = total, 0, message
         self._emit(force=True)
 
-    def step(self, message: str = "", n: int = 1) -> None:
-        """Record `n` units done; raise `Cancelled` if cancellation was requested."""
-        self.check()
+    def step(self, message: str = "", n: int = 1, check: bool = True) -> None:
+        """Record `n` units done; raise `Cancelled` if cancellation was requested (unless
+        check=False: work that must not be half-recorded checks before it starts instead)."""
+        if check:
+            self.check()
         self.done += n
         if message:
             self.message = message

@@ -1,0 +1,182 @@
+"""Labelled data for retraining: synthetic scenes the project draws, image folders, Fashion-MNIST.
+
+Every dataset comes out as tensors at the model's input size (channels, height, width),
+split deterministically into train and validation parts. The synthetic scenes need no
+download: the quick-start workload retrains on them anywhere.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, Subset, TensorDataset
+
+from ..errors import GemelError
+from ..workload import FashionMnistDataset, ImageFolderDataset, ModelSpec, SyntheticDataset, Workload
+
+
+class DatasetError(GemelError):
+    """A dataset that cannot be read or does not fit its model."""
+
+
+# --- synthetic scenes ----------------------------------------------------------------------
+
+SHAPES = ("circle", "square", "triangle")
+COLORS = {"red": (0.9, 0.15, 0.1), "green": (0.1, 0.8, 0.2), "blue": (0.15, 0.3, 0.95)}
+SYNTHETIC_TASKS = {"shape": 3, "count": 4, "color": 3, "size": 2}
+
+
+def _draw(canvas: np.ndarray, kind: str, cy: float, cx: float, r: float, rgb) -> None:
+    h, w = canvas.shape[1:]
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    if kind == "circle":
+        mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+    elif kind == "square":
+        mask = (np.abs(yy - cy) <= r * 0.85) & (np.abs(xx - cx) <= r * 0.85)
+    else:  # an upward triangle inside the circle of radius r
+        mask = (yy <= cy + r * 0.7) & (yy - (cy - r) >= 1.7 * np.abs(xx - cx))
+    for c in range(3):
+        canvas[c][mask] = rgb[c]
+
+
+def synthetic_scenes(task: str, samples: int, seed: int, size: tuple[int, int, int]) -> TensorDataset:
+    """Scenes of one to four shapes of one kind, colour and size on a noisy background.
+    The label answers `task`: which shape, how many, which colour, small or large."""
+    if task not in SYNTHETIC_TASKS:
+        raise DatasetError(f"synthetic task '{task}' is unknown; expected one of {', '.join(SYNTHETIC_TASKS)}")
+    channels, h, w = size
+    rng = np.random.default_rng(seed)
+    images = np.empty((samples, 3, h, w), dtype=np.float32)
+    labels = np.empty(samples, dtype=np.int64)
+    colors = list(COLORS.values())
+    for i in range(samples):
+        canvas = rng.uniform(0.0, 0.25, size=(3, h, w)).astype(np.float32)
+        kind, color, large = rng.integers(3), rng.integers(3), rng.integers(2)
+        count = int(rng.integers(1, 5))
+        r = min(h, w) * (0.2 if large else 0.11)
+        for _ in range(count):
+            cy, cx = rng.uniform(r, h - r), rng.uniform(r, w - r)
+            _draw(canvas, SHAPES[kind], cy, cx, r, colors[color])
+        images[i] = canvas
+        labels[i] = {"shape": kind, "count": count - 1, "color": color, "size": large}[task]
+    x = torch.from_numpy(images)
+    if channels == 1:
+        x = x.mean(dim=1, keepdim=True)
+    return TensorDataset(x, torch.from_numpy(labels))
+
+
+# --- Fashion-MNIST (raw idx files, as Debian's dataset-fashion-mnist installs them) ---------
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as exc:
+        raise DatasetError(f"{path}: cannot read ({exc}); reinstall the dataset") from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise DatasetError(f"{path}: not an idx file of unsigned bytes")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    start = 4 + 4 * ndim
+    if len(data) - start != math.prod(dims):
+        raise DatasetError(f"{path}: truncated (expected {math.prod(dims)} bytes of data, found {len(data) - start})")
+    return np.frombuffer(data, dtype=np.uint8, offset=start).reshape(dims)
+
+
+def _find(folder: Path, stem: str) -> Path:
+    for name in (stem, stem + ".gz"):
+        if (folder / name).exists():
+            return folder / name
+    raise DatasetError(f"{folder}: no {stem}[.gz]; install Debian's dataset-fashion-mnist or fix the path")
+
+
+def fashion_mnist(folder: Path, classes: list[int] | None, size: tuple[int, int, int], split: str = "train",
+                  limit: int | None = None) -> TensorDataset:
+    prefix = "train" if split == "train" else "t10k"
+    images = _read_idx(_find(folder, f"{prefix}-images-idx3-ubyte"))
+    labels = _read_idx(_find(folder, f"{prefix}-labels-idx1-ubyte")).astype(np.int64)
+    if classes:
+        keep = np.isin(labels, classes)
+        images, labels = images[keep], labels[keep]
+        remap = {c: i for i, c in enumerate(classes)}
+        labels = np.vectorize(remap.__getitem__)(labels) if len(labels) else labels
+    if limit:
+        images, labels = images[:limit], labels[:limit]
+    x = torch.from_numpy(images.copy()).float().div_(255.0).unsqueeze(1)
+    return TensorDataset(_fit(x, size), torch.from_numpy(np.ascontiguousarray(labels)))
+
+
+def _fit(x: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
+    """Resize (N, C, H, W) images to `size`, repeating a grey channel to three if needed."""
+    channels, h, w = size
+    if x.shape[-2:] != (h, w):
+        x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+    if x.shape[1] == 1 and channels == 3:
+        x = x.expand(-1, 3, -1, -1).contiguous()
+    return x
+
+
+def image_folder(path: Path, size: tuple[int, int, int]) -> Dataset:
+    from torchvision import datasets, transforms
+
+    if not path.is_dir():
+        raise DatasetError(f"{path}: no such folder; an image folder has one sub-folder per class")
+    tf = transforms.Compose([transforms.Resize(size[1:]), transforms.ToTensor()]
+                            + ([transforms.Grayscale(1)] if size[0] == 1 else []))
+    try:
+        return datasets.ImageFolder(str(path), transform=tf)
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise DatasetError(f"{path}: {exc}") from None
+
+
+# --- per model -----------------------------------------------------------------------------
+
+
+@dataclass
+class ModelData:
+    train: Dataset
+    val: Dataset
+    num_classes: int
+
+
+def _split(ds: Dataset, val_fraction: float, seed: int) -> tuple[Subset, Subset]:
+    n = len(ds)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = max(1, int(n * val_fraction))
+    return Subset(ds, order[n_val:]), Subset(ds, order[:n_val])
+
+
+def load_model_data(workload: Workload, spec: ModelSpec, val_fraction: float = 0.2,
+                    limit: int | None = None) -> ModelData:
+    """Train and held-out validation data for one model, at its input size."""
+    source = spec.dataset
+    size = workload.input_size_of(spec)
+    if source is None:
+        raise DatasetError(f"model '{spec.name}' has no dataset; add one to the workload to retrain it")
+    if isinstance(source, SyntheticDataset):
+        ds = synthetic_scenes(source.task, limit or source.samples, source.seed, size)
+        classes = SYNTHETIC_TASKS[source.task]
+        seed = source.seed
+    elif isinstance(source, FashionMnistDataset):
+        ds = fashion_mnist(workload.resolve(source.path), source.classes, size, limit=limit)
+        classes = len(source.classes) if source.classes else 10
+        seed = 0
+    elif isinstance(source, ImageFolderDataset):
+        ds = image_folder(workload.resolve(source.path), size)
+        classes = len(ds.classes)
+        seed = 0
+    else:  # pragma: no cover - the schema admits no other kind
+        raise DatasetError(f"model '{spec.name}': unsupported dataset kind")
+    if classes > spec.num_classes:
+        raise DatasetError(f"model '{spec.name}': its dataset has {classes} classes but num_classes is "
+                           f"{spec.num_classes}; make them agree")
+    train, val = _split(ds, val_fraction, seed)
+    return ModelData(train, val, classes)

@@ -1,0 +1,265 @@
+"""Joint retraining of models that share weights (GEMEL's retraining step).
+
+One optimizer over the unique parameters of every model being retrained, so a shared
+weight receives the summed gradients of its users in one step. Each step draws one batch
+per model; the loss is a weighted sum that pushes the models furthest below their targets
+(GEMEL's weights: min((target / accuracy)^0.75, 10)). Mixed precision (bfloat16 autocast)
+on CUDA. After every epoch the state is checkpointed atomically; a cancel checkpoints the
+exact step, and a rerun resumes from there with nothing lost. A GPU out-of-memory error
+halves the batch size and retries the epoch, and says so.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..errors import Cancelled, GemelError
+from ..progress import Progress
+from .datasets import ModelData
+from .plan import RetrainSettings
+
+CHECKPOINT_VERSION = 1
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise GemelError(f"device '{name}' is not a torch device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GemelError(f"device '{name}' asked for, but this machine has no CUDA GPU; use --device cpu or auto")
+    return device
+
+
+def loss_weight(target: float, accuracy: float) -> float:
+    """GEMEL's weighting: models below target weigh more, at most 10 times."""
+    return min((target / max(accuracy, 1e-6)) ** 0.75, 10.0)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: Dataset, device: torch.device, batch_size: int = 256) -> float:
+    """Top-1 accuracy on `data`."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    for x, y in DataLoader(data, batch_size=batch_size):
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out = model(x.to(device))
+        correct += (out.argmax(1).cpu() == y).sum().item()
+        total += len(y)
+    model.train(was_training)
+    return correct / total if total else 0.0
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    seconds: float
+    loss: dict[str, float]
+    accuracy: dict[str, float]
+
+
+@dataclass
+class RetrainResult:
+    initial_accuracy: dict[str, float]
+    accuracy: dict[str, float]
+    targets: dict[str, float]
+    history: list[EpochRecord]
+    seconds: float
+    batch_size: int
+    stopped: str  # 'targets met', 'epochs done', 'cannot reach target', 'time budget'
+    events: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> dict[str, bool]:
+        return {n: self.accuracy[n] >= self.targets[n] for n in self.targets}
+
+    @property
+    def all_passed(self) -> bool:
+        return all(self.passed.values())
+
+
+def unique_parameters(models: Mapping[str, torch.nn.Module]) -> list[torch.nn.Parameter]:
+    """Each parameter once, in a stable order (tied ones appear at their first user)."""
+    return list({id(p): p for m in models.values() for p in m.parameters() if p.requires_grad}.values())
+
+
+def _make_optimizer(params, settings: RetrainSettings) -> torch.optim.Optimizer:
+    if settings.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum,
+                               weight_decay=settings.weight_decay)
+    if settings.optimizer == "adam":
+        return torch.optim.Adam(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    raise GemelError(f"optimizer '{settings.optimizer}' is unknown; use sgd or adam")
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoint whole
+
+
+def _load_checkpoint(path: Path, names: list[str]) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt or truncated: refuse, keep the file for inspection
+        raise GemelError(f"{path}: checkpoint is corrupt ({str(exc).splitlines()[0][:120]}); "
+                         "delete it to start this retraining afresh") from None
+    if state.get("version") != CHECKPOINT_VERSION or sorted(state.get("models", {})) != sorted(names):
+        raise GemelError(f"{path}: checkpoint belongs to another retraining (other models or version); "
+                         "delete it or choose another output folder")
+    return state
+
+
+def joint_retrain(models: Mapping[str, torch.nn.Module], data: Mapping[str, ModelData], targets: Mapping[str, float],
+                  settings: RetrainSettings, *, progress: Progress | None = None, checkpoint: Path | None = None,
+                  on_epoch: Callable[[EpochRecord], None] | None = None, deadline: float | None = None,
+                  seed: int = 0, early_stop: bool = True) -> RetrainResult:
+    """Retrain `models` (already tied as the plan says) jointly until every model meets its
+    target, the epochs run out, a model cannot reach its target, or `deadline` passes.
+    With early_stop=False every epoch runs (plain fine-tuning of unmerged models)."""
+    progress = progress or Progress()
+    device = resolve_device(settings.device)
+    names = list(models)
+    for m in models.values():
+        m.to(device)
+    params = unique_parameters(models)
+    optimizer = _make_optimizer(params, settings)
+    batch_size = settings.batch_size
+    history: list[EpochRecord] = []
+    events: list[str] = []
+    start_epoch, start_step = 0, 0
+    started = time.monotonic()
+    initial = {n: evaluate(models[n], data[n].val, device) for n in names}
+
+    state = _load_checkpoint(checkpoint, names) if checkpoint else None
+    if state is not None:
+        for n in names:
+            models[n].load_state_dict(state["models"][n])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, start_step = state["epoch"], state["step"]
+        batch_size = state["batch_size"]
+        initial = state["initial_accuracy"]
+        history = [EpochRecord(**h) for h in state["history"]]
+        events.append(f"resumed from {checkpoint.name} at epoch {start_epoch + 1}, step {start_step}")
+
+    def snapshot(epoch: int, step: int) -> dict:
+        return {"version": CHECKPOINT_VERSION, "epoch": epoch, "step": step, "batch_size": batch_size,
+                "models": {n: models[n].state_dict() for n in names}, "optimizer": optimizer.state_dict(),
+                "initial_accuracy": initial, "history": [vars(h) for h in history]}
+
+    accuracy = dict(history[-1].accuracy) if history else dict(initial)
+    stopped = "epochs done"
+    epoch = start_epoch
+    while epoch < settings.epochs:
+        if early_stop and all(accuracy[n] >= targets[n] for n in names) and epoch > 0:
+            stopped = "targets met"
+            break
+        if deadline is not None and time.monotonic() > deadline:
+            stopped = "time budget"
+            break
+        weights = {n: loss_weight(targets[n], accuracy[n]) for n in names}
+        loaders = {n: DataLoader(data[n].train, batch_size=batch_size, shuffle=True, drop_last=len(data[n].train) > batch_size,
+                                 generator=torch.Generator().manual_seed(seed * 1000 + epoch)) for n in names}
+        steps = max(len(loader) for loader in loaders.values())
+        iters = {n: iter(loaders[n]) for n in names}
+        first_step = start_step if epoch == start_epoch else 0
+        progress.start(steps, f"epoch {epoch + 1}/{settings.epochs}")
+        losses = {n: 0.0 for n in names}
+        t0 = time.monotonic()
+        for m in models.values():
+            m.train()
+        try:
+            for step in range(steps):
+                batches = {}
+                for n in names:
+                    try:
+                        batches[n] = next(iters[n])
+                    except StopIteration:  # a smaller dataset starts over
+                        iters[n] = iter(loaders[n])
+                        batches[n] = next(iters[n])
+                if step < first_step:
+                    progress.done = step + 1
+                    continue
+                progress.check()  # before the update: a cancel never leaves a step half-counted
+                optimizer.zero_grad(set_to_none=True)
+                total = 0.0
+                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    for n in names:
+                        x, y = batches[n]
+                        loss = torch.nn.functional.cross_entropy(models[n](x.to(device)), y.to(device))
+                        losses[n] += loss.item()
+                        total = total + weights[n] * loss
+                total.backward()
+                total = total.detach()
+                optimizer.step()
+                progress.step(f"epoch {epoch + 1}/{settings.epochs} loss {total.item():.3f}", check=False)
+        except Cancelled:
+            if checkpoint:
+                _save_checkpoint(checkpoint, snapshot(epoch, step))
+            raise
+        except torch.OutOfMemoryError:
+            if batch_size == 1:
+                raise GemelError("out of GPU memory even at batch size 1; free the GPU, retrain fewer models "
+                                 "at once, or use --device cpu") from None
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            batch_size //= 2
+            events.append(f"out of GPU memory in epoch {epoch + 1}: batch size halved to {batch_size}, epoch retried")
+            progress.message = events[-1]
+            start_epoch, start_step = epoch, 0
+            continue
+        accuracy = {n: evaluate(models[n], data[n].val, device) for n in names}
+        record = EpochRecord(epoch=epoch + 1, seconds=time.monotonic() - t0,
+                             loss={n: losses[n] / max(1, steps - first_step) for n in names}, accuracy=accuracy)
+        history.append(record)
+        if on_epoch:
+            on_epoch(record)
+        epoch += 1
+        if checkpoint:
+            _save_checkpoint(checkpoint, snapshot(epoch, 0))
+        if early_stop and _cannot_reach(history, targets, settings.epochs):
+            stopped = "cannot reach target"
+            break
+    else:
+        if all(accuracy[n] >= targets[n] for n in names):
+            stopped = "targets met"
+    return RetrainResult(initial_accuracy=initial, accuracy=accuracy, targets=dict(targets), history=history,
+                         seconds=time.monotonic() - started, batch_size=batch_size, stopped=stopped, events=events)
+
+
+def _cannot_reach(history: list[EpochRecord], targets: Mapping[str, float], epochs: int) -> bool:
+    """GEMEL's give-up rule: a straight line through the last two accuracies of a model below
+    target does not reach it by the last epoch."""
+    if len(history) < 2:
+        return False
+    last, before = history[-1], history[-2]
+    remaining = epochs - last.epoch
+    for name, target in targets.items():
+        acc = last.accuracy[name]
+        if acc >= target:
+            continue
+        slope = acc - before.accuracy[name]
+        if acc + max(slope, 0.0) * remaining < target - 1e-9:
+            return True
+    return False
+
+
+def clone_state(models: Mapping[str, torch.nn.Module]) -> dict[str, dict[str, torch.Tensor]]:
+    return {n: {k: v.detach().clone() for k, v in m.state_dict().items()} for n, m in models.items()}
+
+
+__all__ = ["EpochRecord", "RetrainResult", "clone_state", "evaluate", "joint_retrain", "loss_weight",
+           "resolve_device", "unique_parameters"]
