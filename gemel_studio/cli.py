@@ -172,6 +172,82 @@ def cmd_propose(args) -> int:
     return 0
 
 
+# --- gemel finetune / merge ---------------------------------------------------------------
+
+
+def _settings_from_args(args, base):
+    updates = {k: v for k, v in {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
+                                 "device": args.device, "optimizer": args.optimizer}.items() if v is not None}
+    return base.model_copy(update=updates)
+
+
+def _printer(args):
+    def on_step(step) -> None:
+        if args.json:
+            print(json.dumps({"event": "round", **vars(step)}), flush=True)
+        else:
+            acc = ", ".join(f"{k} {v:.3f}" for k, v in step.accuracy.items())
+            print(f"round {step.round}: {len(step.groups)} group(s), {human_bytes(step.savings_bytes)} -> "
+                  f"{step.outcome} ({step.next_action}); {acc}; saved so far {human_bytes(step.saved_bytes_after)}",
+                  flush=True)
+    return on_step
+
+
+def cmd_finetune(args) -> int:
+    from .merging.pipeline import finetune_workload
+    from .merging.plan import RetrainSettings
+    from .progress import terminal_progress
+    from .workload import load_workload
+
+    workload = load_workload(args.workload)
+    settings = _settings_from_args(args, RetrainSettings(optimizer="adam", lr=1e-3, weight_decay=0.0, epochs=10))
+    summary = finetune_workload(workload, args.out, settings, limit=args.limit,
+                                progress=None if args.json else terminal_progress())
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        for name, row in summary.items():
+            print(f"{name}: " + (f"accuracy {row['accuracy']:.3f} (from {row['initial_accuracy']:.3f}) "
+                                 f"in {row['seconds']:.0f} s" if "accuracy" in row else row["skipped"]))
+        print(f"wrote {args.out / 'workload.yaml'}")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from .merging import load_plan
+    from .merging.pipeline import merge_workload
+    from .progress import terminal_progress
+    from .workload import load_workload
+
+    workload = load_workload(args.workload)
+    plan = load_plan(args.plan)
+    plan = plan.model_copy(update={"retraining": _settings_from_args(args, plan.retraining)})
+    report = merge_workload(workload, plan, args.out, strategy=args.strategy, time_budget_s=args.time_budget,
+                            limit=args.limit, progress=None if args.json else terminal_progress(),
+                            on_step=_printer(args))
+    if args.json:
+        print(json.dumps({"event": "done", **{k: v for k, v in report.items() if k != "steps"}}))
+        return 0
+    for name, row in report["models"].items():
+        print(f"{name:16} unmerged {row['unmerged_accuracy']:.3f}  merged {row['merged_accuracy']:.3f}  "
+              f"target {row['target']:.3f}  {'pass' if row['passed'] else 'FAIL'}")
+    print(f"parameter bytes {human_bytes(report['bytes_before'])} -> {human_bytes(report['bytes_after'])} "
+          f"(saved {human_bytes(report['saved_bytes'])}, {report['fraction_of_bound']:.1%} of the all-shareable "
+          f"bound) in {report['rounds']} round(s), {report['retrain_seconds']:.0f} s of retraining")
+    print(f"wrote {args.out}/merged.safetensors, plan.yaml, report.json")
+    return 0
+
+
+def _training_args(p) -> None:
+    p.add_argument("--device", help="auto (default: CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--optimizer", choices=["sgd", "adam"])
+    p.add_argument("--limit", type=int, help="use at most this many samples per dataset (quick runs)")
+    p.add_argument("--json", action="store_true", help="machine-readable progress, one JSON object a line")
+
+
 # --- gemel studio --------------------------------------------------------------------------
 
 
@@ -209,6 +285,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, required=True, help="the plan file to write (YAML)")
     p.add_argument("--alignment", choices=["structure", "order"], default="structure")
     p.set_defaults(func=cmd_propose)
+
+    p = sub.add_parser("finetune", help="train each model alone (the unmerged baseline) and write a workload of them")
+    p.add_argument("workload", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    _training_args(p)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("merge", help="apply a plan, retrain jointly, write merged weights, plan and report")
+    p.add_argument("workload", type=Path)
+    p.add_argument("--plan", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--strategy", choices=["bisect", "gemel"], default="bisect",
+                   help="bisect: all candidates first, split on failure (default); gemel: the reference loop")
+    p.add_argument("--time-budget", type=float, help="seconds; stop the search when they run out")
+    _training_args(p)
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("studio", help="open the desktop studio")
     p.add_argument("workload", type=Path, nargs="?", default=None)

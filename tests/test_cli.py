@@ -43,8 +43,8 @@ def test_analyze_order_alignment_is_reported(capsys):
 def test_analyze_table(capsys):
     assert main(["analyze", str(SAMPLES / "quickstart.yaml")]) == 0
     out = capsys.readouterr().out
-    assert "all-shareable bound     48.4 MiB (50.0% of the total)" in out
-    assert "mobilenet_v3_small" in out and "resnet18" in out
+    assert "all-shareable bound     127.9 MiB (61.2% of the total)" in out
+    assert "resnet34" in out and "resnet18" in out
 
 
 def test_info_without_gpu(capsys):

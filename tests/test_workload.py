@@ -16,7 +16,7 @@ def test_quickstart_sample_loads_with_defaults():
     assert [m.name for m in w.models] == ["shape", "count", "color", "size"]
     spec = w.model("count")
     assert spec.num_classes == 4 and spec.task == "classification"
-    assert w.input_size_of(spec) == (3, 64, 64)
+    assert w.input_size_of(spec) == (3, 32, 32)
     assert spec.target.relative == 0.95 and spec.target.absolute is None
     assert spec.dataset.kind == "synthetic" and spec.dataset.seed == 2
 

@@ -39,7 +39,7 @@ def test_open_shows_the_analysis_of_the_core(window, open_and_wait, reference):
     assert not window.busy and window.progress_bar.isHidden() and window.cancel_button.isHidden()
 
     matrix = window.sharing_panel.matrix
-    assert matrix.rowCount() == len(reference.groups) == 127
+    assert matrix.rowCount() == len(reference.groups) == 41
     assert matrix.columnCount() == len(reference.models) == 4
     names = [m.name for m in reference.models]
     assert [matrix.headerData(c, Qt.Orientation.Horizontal) for c in range(4)] == names
@@ -60,7 +60,7 @@ def test_open_shows_the_analysis_of_the_core(window, open_and_wait, reference):
     assert panel.total_label.text() == f"Total parameters: {human_bytes(reference.total_param_bytes)}"
     assert human_bytes(reference.max_savings_bytes) in panel.bound_label.text()
     assert f"{reference.max_savings_fraction:.1%}" in panel.bound_label.text()
-    assert panel.groups_label.text() == "Share groups: 127"
+    assert panel.groups_label.text() == "Share groups: 41"
     table = panel.model
     assert table.rowCount() == 4
     for row, inv in enumerate(reference.models):

@@ -1,0 +1,247 @@
+"""The incremental merge search: which groups to keep, verified by joint retraining.
+
+Two strategies over the same candidates, retraining and bookkeeping:
+
+- `gemel` (the reference): candidates are groups shared by the same set of models (one
+  candidate per set, GEMEL's second observation), heaviest first. Each is tied on top of
+  what is already kept and the affected models are retrained jointly; success is banked,
+  failure retries the heavier half of the candidate if that half still saves more than the
+  next candidate, else moves on. It stops when candidates or the time budget run out.
+- `bisect`: try every candidate at once first (the all-shareable merge); on failure split
+  the block into two halves by savings and recurse, heavier half first. When most merges
+  succeed, as GEMEL observed, this needs far fewer retraining rounds for the same savings.
+
+Retraining always starts from the last banked weights; a failed round is thrown away.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from ..errors import GemelError
+from ..progress import Progress
+from .datasets import ModelData
+from .plan import GroupState, MergePlan, PlannedGroup
+from .retrain import RetrainResult, joint_retrain
+from .tying import apply_plan
+
+__all__ = ["Candidate", "STRATEGIES", "SearchResult", "Step", "Strategy", "candidates", "search"]
+
+Strategy = Literal["gemel", "bisect"]
+STRATEGIES: tuple[Strategy, ...] = ("gemel", "bisect")
+
+
+@dataclass
+class Candidate:
+    groups: list[PlannedGroup]
+
+    @property
+    def savings_bytes(self) -> int:
+        return sum(g.savings_bytes for g in self.groups)
+
+    @property
+    def models(self) -> frozenset[str]:
+        return frozenset(m.model for g in self.groups for m in g.members)
+
+    def halves(self) -> tuple["Candidate", "Candidate"]:
+        """Split by savings: the heavier groups first, about half the bytes in each."""
+        ordered = sorted(self.groups, key=lambda g: -g.savings_bytes)
+        total, running, cut = self.savings_bytes, 0, 0
+        for cut, g in enumerate(ordered, start=1):
+            running += g.savings_bytes
+            if running * 2 >= total:
+                break
+        cut = min(max(cut, 1), len(ordered) - 1)
+        return Candidate(ordered[:cut]), Candidate(ordered[cut:])
+
+
+@dataclass
+class Step:
+    round: int
+    groups: list[str]
+    models: list[str]
+    savings_bytes: int
+    outcome: str  # 'kept' or 'failed'
+    next_action: str
+    accuracy: dict[str, float]
+    retrain_seconds: float
+    saved_bytes_after: int
+    elapsed_seconds: float
+
+
+@dataclass
+class SearchResult:
+    strategy: str
+    plan: MergePlan
+    steps: list[Step] = field(default_factory=list)
+    retrain_seconds: float = 0.0
+    stopped: str = "candidates exhausted"
+    state: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # banked weights per model
+
+    @property
+    def saved_bytes(self) -> int:
+        return sum(g.savings_bytes for g in self.plan.groups if g.state is GroupState.kept)
+
+
+def candidates(plan: MergePlan) -> list[Candidate]:
+    """The plan's accepted groups (or, if none is accepted, every group not rejected),
+    gathered by the set of models that share them, heaviest candidate first."""
+    chosen = [g for g in plan.groups if g.state is GroupState.accepted] or \
+             [g for g in plan.groups if g.state is not GroupState.rejected]
+    by_models: dict[frozenset[str], list[PlannedGroup]] = {}
+    for g in chosen:
+        by_models.setdefault(frozenset(m.model for m in g.members), []).append(g)
+    out = [Candidate(gs) for gs in by_models.values()]
+    out.sort(key=lambda c: -c.savings_bytes)
+    return out
+
+
+def _affected(models: frozenset[str], groups: list[PlannedGroup]) -> list[str]:
+    """Models connected to `models` through shared groups: all must be retrained together."""
+    found = set(models)
+    changed = True
+    while changed:
+        changed = False
+        for g in groups:
+            names = {m.model for m in g.members}
+            if names & found and not names <= found:
+                found |= names
+                changed = True
+    return sorted(found)
+
+
+Builder = Callable[[], dict[str, torch.nn.Module]]
+
+
+def _save(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def search(build_models: Builder, base_state: Mapping[str, Mapping[str, torch.Tensor]], plan: MergePlan,
+           data: Mapping[str, ModelData], targets: Mapping[str, float], strategy: Strategy = "gemel", *,
+           progress: Progress | None = None, time_budget_s: float | None = None,
+           on_step: Callable[[Step], None] | None = None, seed: int = 0,
+           state_path: Path | None = None) -> SearchResult:
+    """Run the merge search. `build_models()` returns fresh, untied models; `base_state` holds
+    the unmerged weights. Returns the plan with kept/backed-off states and the banked weights.
+
+    With `state_path`, the search is saved after every round (and the round in progress at
+    every epoch, or at the exact step on a cancel); calling again with the same path resumes.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy '{strategy}'; expected one of {', '.join(STRATEGIES)}")
+    progress = progress or Progress()
+    plan = plan.model_copy(deep=True)
+    by_id = {g.id: g for g in plan.groups}
+    for g in plan.groups:
+        if g.state in (GroupState.kept, GroupState.backed_off):
+            g.state = GroupState.accepted  # a rerun searches afresh
+    queue = candidates(plan)
+    for c in queue:
+        for g in c.groups:
+            g.state = GroupState.accepted
+    if strategy == "bisect" and len(queue) > 1:
+        queue = [Candidate([g for c in queue for g in c.groups])]
+    kept: list[PlannedGroup] = []
+    state = {n: dict(s) for n, s in base_state.items()}
+    result = SearchResult(strategy=strategy, plan=plan, state=state)
+    round_no = 0
+    round_ckpt = state_path.with_name(state_path.name + ".round") if state_path else None
+    if state_path is not None and state_path.exists():
+        saved = torch.load(state_path, map_location="cpu", weights_only=True)
+        if saved.get("strategy") != strategy or set(saved.get("group_states", {})) != set(by_id):
+            raise GemelError(f"{state_path}: saved search belongs to another plan or strategy; "
+                             "delete it or choose another output folder")
+        for gid, st in saved["group_states"].items():
+            by_id[gid].state = GroupState(st)
+        kept = [by_id[i] for i in saved["kept"]]
+        queue = [Candidate([by_id[i] for i in ids]) for ids in saved["queue"]]
+        state = saved["state"]
+        round_no = saved["round"]
+        result.steps = [Step(**s) for s in saved["steps"]]
+        result.retrain_seconds = saved["retrain_seconds"]
+    started = time.monotonic() - (result.steps[-1].elapsed_seconds if result.steps else 0.0)
+    deadline = time.monotonic() + time_budget_s if time_budget_s else None
+
+    def persist() -> None:
+        if state_path is not None:
+            _save(state_path, {"strategy": strategy, "group_states": {g.id: g.state.value for g in plan.groups},
+                               "kept": [g.id for g in kept], "queue": [[g.id for g in c.groups] for c in queue],
+                               "state": state, "round": round_no, "steps": [vars(s) for s in result.steps],
+                               "retrain_seconds": result.retrain_seconds})
+
+    while queue:
+        if deadline is not None and time.monotonic() > deadline:
+            result.stopped = "time budget"
+            break
+        progress.check()
+        cand = queue[0]
+        trial = kept + cand.groups
+        models = build_models()
+        for name, m in models.items():
+            m.load_state_dict(state[name])
+        trial_plan = plan.model_copy(update={"groups": [g.model_copy(update={"state": GroupState.accepted})
+                                                        for g in trial]})
+        apply_plan(models, trial_plan)
+        names = _affected(cand.models, trial)
+        retrain: RetrainResult = joint_retrain({n: models[n] for n in names}, {n: data[n] for n in names},
+                                               {n: targets[n] for n in names}, plan.retraining,
+                                               progress=progress, deadline=deadline, seed=seed + round_no + 1,
+                                               checkpoint=round_ckpt)
+        if retrain.stopped == "time budget" and not retrain.all_passed:
+            result.stopped = "time budget"  # undecided: the candidate stays in the queue
+            break
+        queue.pop(0)
+        round_no += 1
+        result.retrain_seconds += retrain.seconds
+        if retrain.all_passed:
+            kept = trial
+            for g in cand.groups:
+                g.state = GroupState.kept
+            for n in names:
+                state[n] = {k: v.detach().to("cpu").clone() for k, v in models[n].state_dict().items()}
+            action = "banked"
+        else:
+            action = _back_off(cand, queue, strategy)
+        result.steps.append(Step(round=round_no, groups=[g.id for g in cand.groups], models=names,
+                                 savings_bytes=cand.savings_bytes, outcome="kept" if retrain.all_passed else "failed",
+                                 next_action=action, accuracy=dict(retrain.accuracy), retrain_seconds=retrain.seconds,
+                                 saved_bytes_after=sum(g.savings_bytes for g in kept),
+                                 elapsed_seconds=time.monotonic() - started))
+        persist()
+        if round_ckpt is not None and round_ckpt.exists():
+            round_ckpt.unlink()
+        if on_step:
+            on_step(result.steps[-1])
+    # Groups still 'accepted' now sit in candidates the time budget left untried: undecided.
+    result.state = state
+    return result
+
+
+def _back_off(cand: Candidate, queue: list[Candidate], strategy: Strategy) -> str:
+    if len(cand.groups) == 1:
+        cand.groups[0].state = GroupState.backed_off
+        return "dropped (single group failed)"
+    heavy, light = cand.halves()
+    if strategy == "bisect":
+        queue[:0] = [heavy, light]
+        return f"split into {len(heavy.groups)} + {len(light.groups)} groups"
+    nxt = queue[0].savings_bytes if queue else 0
+    if heavy.savings_bytes > nxt:
+        queue.insert(0, heavy)
+        for g in light.groups:
+            g.state = GroupState.backed_off
+        return f"halved: retry the heavier {len(heavy.groups)} groups"
+    for g in cand.groups:
+        g.state = GroupState.backed_off
+    return "dropped (half saves less than the next candidate)"
+

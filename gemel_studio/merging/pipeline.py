@@ -1,0 +1,194 @@
+"""From a workload and a plan to a merged workload on disk: the functions behind
+`gemel finetune` and `gemel merge` (and, later, the studio's retraining screen).
+
+`merge_workload` measures each model's unmerged accuracy on its held-out split, derives the
+targets, runs the search, and writes to the output folder: `merged.safetensors` (every
+shared tensor once, with a map of which model uses which tensor), `plan.yaml` (the final
+states), `report.json`, and the search state that a rerun resumes from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..analysis import WorkloadAnalysis, analyze_workload
+from ..errors import GemelError
+from ..models import build_model
+from ..models.zoo import construct
+from ..progress import Progress
+from ..workload import CheckpointSource, TorchvisionSource, Workload, save_workload
+from .datasets import ModelData, load_model_data
+from .heuristic import STRATEGIES, SearchResult, Step, search
+from .plan import GroupState, MergePlan, RetrainSettings, save_plan, validate_plan
+from .retrain import evaluate, joint_retrain, resolve_device
+from .tying import apply_plan, unique_param_bytes
+
+
+@dataclass
+class MergeContext:
+    workload: Workload
+    analysis: WorkloadAnalysis
+    names: list[str]  # models that take part (members of the plan's groups)
+    base_state: dict[str, dict[str, torch.Tensor]]
+    data: dict[str, ModelData]
+    unmerged_accuracy: dict[str, float]
+    targets: dict[str, float]
+
+    def build_models(self) -> dict[str, torch.nn.Module]:
+        """Fresh, untied models with random weights (callers load a state into them)."""
+        out = {}
+        for name in self.names:
+            spec = self.workload.model(name)
+            out[name] = construct(spec.source.architecture, spec.num_classes, "cpu")[0]
+        return out
+
+
+def _participants(plan: MergePlan) -> list[str]:
+    names: list[str] = []
+    for g in plan.groups:
+        if g.state is GroupState.rejected:
+            continue
+        for m in g.members:
+            if m.model not in names:
+                names.append(m.model)
+    return names
+
+
+def prepare_merge(workload: Workload, plan: MergePlan, *, limit: int | None = None,
+                  progress: Progress | None = None) -> MergeContext:
+    progress = progress or Progress()
+    analysis = analyze_workload(workload, alignment=plan.alignment)
+    validate_plan(plan, workload, analysis, origin="plan")
+    names = _participants(plan)
+    for name in names:
+        if not isinstance(workload.model(name).source, (TorchvisionSource, CheckpointSource)):
+            raise GemelError(f"model '{name}': merging needs a torchvision or checkpoint source "
+                             f"(TorchScript and ONNX are analysed only); reject its groups in the plan")
+    device = resolve_device(plan.retraining.device)
+    progress.start(len(names), "measuring unmerged accuracy")
+    base_state, data, accuracy, targets = {}, {}, {}, {}
+    for name in names:
+        spec = workload.model(name)
+        module = build_model(workload, spec, materialize=True).module
+        base_state[name] = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        data[name] = load_model_data(workload, spec, limit=limit)
+        accuracy[name] = evaluate(module.to(device), data[name].val, device)
+        targets[name] = (spec.target.absolute if spec.target.absolute is not None
+                         else spec.target.relative * accuracy[name])
+        progress.step(f"{name}: unmerged accuracy {accuracy[name]:.3f}")
+    return MergeContext(workload, analysis, names, base_state, data, accuracy, targets)
+
+
+def write_merged_weights(models: dict[str, torch.nn.Module], path: Path) -> int:
+    """One safetensors file with each distinct storage once; its metadata maps every model's
+    tensor names to the stored key. Returns the bytes of parameter data written."""
+    tensors: dict[str, torch.Tensor] = {}
+    by_storage: dict[int, str] = {}
+    mapping: dict[str, dict[str, str]] = {}
+    for name, model in models.items():
+        mapping[name] = {}
+        for key, t in model.state_dict(keep_vars=True).items():
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in by_storage:
+                by_storage[ptr] = f"{name}.{key}"
+                tensors[by_storage[ptr]] = t.detach().cpu().contiguous()
+            mapping[name][key] = by_storage[ptr]
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"gemel.format": "1", "gemel.tensor_map": json.dumps(mapping)})
+    os.replace(tmp, path)
+    return unique_param_bytes(models.values())
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def merge_workload(workload: Workload, plan: MergePlan, out_dir: Path, *, strategy: str = "bisect",
+                   time_budget_s: float | None = None, limit: int | None = None, progress: Progress | None = None,
+                   on_step=None) -> dict:
+    """Apply, retrain and write the merged workload; a rerun with the same folder resumes."""
+    if strategy not in STRATEGIES:
+        raise GemelError(f"strategy '{strategy}' is unknown; use one of {', '.join(STRATEGIES)}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    ctx = prepare_merge(workload, plan, limit=limit, progress=progress)
+    result: SearchResult = search(ctx.build_models, ctx.base_state, plan, ctx.data, ctx.targets, strategy,
+                                  progress=progress, time_budget_s=time_budget_s or plan.retraining.time_budget_s,
+                                  on_step=on_step, state_path=out_dir / "search.state")
+    models = ctx.build_models()
+    for name, m in models.items():
+        m.load_state_dict(result.state[name])
+    apply_plan(models, result.plan)
+    device = resolve_device(plan.retraining.device)
+    merged_accuracy = {n: evaluate(models[n].to(device), ctx.data[n].val, device) for n in ctx.names}
+    for m in models.values():
+        m.to("cpu")
+    written = write_merged_weights(models, out_dir / "merged.safetensors")
+    save_plan(result.plan, out_dir / "plan.yaml")
+    participants_bytes = sum(ctx.analysis.model(n).param_bytes for n in ctx.names)
+    report = {
+        "workload": workload.name,
+        "strategy": strategy,
+        "stopped": result.stopped,
+        "device": str(device),
+        "models": {n: {"unmerged_accuracy": ctx.unmerged_accuracy[n], "merged_accuracy": merged_accuracy[n],
+                       "target": ctx.targets[n], "passed": merged_accuracy[n] >= ctx.targets[n] - 1e-9}
+                   for n in ctx.names},
+        "bytes_before": ctx.analysis.total_param_bytes,
+        "bytes_after": ctx.analysis.total_param_bytes - participants_bytes + written,
+        "predicted_bytes_after": ctx.analysis.total_param_bytes - result.saved_bytes,
+        "saved_bytes": result.saved_bytes,
+        "all_shareable_bytes": ctx.analysis.max_savings_bytes,
+        "fraction_of_bound": result.saved_bytes / ctx.analysis.max_savings_bytes if ctx.analysis.max_savings_bytes else 0,
+        "retrain_seconds": result.retrain_seconds,
+        "rounds": len(result.steps),
+        "wall_seconds": time.monotonic() - started,
+        "steps": [asdict(s) for s in result.steps],
+    }
+    _atomic_text(out_dir / "report.json", json.dumps(report, indent=2))
+    return report
+
+
+def finetune_workload(workload: Workload, out_dir: Path, settings: RetrainSettings, *, limit: int | None = None,
+                      progress: Progress | None = None) -> dict:
+    """Train each model alone on its dataset (the unmerged baseline) and write a workload whose
+    models load the results: `out_dir/workload.yaml` and one safetensors file per model."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    new = workload.model_copy(deep=True)
+    new.path = (out_dir / "workload.yaml").resolve()
+    # Datasets keep pointing at the same files from the new folder (synthetic ones have none).
+    for spec, orig in zip(new.models, workload.models):
+        if spec.dataset is not None and getattr(spec.dataset, "path", None) is not None:
+            spec.dataset.path = Path(os.path.relpath(workload.resolve(orig.dataset.path), out_dir.resolve()))
+    summary = {}
+    for spec in new.models:
+        if spec.dataset is None or not isinstance(spec.source, (TorchvisionSource, CheckpointSource)):
+            summary[spec.name] = {"skipped": "no dataset or not a torchvision/checkpoint source"}
+            continue
+        module = build_model(workload, workload.model(spec.name), materialize=True).module
+        data = load_model_data(workload, spec, limit=limit)
+        result = joint_retrain({spec.name: module}, {spec.name: data}, {spec.name: 1.0}, settings,
+                               progress=progress, early_stop=False)
+        path = out_dir / f"{spec.name}.safetensors"
+        state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+        save_file(state, str(path.with_name(path.name + ".tmp")))
+        os.replace(path.with_name(path.name + ".tmp"), path)
+        spec.source = CheckpointSource(kind="checkpoint", architecture=spec.source.architecture, path=Path(path.name))
+        summary[spec.name] = {"accuracy": result.accuracy[spec.name], "initial_accuracy": result.initial_accuracy[spec.name],
+                              "seconds": result.seconds, "epochs": len(result.history)}
+    new.name = f"{workload.name}-finetuned"
+    save_workload(new, out_dir / "workload.yaml")
+    _atomic_text(out_dir / "finetune.json", json.dumps(summary, indent=2))
+    return summary
+
+
+__all__ = ["MergeContext", "Step", "finetune_workload", "merge_workload", "prepare_merge", "write_merged_weights"]

@@ -1,0 +1,109 @@
+"""The merge search (GEMEL's loop and bisection) and `gemel merge` end to end, on tiny data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors import safe_open
+
+from gemel_studio.errors import Cancelled
+from gemel_studio.merging import GroupState, load_plan, propose_plan, save_plan
+from gemel_studio.merging.heuristic import candidates, search
+from gemel_studio.merging.pipeline import merge_workload, prepare_merge
+from gemel_studio.progress import Progress
+from gemel_studio.workload import load_workload
+
+from .conftest import tv
+
+FAST = {"epochs": 1, "batch_size": 16, "optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0}
+
+
+def _workload(write_workload, target, heads=(3, 3, 2)):
+    tasks = ["color", "shape", "size"]
+    entries = [tv(t, "resnet18", num_classes=n, target=target,
+                  dataset={"kind": "synthetic", "task": t, "samples": 48, "seed": i})
+               for i, (t, n) in enumerate(zip(tasks, heads))]
+    return load_workload(write_workload(entries, input_size=[3, 16, 16]))
+
+
+def _context(w):
+    from gemel_studio.analysis import analyze_workload
+
+    plan = propose_plan(w, analyze_workload(w))
+    plan.retraining = plan.retraining.model_copy(update=FAST)
+    return plan, prepare_merge(w, plan)
+
+
+def test_candidates_gather_groups_by_model_set(write_workload):
+    w = _workload(write_workload, {"absolute": 0.01})
+    plan, _ = _context(w)
+    cands = candidates(plan)
+    assert [sorted(c.models) for c in cands] == [["color", "shape", "size"], ["color", "shape"]]
+    assert cands[0].savings_bytes > cands[1].savings_bytes
+    assert sum(c.savings_bytes for c in cands) == sum(g.savings_bytes for g in plan.groups)
+    heavy, light = cands[0].halves()
+    assert heavy.savings_bytes >= light.savings_bytes and len(heavy.groups) + len(light.groups) == len(cands[0].groups)
+
+
+def test_bisect_reaches_gemels_savings_in_fewer_rounds_when_merges_succeed(write_workload):
+    w = _workload(write_workload, {"absolute": 0.01})
+    plan, ctx = _context(w)
+    runs = {s: search(ctx.build_models, ctx.base_state, plan, ctx.data, ctx.targets, s) for s in ("gemel", "bisect")}
+    bound = sum(g.savings_bytes for g in plan.groups)
+    for run in runs.values():
+        assert run.saved_bytes == bound
+        assert all(g.state is GroupState.kept for g in run.plan.groups)
+    assert len(runs["gemel"].steps) == 2 and len(runs["bisect"].steps) == 1
+
+
+def test_gemel_halves_a_candidate_that_misses_its_target(write_workload):
+    w = _workload(write_workload, {"absolute": 1.0}, heads=(3, 3, 3))  # unreachable in one epoch
+    plan, ctx = _context(w)
+    run = search(ctx.build_models, ctx.base_state, plan, ctx.data, ctx.targets, "gemel")
+    first = run.steps[0]
+    assert first.outcome == "failed" and first.next_action.startswith("halved")
+    sizes = [len(s.groups) for s in run.steps]
+    assert sizes[0] == len(plan.groups) and all(b < a for a, b in zip(sizes, sizes[1:]))
+    assert sizes[-1] == 1 and run.steps[-1].next_action.startswith("dropped")
+    assert run.saved_bytes == 0
+    assert all(g.state is GroupState.backed_off for g in run.plan.groups)
+
+
+def test_merge_writes_weights_once_plan_and_report_and_resumes(tmp_path, write_workload):
+    w = _workload(write_workload, {"relative": 0.5})
+    plan, _ = _context(w)
+    plan_path = tmp_path / "plan.yaml"
+    save_plan(plan, plan_path)
+    out = tmp_path / "merged"
+    seen = []
+
+    def cancel_in_second_round(done, total, message):
+        if len(seen) == 1 and message.startswith("epoch 1"):
+            progress.cancel()
+
+    progress = Progress(cancel_in_second_round, min_interval=0)
+    with pytest.raises(Cancelled):
+        merge_workload(w, plan, out, strategy="gemel", progress=progress, on_step=seen.append)
+    assert len(seen) == 1 and (out / "search.state").exists() and (out / "search.state.round").exists()
+
+    report = merge_workload(w, plan, out, strategy="gemel")
+    assert report["steps"][0] == {**vars(seen[0])}  # the first round was not redone
+    assert report["rounds"] == len(report["steps"]) >= 2
+    assert report["bytes_after"] == report["predicted_bytes_after"] == report["bytes_before"] - report["saved_bytes"]
+    assert set(report["models"]) == {"color", "shape", "size"}
+    for row in report["models"].values():
+        assert row["target"] == pytest.approx(0.5 * row["unmerged_accuracy"])
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["saved_bytes"] == report["saved_bytes"]
+    final = load_plan(out / "plan.yaml")
+    kept = [g for g in final.groups if g.state is GroupState.kept]
+    assert sum(g.savings_bytes for g in kept) == report["saved_bytes"]
+    with safe_open(str(out / "merged.safetensors"), "pt") as f:
+        mapping = json.loads(f.metadata()["gemel.tensor_map"])
+        stored = set(f.keys())
+    # Every model's tensors resolve to stored keys, and a kept group's weight is stored once.
+    assert all(set(m.values()) <= stored for m in mapping.values())
+    g = kept[0]
+    keys = {mapping[m.model][f"{m.layer}.weight"] for m in g.members}
+    assert len(keys) == 1
