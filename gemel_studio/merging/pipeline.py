@@ -114,7 +114,7 @@ def _atomic_text(path: Path, text: str) -> None:
 
 def merge_workload(workload: Workload, plan: MergePlan, out_dir: Path, *, strategy: str = "bisect",
                    time_budget_s: float | None = None, limit: int | None = None, progress: Progress | None = None,
-                   on_step=None) -> dict:
+                   on_step=None, on_epoch=None) -> dict:
     """Apply, retrain and write the merged workload; a rerun with the same folder resumes."""
     if strategy not in STRATEGIES:
         raise GemelError(f"strategy '{strategy}' is unknown; use one of {', '.join(STRATEGIES)}")
@@ -123,7 +123,7 @@ def merge_workload(workload: Workload, plan: MergePlan, out_dir: Path, *, strate
     ctx = prepare_merge(workload, plan, limit=limit, progress=progress)
     result: SearchResult = search(ctx.build_models, ctx.base_state, plan, ctx.data, ctx.targets, strategy,
                                   progress=progress, time_budget_s=time_budget_s or plan.retraining.time_budget_s,
-                                  on_step=on_step, state_path=out_dir / "search.state")
+                                  on_step=on_step, state_path=out_dir / "search.state", on_epoch=on_epoch)
     models = ctx.build_models()
     for name, m in models.items():
         m.load_state_dict(result.state[name])
@@ -167,7 +167,8 @@ def finetune_workload(workload: Workload, out_dir: Path, settings: RetrainSettin
     new.path = (out_dir / "workload.yaml").resolve()
     # Datasets keep pointing at the same files from the new folder (synthetic ones have none).
     for spec, orig in zip(new.models, workload.models):
-        if spec.dataset is not None and getattr(spec.dataset, "path", None) is not None:
+        path = getattr(spec.dataset, "path", None)
+        if path is not None and not Path(path).is_absolute():
             spec.dataset.path = Path(os.path.relpath(workload.resolve(orig.dataset.path), out_dir.resolve()))
     summary = {}
     for spec in new.models:
@@ -175,7 +176,7 @@ def finetune_workload(workload: Workload, out_dir: Path, settings: RetrainSettin
             summary[spec.name] = {"skipped": "no dataset or not a torchvision/checkpoint source"}
             continue
         module = build_model(workload, workload.model(spec.name), materialize=True).module
-        data = load_model_data(workload, spec, limit=limit)
+        data = load_model_data(workload, workload.model(spec.name), limit=limit)
         result = joint_retrain({spec.name: module}, {spec.name: data}, {spec.name: 1.0}, settings,
                                progress=progress, early_stop=False)
         path = out_dir / f"{spec.name}.safetensors"
