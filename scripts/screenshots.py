@@ -1,10 +1,15 @@
-"""Screenshots of the studio's screens, for the docs: models table, sharing matrix, memory view.
+"""Screenshots of the studio's screens, for the docs: models table, sharing matrix, memory
+view, merge proposals and a retraining run.
 
     QT_QPA_PLATFORM=offscreen python scripts/screenshots.py [WORKLOAD] [--out docs/screenshots]
 
-Opens the studio on WORKLOAD (default: the quick-start sample), waits for the analysis and
-grabs the window at 1400x900, once per theme. Runs headless (offscreen platform) or under
-xvfb-run. Settings go to a temporary folder, never the user's own.
+Opens the studio on WORKLOAD (default: the quick-start sample), waits for the analysis,
+proposes a plan and accepts the groups saving at least 1 MiB, and grabs the window at
+1400x900, once per theme. The retraining screen comes from a real, short merge of a tiny
+workload (three ResNet-18 at 16x16 on synthetic images, written to a temporary folder), so
+its curves show real figures; it takes a minute or two on a CPU (--no-retraining skips it).
+Runs headless (offscreen platform) or under xvfb-run. Settings go to a temporary folder,
+never the user's own.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch  # noqa: F401  (before Qt)
+import torch  # before Qt
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,12 +31,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "screenshots")
     parser.add_argument("--themes", default="dark,light", help="comma-separated: dark, light")
     parser.add_argument("--group", type=int, default=0, help="share group (row) to select in the matrix")
+    parser.add_argument("--no-retraining", action="store_true", help="skip the retraining run and its screenshot")
     args = parser.parse_args(argv)
     if not (os.environ.get("QT_QPA_PLATFORM") or os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
         os.environ["QT_QPA_PLATFORM"] = "offscreen"
 
     from PySide6.QtCore import QEventLoop, QSettings, QTimer
+    from PySide6.QtWidgets import QWidget
 
+    from gemel_studio.merging.plan import GroupState
     from gemel_studio.ui.app import make_app
     from gemel_studio.ui.main_window import MainWindow
 
@@ -63,22 +71,82 @@ def main(argv: list[str] | None = None) -> int:
         pause.exec()
 
     args.out.mkdir(parents=True, exist_ok=True)
+    themes = [t.strip() for t in args.themes.split(",") if t.strip()]
+    proposals = window.proposals_panel
+    proposals.propose()
+    proposals.accept_above(1024 * 1024)
+    proposals.set_state([len(proposals.plan.groups) - 1], GroupState.rejected)
+    proposals.select_rows([1, 2])
     written = []
-    for theme in [t.strip() for t in args.themes.split(",") if t.strip()]:
-        window.set_theme(theme, persist=False)
-        suffix = "" if theme == "dark" else f"-{theme}"
-        window.models_panel.select_model(outcome["analysis"].models[0].name)
-        window.sharing_panel.select_group(args.group)
-        for index, name in ((0, "models"), (1, "sharing"), (2, "memory")):
-            window.tabs.setCurrentIndex(index)
-            settle()
-            path = args.out / f"{name}{suffix}.png"
-            window.grab().save(str(path))
-            written.append(path)
+
+    def grab(tabs: list[tuple[QWidget, str]]) -> None:
+        for theme in themes:
+            window.set_theme(theme, persist=False)
+            suffix = "" if theme == "dark" else f"-{theme}"
+            for panel, name in tabs:
+                window.tabs.setCurrentWidget(panel)
+                settle()
+                path = args.out / f"{name}{suffix}.png"
+                window.grab().save(str(path))
+                written.append(path)
+
+    window.models_panel.select_model(outcome["analysis"].models[0].name)
+    window.sharing_panel.select_group(args.group)
+    grab([(window.models_panel, "models"), (window.sharing_panel, "sharing"), (window.memory_panel, "memory"),
+          (proposals, "proposals")])
+    if not args.no_retraining:
+        error = retraining_run(window)
+        if error:
+            print(f"error: retraining: {error}", file=sys.stderr)
+            return 2
+        grab([(window.retraining_panel, "retraining")])
     for path in written:
         print(path)
     window.close()
     return 0
+
+
+def wait_for(signal, timeout_ms: int = 600_000) -> list:
+    """Run the event loop until `signal` fires (its arguments) or the timeout ([])."""
+    from PySide6.QtCore import QEventLoop, QTimer
+
+    loop, got = QEventLoop(), []
+    signal.connect(lambda *a: (got.extend(a or [True]), loop.quit()))
+    QTimer.singleShot(timeout_ms, loop.quit)
+    loop.exec()
+    return got
+
+
+def retraining_run(window) -> str:
+    """Open a tiny workload, propose a plan and merge it for real; '' or an error message."""
+    import yaml
+
+    folder = Path(tempfile.mkdtemp(prefix="gemel-shots-merge-"))
+    tasks, heads = ["color", "shape", "size"], [3, 3, 2]
+    models = [{"name": t, "source": {"kind": "torchvision", "architecture": "resnet18"}, "num_classes": n,
+               "target": {"relative": 0.8}, "dataset": {"kind": "synthetic", "task": t, "samples": 96, "seed": i}}
+              for i, (t, n) in enumerate(zip(tasks, heads))]
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump({"version": 1, "name": "tiny", "input_size": [3, 16, 16], "models": models},
+                                   sort_keys=False))
+    errors: list[str] = []
+    window.sigError.connect(errors.append)
+    if not window.open_path(path) or not wait_for(window.sigAnalysisChanged):
+        return errors[0] if errors else "the tiny workload was not analysed"
+    window.proposals_panel.propose()
+    panel = window.retraining_panel
+    panel.strategy_combo.setCurrentText("gemel")
+    panel.device_combo.setCurrentText("cpu")
+    panel.optimizer_combo.setCurrentText("adam")
+    panel.epochs_spin.setValue(4)
+    panel.batch_spin.setValue(16)
+    panel.lr_edit.setText("0.001")
+    panel.set_out_dir(folder / "merged")
+    window.tabs.setCurrentWidget(panel)
+    torch.manual_seed(0)  # the untrained models' weights: the same run, and the same picture, each time
+    if panel.start() is None or not wait_for(panel.sigRunFinished):
+        return errors[0] if errors else "the merge did not finish"
+    return ""
 
 
 if __name__ == "__main__":

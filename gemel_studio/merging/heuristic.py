@@ -29,7 +29,7 @@ from ..errors import GemelError
 from ..progress import Progress
 from .datasets import ModelData
 from .plan import GroupState, MergePlan, PlannedGroup
-from .retrain import RetrainResult, joint_retrain
+from .retrain import EpochRecord, RetrainResult, joint_retrain
 from .tying import apply_plan
 
 __all__ = ["Candidate", "STRATEGIES", "SearchResult", "Step", "Strategy", "candidates", "search"]
@@ -130,7 +130,7 @@ def search(build_models: Builder, base_state: Mapping[str, Mapping[str, torch.Te
            data: Mapping[str, ModelData], targets: Mapping[str, float], strategy: Strategy = "gemel", *,
            progress: Progress | None = None, time_budget_s: float | None = None,
            on_step: Callable[[Step], None] | None = None, seed: int = 0,
-           state_path: Path | None = None) -> SearchResult:
+           state_path: Path | None = None, on_epoch: Callable[[EpochRecord], None] | None = None) -> SearchResult:
     """Run the merge search. `build_models()` returns fresh, untied models; `base_state` holds
     the unmerged weights. Returns the plan with kept/backed-off states and the banked weights.
 
@@ -196,7 +196,7 @@ def search(build_models: Builder, base_state: Mapping[str, Mapping[str, torch.Te
         retrain: RetrainResult = joint_retrain({n: models[n] for n in names}, {n: data[n] for n in names},
                                                {n: targets[n] for n in names}, plan.retraining,
                                                progress=progress, deadline=deadline, seed=seed + round_no + 1,
-                                               checkpoint=round_ckpt)
+                                               checkpoint=round_ckpt, on_epoch=on_epoch)
         if retrain.stopped == "time budget" and not retrain.all_passed:
             result.stopped = "time budget"  # undecided: the candidate stays in the queue
             break

@@ -3,7 +3,9 @@
 Every change (open, drop, add or remove a model, alignment) makes a *candidate* workload
 that is analysed by a `Worker`; only when the analysis succeeds does the candidate become
 the current workload. A failed or cancelled change leaves the window exactly as it was.
-Later panels (merge plan, retraining, live preview) are added with `add_panel`.
+Panels are added with `add_panel`: the merge plan (Proposals) and the merge search
+(Retraining) follow the analysis tabs; the retraining run has its own worker, so analysing
+an edited workload and merging the last one can go on at once.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from . import settings
 from .dialogs import AddModelDialog, about_box, unique_name
 from .memory_view import MemoryPanel
 from .models_view import ModelsPanel
+from .proposals_view import ProposalsPanel
+from .retraining_view import RetrainingPanel
 from .sharing_view import SharingPanel
 from .worker import Worker, worker_pool
 
@@ -105,6 +109,10 @@ class MainWindow(QMainWindow):
         self.add_panel(self.models_panel, "Models")
         self.add_panel(self.sharing_panel, "Sharing")
         self.add_panel(self.memory_panel, "Memory")
+        self.proposals_panel = ProposalsPanel(self)
+        self.retraining_panel = RetrainingPanel(self)
+        self.add_panel(self.proposals_panel, "Proposals")
+        self.add_panel(self.retraining_panel, "Retraining")
         central = QWidget(self)
         layout = QVBoxLayout(central)
         layout.setContentsMargins(6, 6, 6, 0)
@@ -116,6 +124,10 @@ class MainWindow(QMainWindow):
         self.models_panel.sigRemoveRequested.connect(self.remove_model)
         self.models_panel.table.doubleClicked.connect(self._show_model_memory)
         self.sharing_panel.sigAlignmentChanged.connect(self.set_alignment)
+        self.proposals_panel.sigPlanReplaced.connect(lambda plan: self.retraining_panel.set_plan(plan, replaced=True))
+        self.proposals_panel.sigPlanEdited.connect(lambda plan: self.retraining_panel.set_plan(plan, replaced=False))
+        self.proposals_panel.sigError.connect(self.show_error)
+        self.retraining_panel.sigError.connect(self.show_error)
 
         self._build_status_bar()
         self._build_menus()
@@ -235,6 +247,8 @@ class MainWindow(QMainWindow):
         colors = settings.PALETTES[theme]
         self.memory_panel.set_colors(colors)
         self.sharing_panel.set_colors(colors)
+        self.proposals_panel.set_colors(colors)
+        self.retraining_panel.set_colors(colors)
         self.theme_actions[theme].setChecked(True)
         if persist:
             settings.save_theme(theme)
@@ -339,6 +353,13 @@ class MainWindow(QMainWindow):
             self._worker.cancel()
             self.statusBar().showMessage("Cancelling…")
 
+    def stop_work(self, wait_ms: int = 10_000) -> None:
+        """Stop everything running (a merge is paused: its checkpoint stays) and wait for it."""
+        if self._worker is not None:
+            self._worker.cancel()
+        self.retraining_panel.pause()
+        worker_pool().waitForDone(wait_ms)
+
     def _on_progress(self, done: int, total: int, message: str) -> None:
         self.progress_bar.setRange(0, max(1, total))
         self.progress_bar.setValue(done)
@@ -383,6 +404,8 @@ class MainWindow(QMainWindow):
         self.models_panel.set_data(self.workload, self.analysis)
         self.sharing_panel.set_analysis(self.analysis)
         self.memory_panel.set_analysis(self.analysis)
+        self.proposals_panel.set_context(self.workload, self.analysis)
+        self.retraining_panel.set_workload(self.workload, self.analysis)
 
     # --- workload changes -------------------------------------------------------------------
 
@@ -574,8 +597,6 @@ class MainWindow(QMainWindow):
         if not self._confirm_discard():
             event.ignore()
             return
-        if self._worker is not None:
-            self._worker.cancel()
-            worker_pool().waitForDone(10_000)
+        self.stop_work()
         self._save_window_state()
         event.accept()

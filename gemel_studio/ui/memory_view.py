@@ -20,7 +20,7 @@ from .settings import PALETTES
 MIB = 1024 * 1024
 
 
-def _style_plot(plot: pg.PlotItem, colors: dict) -> None:
+def style_plot(plot: pg.PlotItem, colors: dict) -> None:
     for name in ("left", "bottom"):
         axis = plot.getAxis(name)
         axis.setPen(pg.mkPen(colors["axis"]))
@@ -173,7 +173,7 @@ class MemoryPanel(QWidget):
         self.colors = colors
         for widget, item in ((self.layers_plot, self.layers_item), (self.savings_plot, self.savings_item)):
             widget.setBackground(colors["background"])
-            _style_plot(item, colors)
+            style_plot(item, colors)
         for legend in (self.legend, self.savings_legend):
             legend.setLabelTextColor(colors["foreground"])
         self.param_bars.setOpts(brush=pg.mkBrush(colors["params"]), pen=pg.mkPen(None))

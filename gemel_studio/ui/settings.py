@@ -55,12 +55,15 @@ def stylesheet(theme: str) -> str:
     return files("gemel_studio.resources").joinpath(f"{theme}.qss").read_text(encoding="utf-8")
 
 
-# Colours the code draws with (plots, highlighted rows, matrix cells), per theme.
+# Colours the code draws with (plots, highlighted rows, matrix cells), per theme; `series`
+# colours one curve per model, in the workload's order.
 PALETTES = {
     "dark": {"background": "#1e1f22", "foreground": "#d7d9de", "axis": "#a0a4ab", "member": "#3d8fd6",
              "member_text": "#ffffff", "highlight": "#6b5216", "params": "#4e9ee8", "activations": "#e39a3b",
-             "savings": "#58c27d", "bound": "#e05d5d", "grid": 60},
+             "savings": "#58c27d", "bound": "#e05d5d", "grid": 60,
+             "series": ("#4e9ee8", "#e39a3b", "#58c27d", "#d36bc6", "#e8d44d", "#45c4c4", "#e05d5d", "#a98ce8")},
     "light": {"background": "#ffffff", "foreground": "#1f2328", "axis": "#57606a", "member": "#2f7fc8",
               "member_text": "#ffffff", "highlight": "#ffe08a", "params": "#2f7fc8", "activations": "#d9822b",
-              "savings": "#2f9e5a", "bound": "#c93c3c", "grid": 90},
+              "savings": "#2f9e5a", "bound": "#c93c3c", "grid": 90,
+              "series": ("#2f7fc8", "#d9822b", "#2f9e5a", "#b0479f", "#a08a00", "#1d9a9a", "#c93c3c", "#6f52c8")},
 }

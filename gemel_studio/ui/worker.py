@@ -48,17 +48,21 @@ class Worker(QObject):
 
     Signals (always delivered on the GUI thread):
       sigProgress(done, total, message) — throttled by `Progress(min_interval)`;
+      sigPartial(value) — every value the work passes to `partial()` (a retraining round, an
+      epoch), in order and never throttled, all before the end signal;
       sigFinished(result); sigFailed(message); sigCancelled().
     Exactly one of the last three fires, once, after `start()`.
     """
 
     sigProgress = Signal(int, int, str)
+    sigPartial = Signal(object)
     sigFinished = Signal(object)
     sigFailed = Signal(str)
     sigCancelled = Signal()
 
     # Emitted from the pool thread; queued to the slots below on the GUI thread.
     _progressed = Signal(int, int, str)
+    _partial = Signal(object)
     _ended = Signal(str, object)
 
     def __init__(self, fn: WorkFunction, *, min_interval: float = 0.05, name: str = "work",
@@ -70,6 +74,7 @@ class Worker(QObject):
         self.running = False
         self.done = False
         self._progressed.connect(self._on_progressed, Qt.ConnectionType.QueuedConnection)
+        self._partial.connect(self._on_partial, Qt.ConnectionType.QueuedConnection)
         self._ended.connect(self._on_ended, Qt.ConnectionType.QueuedConnection)
 
     def start(self, pool: QThreadPool | None = None) -> None:
@@ -81,6 +86,10 @@ class Worker(QObject):
     def cancel(self) -> None:
         """Ask the work to stop at its next progress step (thread-safe, returns at once)."""
         self.progress.cancel()
+
+    def partial(self, value: object) -> None:
+        """Send a partial result to the GUI thread (call it from the work; thread-safe)."""
+        self._partial.emit(value)
 
     @property
     def cancelled(self) -> bool:
@@ -104,6 +113,11 @@ class Worker(QObject):
     def _on_progressed(self, done: int, total: int, message: str) -> None:
         if self.running:
             self.sigProgress.emit(done, total, message)
+
+    @Slot(object)
+    def _on_partial(self, value: object) -> None:
+        if self.running:
+            self.sigPartial.emit(value)
 
     @Slot(str, object)
     def _on_ended(self, outcome: str, payload: object) -> None:

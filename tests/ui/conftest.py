@@ -50,11 +50,7 @@ def window(qtbot):
     win.show()
     yield win
     win.ask_before_discard = False
-    if win._worker is not None:
-        win._worker.cancel()
-    from gemel_studio.ui.worker import worker_pool
-
-    worker_pool().waitForDone(30_000)
+    win.stop_work(wait_ms=30_000)
 
 
 @pytest.fixture

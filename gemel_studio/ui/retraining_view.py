@@ -1,0 +1,752 @@
+"""The Retraining tab: run the merge search on the plan and watch it, live.
+
+`merge_workload` (the function behind `gemel merge`) runs in a `Worker`; its rounds and
+epochs come back as partial results, so the panel draws per-model accuracy (each model's
+target dashed) and loss per epoch, the memory saved after each round against time, and the
+heuristic's step log, and finally the report. Nothing here touches the work's thread.
+
+Pause and Resume are the core's own resume: Pause stops at the next training step and
+leaves the checkpoint in the output folder; Resume runs the same merge on that folder, which
+continues exactly where it stopped. Cancel stops and deletes the checkpoint; Start always
+begins afresh (it deletes a checkpoint left in the folder).
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pyqtgraph as pg
+import torch
+from pydantic import ValidationError
+from PySide6.QtCore import QAbstractTableModel, QModelIndex, Qt, Signal
+from PySide6.QtGui import QBrush, QColor, QDoubleValidator
+from PySide6.QtWidgets import (QAbstractItemView, QComboBox, QFileDialog, QFormLayout, QGridLayout, QHBoxLayout,
+                               QHeaderView, QLabel, QLineEdit, QProgressBar, QPushButton, QSpinBox, QSplitter,
+                               QTableView, QVBoxLayout, QWidget)
+
+from ..analysis import WorkloadAnalysis
+from ..cli import human_bytes
+from ..merging.heuristic import STRATEGIES, candidates
+from ..merging.pipeline import merge_workload
+from ..merging.plan import MergePlan, RetrainSettings
+from ..merging.retrain import EpochRecord
+from ..workload import Workload
+from . import settings
+from .memory_view import style_plot
+from .settings import PALETTES
+from .worker import Worker
+
+MIB = 1024 * 1024
+RESUME_FILES = ("search.state", "search.state.round")  # what the core resumes from
+# prepare_merge's progress message for each model, before the search starts.
+_UNMERGED = re.compile(r"^(?P<model>.+): unmerged accuracy (?P<accuracy>[0-9.]+)$")
+
+
+def default_out_dir(workload: Workload | None) -> Path:
+    name = workload.name if workload is not None else "workload"
+    return Path(tempfile.gettempdir()) / "gemel-studio" / f"{name}-merge"
+
+
+def can_resume(out_dir: Path) -> bool:
+    """A search stopped before its report: the core keeps its state after finishing, too."""
+    return any((out_dir / f).exists() for f in RESUME_FILES) and not (out_dir / "report.json").exists()
+
+
+class StepLogModel(QAbstractTableModel):
+    """The search's rounds, as `Step` dicts (the report's `steps` have the same keys)."""
+
+    HEADERS = ("Round", "Groups", "Saves if kept", "Outcome", "Accuracy", "Next action", "Saved after",
+               "Retrain", "Elapsed", "Models")
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.steps: list[dict] = []
+        self._colors = PALETTES["dark"]
+
+    def set_steps(self, steps: list[dict]) -> None:
+        self.beginResetModel()
+        self.steps = [dict(s) for s in steps]
+        self.endResetModel()
+
+    def add_step(self, step: dict) -> None:
+        self.beginInsertRows(QModelIndex(), len(self.steps), len(self.steps))
+        self.steps.append(dict(step))
+        self.endInsertRows()
+
+    def set_colors(self, colors: dict) -> None:
+        self._colors = colors
+        if self.steps:
+            self.dataChanged.emit(self.index(0, 0), self.index(self.rowCount() - 1, self.columnCount() - 1))
+
+    def rowCount(self, parent=QModelIndex()) -> int:
+        return 0 if parent.isValid() else len(self.steps)
+
+    def columnCount(self, parent=QModelIndex()) -> int:
+        return 0 if parent.isValid() else len(self.HEADERS)
+
+    def data(self, index: QModelIndex, role=Qt.ItemDataRole.DisplayRole):
+        if not index.isValid():
+            return None
+        s = self.steps[index.row()]
+        column = self.HEADERS[index.column()]
+        if role == Qt.ItemDataRole.DisplayRole:
+            if column == "Round":
+                return str(s["round"])
+            if column == "Groups":
+                ids = s["groups"]
+                return ids[0] if len(ids) == 1 else f"{len(ids)} groups"
+            if column == "Models":
+                return ", ".join(s["models"])
+            if column == "Saves if kept":
+                return human_bytes(s["savings_bytes"])
+            if column == "Outcome":
+                return s["outcome"]
+            if column == "Next action":
+                return s["next_action"]
+            if column == "Accuracy":
+                return ", ".join(f"{m} {a:.3f}" for m, a in s["accuracy"].items())
+            if column == "Retrain":
+                return f"{s['retrain_seconds']:.1f} s"
+            if column == "Saved after":
+                return human_bytes(s["saved_bytes_after"])
+            return f"{s['elapsed_seconds']:.1f} s"
+        if role == Qt.ItemDataRole.ForegroundRole and column == "Outcome":
+            return QBrush(QColor(self._colors["savings" if s["outcome"] == "kept" else "bound"]))
+        if role == Qt.ItemDataRole.ToolTipRole and column == "Groups":
+            return ", ".join(s["groups"])
+        return None
+
+    def headerData(self, section: int, orientation, role=Qt.ItemDataRole.DisplayRole):
+        if orientation == Qt.Orientation.Horizontal and role == Qt.ItemDataRole.DisplayRole:
+            return self.HEADERS[section]
+        return None
+
+
+class ReportModel(QAbstractTableModel):
+    """The report's per-model rows: accuracy before and after merging, and the target."""
+
+    HEADERS = ("Model", "Unmerged", "Merged", "Target", "Passed")
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.rows: list[tuple[str, dict]] = []
+        self._colors = PALETTES["dark"]
+
+    def set_report(self, report: dict | None) -> None:
+        self.beginResetModel()
+        self.rows = list((report or {}).get("models", {}).items())
+        self.endResetModel()
+
+    def set_colors(self, colors: dict) -> None:
+        self._colors = colors
+        if self.rows:
+            self.dataChanged.emit(self.index(0, 0), self.index(self.rowCount() - 1, self.columnCount() - 1))
+
+    def rowCount(self, parent=QModelIndex()) -> int:
+        return 0 if parent.isValid() else len(self.rows)
+
+    def columnCount(self, parent=QModelIndex()) -> int:
+        return 0 if parent.isValid() else len(self.HEADERS)
+
+    def data(self, index: QModelIndex, role=Qt.ItemDataRole.DisplayRole):
+        if not index.isValid():
+            return None
+        name, row = self.rows[index.row()]
+        column = self.HEADERS[index.column()]
+        if role == Qt.ItemDataRole.DisplayRole:
+            if column == "Model":
+                return name
+            if column == "Passed":
+                return "yes" if row["passed"] else "no"
+            key = {"Unmerged": "unmerged_accuracy", "Merged": "merged_accuracy", "Target": "target"}[column]
+            return f"{row[key]:.3f}"
+        if role == Qt.ItemDataRole.ForegroundRole and column == "Passed":
+            return QBrush(QColor(self._colors["savings" if row["passed"] else "bound"]))
+        if role == Qt.ItemDataRole.TextAlignmentRole and column != "Model":
+            return int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+        return None
+
+    def headerData(self, section: int, orientation, role=Qt.ItemDataRole.DisplayRole):
+        if orientation == Qt.Orientation.Horizontal and role == Qt.ItemDataRole.DisplayRole:
+            return self.HEADERS[section]
+        return None
+
+
+class ModelCurves:
+    """One model's accuracy and loss per epoch (full resolution), its plot items and target."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.epochs: list[int] = []  # epochs trained in this run, counted across rounds
+        self.accuracy: list[float] = []
+        self.loss: list[float] = []
+        self.target: float | None = None
+        self.accuracy_curve = pg.PlotDataItem([], [], name=name, symbol="o", symbolSize=5)
+        self.loss_curve = pg.PlotDataItem([], [], name=name, symbol="o", symbolSize=5)
+        self.target_line = pg.InfiniteLine(angle=0, movable=False)
+        self.target_line.setVisible(False)
+
+    def redraw(self) -> None:
+        x = np.asarray(self.epochs, dtype=float)
+        self.accuracy_curve.setData(x, np.asarray(self.accuracy, dtype=float))
+        self.loss_curve.setData(x, np.asarray(self.loss, dtype=float))
+        if self.target is not None:
+            self.target_line.setValue(self.target)
+            self.target_line.setVisible(True)
+
+    def set_color(self, color: str) -> None:
+        pen = pg.mkPen(color, width=2)
+        for curve in (self.accuracy_curve, self.loss_curve):
+            curve.setPen(pen)
+            curve.setSymbolPen(pg.mkPen(color))
+            curve.setSymbolBrush(pg.mkBrush(color))
+        self.target_line.setPen(pg.mkPen(color, width=1.5, style=Qt.PenStyle.DashLine))
+
+
+def _plot(parent: QWidget, title: str, left: str, bottom: str,
+          legend_offset=(-10, 10)) -> tuple[pg.PlotWidget, pg.PlotItem, pg.LegendItem]:
+    widget = pg.PlotWidget(parent)
+    item = widget.getPlotItem()
+    item.setTitle(title)
+    item.setLabel("left", left)
+    item.setLabel("bottom", bottom)
+    item.setMenuEnabled(False)
+    legend = item.addLegend(offset=legend_offset)
+    return widget, item, legend
+
+
+class RetrainingPanel(QWidget):
+    sigWorkerStarted = Signal(object)  # each run's Worker as it starts
+    sigRunFinished = Signal(dict)  # the report
+    sigError = Signal(str)
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.workload: Workload | None = None
+        self.analysis: WorkloadAnalysis | None = None
+        self.plan: MergePlan | None = None
+        self.worker: Worker | None = None
+        self.report: dict | None = None
+        self.curves: dict[str, ModelCurves] = {}
+        self.saved_points: list[tuple[float, int]] = []  # (elapsed seconds, bytes saved) per round
+        self._stopping = ""  # 'pause' or 'cancel' while a stop is asked for
+        self._out_dir_chosen = False
+        self._epochs_seen = 0
+        self._run_out_dir: Path | None = None
+        self._started_at = 0.0
+        self.colors = PALETTES["dark"]
+
+        # settings
+        self.device_combo = QComboBox(self)
+        self.device_combo.addItems(["auto", "cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+        self.device_combo.setToolTip("auto: the GPU when there is one, else the CPU")
+        self.strategy_combo = QComboBox(self)
+        self.strategy_combo.addItems(["bisect", *[s for s in STRATEGIES if s != "bisect"]])
+        self.strategy_combo.setToolTip("bisect: try every group at once, split on failure (fewer rounds when "
+                                       "merges succeed)\ngemel: candidates heaviest first, halve on failure")
+        self.optimizer_combo = QComboBox(self)
+        self.optimizer_combo.addItems(["sgd", "adam"])
+        self.epochs_spin = QSpinBox(self)
+        self.epochs_spin.setRange(1, 10_000)
+        self.epochs_spin.setToolTip("Most epochs per round; a round stops early once every model meets its target")
+        self.lr_edit = QLineEdit(self)
+        validator = QDoubleValidator(0.0, 10.0, 8, self)
+        validator.setNotation(QDoubleValidator.Notation.ScientificNotation)
+        self.lr_edit.setValidator(validator)
+        self.batch_spin = QSpinBox(self)
+        self.batch_spin.setRange(1, 65_536)
+        self.budget_spin = QSpinBox(self)
+        self.budget_spin.setRange(0, 10_000_000)
+        self.budget_spin.setSuffix(" s")
+        self.budget_spin.setSpecialValueText("none")
+        self.budget_spin.setToolTip("Stop the search after this many seconds (0: no limit)")
+        self.out_edit = QLineEdit(self)
+        self.out_edit.textEdited.connect(self._out_dir_edited)
+        self.choose_button = QPushButton("Choose…", self)
+        self.choose_button.clicked.connect(self.choose_out_dir)
+        out_row = QHBoxLayout()
+        out_row.addWidget(self.out_edit, 1)
+        out_row.addWidget(self.choose_button)
+        self._apply_settings(RetrainSettings())
+
+        form = QFormLayout()
+        form.addRow("Device", self.device_combo)
+        form.addRow("Strategy", self.strategy_combo)
+        form.addRow("Optimizer", self.optimizer_combo)
+        form.addRow("Epochs per round", self.epochs_spin)
+        form.addRow("Learning rate", self.lr_edit)
+        form.addRow("Batch size", self.batch_spin)
+        form.addRow("Time budget", self.budget_spin)
+        form.addRow("Output folder", out_row)
+
+        # run controls
+        self.start_button = QPushButton("Start", self)
+        self.start_button.setToolTip("Merge afresh in the output folder (a paused search there is discarded)")
+        self.pause_button = QPushButton("Pause", self)
+        self.pause_button.setToolTip("Stop at the next training step and keep the checkpoint; Resume continues "
+                                     "exactly from there")
+        self.resume_button = QPushButton("Resume", self)
+        self.resume_button.setToolTip("Run again on the output folder, continuing from its checkpoint")
+        self.cancel_button = QPushButton("Cancel", self)
+        self.cancel_button.setToolTip("Stop and delete the checkpoint")
+        self.start_button.clicked.connect(self.start)
+        self.pause_button.clicked.connect(self.pause)
+        self.resume_button.clicked.connect(self.resume)
+        self.cancel_button.clicked.connect(self.cancel)
+        controls = QGridLayout()
+        controls.addWidget(self.start_button, 0, 0)
+        controls.addWidget(self.pause_button, 0, 1)
+        controls.addWidget(self.resume_button, 1, 0)
+        controls.addWidget(self.cancel_button, 1, 1)
+        self.progress_bar = QProgressBar(self)
+        self.progress_bar.setTextVisible(True)
+        self.status_label = QLabel("", self)
+        self.status_label.setWordWrap(True)
+        self.status_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.plan_label = QLabel("", self)
+        self.plan_label.setWordWrap(True)
+
+        left = QWidget(self)
+        left_layout = QVBoxLayout(left)
+        left_layout.setContentsMargins(0, 0, 6, 0)
+        title = QLabel("Retraining", left)
+        title.setObjectName("panelTitle")
+        left_layout.addWidget(title)
+        left_layout.addWidget(self.plan_label)
+        left_layout.addLayout(form)
+        left_layout.addLayout(controls)
+        left_layout.addWidget(self.progress_bar)
+        left_layout.addWidget(self.status_label)
+        left_layout.addStretch(1)
+        left.setMinimumWidth(250)
+        left.setMaximumWidth(340)
+
+        # live plots
+        self.accuracy_plot, self.accuracy_item, self.accuracy_legend = _plot(
+            self, "Accuracy per model (dashed: target)", "held-out accuracy", "epoch (all rounds)")
+        self.accuracy_item.setYRange(0, 1.02, padding=0)
+        self.loss_plot, self.loss_item, self.loss_legend = _plot(
+            self, "Training loss per model", "cross-entropy", "epoch (all rounds)")
+        self.saved_plot, self.saved_item, self.saved_legend = _plot(
+            self, "Memory saved", "parameter bytes saved (MiB)", "seconds", legend_offset=(-10, -10))
+        # Savings change only when a round ends: a step line, with a marker at each round's end.
+        self.saved_steps = self.saved_item.plot([], [])
+        self.saved_curve = pg.PlotDataItem([], [], name="saved after each round", pen=None, symbol="o", symbolSize=7)
+        self.saved_item.addItem(self.saved_curve)
+        self.plan_line = pg.InfiniteLine(angle=0, movable=False, label="plan's savings",
+                                         labelOpts={"position": 0.03, "anchors": [(0.0, 1.0), (0.0, 1.0)]})
+        self.saved_item.addItem(self.plan_line)
+        self.plan_line.setVisible(False)
+        self.round_lines: list[pg.InfiniteLine] = []  # where each round ended, on the epoch axis
+
+        # step log and report
+        self.steps_model = StepLogModel(self)
+        self.steps_view = self._table(self.steps_model)
+        self.steps_view.horizontalHeader().setStretchLastSection(True)
+        self.report_model = ReportModel(self)
+        self.report_view = self._table(self.report_model)
+        self.report_view.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
+        self.report_label = QLabel("No report yet", self)
+        self.report_label.setWordWrap(True)
+        self.report_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        steps_box = self._titled("Step log (the search's rounds)", self.steps_view)
+        report_box = self._titled("Report", self.report_label, self.report_view)
+
+        plots = QSplitter(Qt.Orientation.Horizontal, self)
+        for w in (self.accuracy_plot, self.loss_plot, self.saved_plot):
+            plots.addWidget(w)
+        tables = QSplitter(Qt.Orientation.Horizontal, self)
+        tables.addWidget(steps_box)
+        tables.addWidget(report_box)
+        tables.setStretchFactor(0, 1)
+        tables.setStretchFactor(1, 0)
+        tables.setSizes([640, 390])
+        right = QSplitter(Qt.Orientation.Vertical, self)
+        right.addWidget(plots)
+        right.addWidget(tables)
+        right.setSizes([480, 320])
+
+        layout = QHBoxLayout(self)
+        layout.addWidget(left)
+        layout.addWidget(right, 1)
+        self.set_colors(self.colors)
+        self._update_enabled()
+
+    def _table(self, model: QAbstractTableModel) -> QTableView:
+        view = QTableView(self)
+        view.setModel(model)
+        view.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        view.setAlternatingRowColors(True)
+        view.setWordWrap(False)
+        view.verticalHeader().setVisible(False)
+        view.verticalHeader().setDefaultSectionSize(24)
+        view.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        return view
+
+    def _titled(self, title: str, *widgets: QWidget) -> QWidget:
+        box = QWidget(self)
+        layout = QVBoxLayout(box)
+        layout.setContentsMargins(0, 0, 0, 0)
+        label = QLabel(title, box)
+        label.setObjectName("panelTitle")
+        layout.addWidget(label)
+        for w in widgets:
+            layout.addWidget(w, 1 if isinstance(w, QTableView) else 0)
+        return box
+
+    # --- context ----------------------------------------------------------------------------
+
+    def set_workload(self, workload: Workload | None, analysis: WorkloadAnalysis | None) -> None:
+        self.workload, self.analysis = workload, analysis
+        if not self._out_dir_chosen:
+            self.out_edit.setText(str(default_out_dir(workload)))
+        self._update_enabled()
+
+    def set_plan(self, plan: MergePlan | None, replaced: bool = True) -> None:
+        """The plan to merge; a new one (not an edit of the same) brings its retraining settings."""
+        self.plan = plan
+        if plan is not None and replaced:
+            self._apply_settings(plan.retraining)
+        self._update_enabled()
+
+    def _apply_settings(self, s: RetrainSettings) -> None:
+        device = s.device if self.device_combo.findText(s.device) >= 0 else "auto"
+        self.device_combo.setCurrentText(device)
+        self.optimizer_combo.setCurrentText(s.optimizer)
+        self.epochs_spin.setValue(s.epochs)
+        self.lr_edit.setText(f"{s.lr:g}")
+        self.batch_spin.setValue(s.batch_size)
+        self.budget_spin.setValue(round(s.time_budget_s or 0))
+
+    def retrain_settings(self) -> RetrainSettings:
+        """The settings shown, over the plan's (momentum and weight decay come from the plan)."""
+        base = self.plan.retraining if self.plan is not None else RetrainSettings()
+        text = self.lr_edit.text().strip()
+        try:
+            lr = float(text)
+        except ValueError:
+            raise ValueError(f"learning rate '{text}' is not a number; use e.g. 0.001") from None
+        update = {"device": self.device_combo.currentText(), "optimizer": self.optimizer_combo.currentText(),
+                  "epochs": self.epochs_spin.value(), "lr": lr, "batch_size": self.batch_spin.value(),
+                  "time_budget_s": float(self.budget_spin.value()) or None}
+        try:
+            return RetrainSettings.model_validate({**base.model_dump(), **update})
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            field = ".".join(str(p) for p in err["loc"])
+            raise ValueError(f"retraining setting '{field}': {err['msg']}") from None
+
+    def out_dir(self) -> Path:
+        return Path(self.out_edit.text().strip()).expanduser()
+
+    def set_out_dir(self, path: Path | str) -> None:
+        self.out_edit.setText(str(path))
+        self._out_dir_edited()
+
+    def _out_dir_edited(self, *args) -> None:
+        self._out_dir_chosen = True
+        self._update_enabled()
+
+    def choose_out_dir(self) -> None:
+        start = settings.studio_settings().value("retraining/folder", str(self.out_dir().parent), type=str)
+        chosen = QFileDialog.getExistingDirectory(self, "Output folder for the merged workload", start)
+        if chosen:
+            settings.studio_settings().setValue("retraining/folder", chosen)
+            self.set_out_dir(chosen)
+
+    # --- running ----------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self.worker is not None
+
+    def start(self) -> Worker | None:
+        """Merge afresh: clear the folder's checkpoint and old report, the curves and the log, then run."""
+        if self.running or self.workload is None or self.plan is None:
+            return None
+        out_dir = self.out_dir()
+        try:
+            for name in (*RESUME_FILES, "report.json"):
+                (out_dir / name).unlink(missing_ok=True)
+        except OSError as exc:
+            self._fail(f"{out_dir}: cannot clear the old checkpoint ({exc.strerror or exc})")
+            return None
+        self._clear_run()
+        return self._run(out_dir, resumed=False)
+
+    def resume(self) -> Worker | None:
+        """Run the same merge again on the output folder: the core continues from its checkpoint."""
+        if self.running or self.workload is None or self.plan is None:
+            return None
+        return self._run(self.out_dir(), resumed=True)
+
+    def pause(self) -> None:
+        if self.worker is not None:
+            self._stopping = "pause"
+            self.worker.cancel()
+            self.status_label.setText("Pausing at the next training step…")
+            self._update_enabled()
+
+    def cancel(self) -> None:
+        if self.worker is not None:
+            self._stopping = "cancel"
+            self.worker.cancel()
+            self.status_label.setText("Cancelling…")
+            self._update_enabled()
+
+    def _run(self, out_dir: Path, resumed: bool) -> Worker | None:
+        try:
+            retraining = self.retrain_settings()
+        except ValueError as exc:
+            self._fail(str(exc))
+            return None
+        if not str(out_dir).strip() or str(out_dir) == ".":
+            self._fail("choose an output folder for the merged workload")
+            return None
+        workload = self.workload
+        plan = self.plan.model_copy(deep=True, update={"retraining": retraining})
+        strategy = self.strategy_combo.currentText()
+        self._set_plan_line(plan)
+        self.report = None
+        self.report_model.set_report(None)
+        self.report_label.setText("Running…")
+
+        def work(progress):
+            return merge_workload(workload, plan, out_dir, strategy=strategy, progress=progress,
+                                  on_step=lambda step: worker.partial(("step", asdict(step))),
+                                  on_epoch=lambda record: worker.partial(("epoch", record)))
+
+        worker = Worker(work, name=f"merge of {workload.name}", min_interval=0.1)
+        worker.sigProgress.connect(self._on_progress)
+        worker.sigPartial.connect(self._on_partial)
+        worker.sigFinished.connect(self._on_finished)
+        worker.sigFailed.connect(self._on_failed)
+        worker.sigCancelled.connect(self._on_cancelled)
+        self.worker, self._stopping, self._run_out_dir = worker, "", out_dir
+        self._started_at = time.monotonic()
+        self.progress_bar.setRange(0, 0)
+        self.status_label.setText(f"{'Resuming' if resumed else 'Starting'} the {strategy} search in {out_dir}…")
+        self._update_enabled()
+        worker.start()
+        self.sigWorkerStarted.emit(worker)
+        return worker
+
+    def _clear_run(self) -> None:
+        self.steps_model.set_steps([])
+        self.saved_points = []
+        self._epochs_seen = 0
+        for c in self.curves.values():
+            for item, plot in ((c.accuracy_curve, self.accuracy_item), (c.loss_curve, self.loss_item),
+                               (c.target_line, self.accuracy_item)):
+                plot.removeItem(item)
+        self.curves = {}
+        for line in self.round_lines:
+            self.accuracy_item.removeItem(line)
+        self.round_lines = []
+        self.accuracy_legend.clear()
+        self.loss_legend.clear()
+        self._draw_saved()
+
+    # --- events from the work (on the GUI thread) -------------------------------------------
+
+    def _on_progress(self, done: int, total: int, message: str) -> None:
+        self.progress_bar.setRange(0, max(1, total))
+        self.progress_bar.setValue(done)
+        round_no = len(self.steps_model.steps) + 1
+        self.progress_bar.setFormat(f"round {round_no}: %v/%m")
+        if not self._stopping:
+            self.status_label.setText(f"Round {round_no}: {message} ({time.monotonic() - self._started_at:.0f} s)")
+        match = _UNMERGED.match(message)
+        if match and self.workload is not None:
+            self._set_target(match["model"], float(match["accuracy"]))
+
+    def _set_target(self, name: str, unmerged_accuracy: float) -> None:
+        """The target prepare_merge derives from the unmerged accuracy (exact one in the report)."""
+        try:
+            target = self.workload.model(name).target
+        except KeyError:
+            return
+        value = target.absolute if target.absolute is not None else target.relative * unmerged_accuracy
+        curves = self._curves(name)
+        curves.target = value
+        curves.redraw()
+
+    def _curves(self, name: str) -> ModelCurves:
+        if name not in self.curves:
+            c = ModelCurves(name)
+            self.curves[name] = c
+            self.accuracy_item.addItem(c.accuracy_curve)
+            self.accuracy_item.addItem(c.target_line)
+            self.loss_item.addItem(c.loss_curve)
+            self._color_curves()
+        return self.curves[name]
+
+    def _on_partial(self, value) -> None:
+        kind, payload = value
+        if kind == "epoch":
+            self._add_epoch(payload)
+        elif kind == "step":
+            self._add_step(payload)
+
+    def _add_epoch(self, record: EpochRecord) -> None:
+        self._epochs_seen += 1
+        for name in record.accuracy:
+            c = self._curves(name)
+            c.epochs.append(self._epochs_seen)
+            c.accuracy.append(record.accuracy[name])
+            c.loss.append(record.loss[name])
+            c.redraw()
+        spacing = max(1, -(-self._epochs_seen // 10))  # whole epochs, ten ticks at most
+        for item in (self.accuracy_item, self.loss_item):
+            item.setXRange(0.5, self._epochs_seen + 0.5, padding=0.02)
+            item.getAxis("bottom").setTickSpacing(spacing, spacing)
+
+    def _add_step(self, step: dict) -> None:
+        self.steps_model.add_step(step)
+        self.steps_view.scrollToBottom()
+        if self._epochs_seen:
+            line = pg.InfiniteLine(pos=self._epochs_seen + 0.5, angle=90, movable=False,
+                                   pen=pg.mkPen(self.colors["axis"], width=1, style=Qt.PenStyle.DotLine))
+            self.accuracy_item.addItem(line)
+            self.round_lines.append(line)
+        self._draw_saved()
+
+    def _draw_saved(self) -> None:
+        steps = self.steps_model.steps
+        x = np.array([0.0, *(s["elapsed_seconds"] for s in steps)], dtype=float)
+        y = np.array([0.0, *(s["saved_bytes_after"] for s in steps)], dtype=float) / MIB
+        if steps:
+            self.saved_curve.setData(x, y)
+            self.saved_steps.setData(np.repeat(x, 2)[1:], np.repeat(y, 2)[:-1])
+        else:
+            self.saved_curve.setData([], [])
+            self.saved_steps.setData([], [])
+
+    def _set_plan_line(self, plan: MergePlan) -> None:
+        """The savings if every round succeeds: the groups the search will try."""
+        bytes_ = sum(c.savings_bytes for c in candidates(plan))
+        self.plan_line.setVisible(True)
+        self.plan_line.setValue(bytes_ / MIB)
+        self.plan_line.label.setFormat(f"plan's savings {human_bytes(bytes_)}")
+        top = bytes_ / MIB * 1.15 or 1
+        self.saved_item.setYRange(-0.03 * top, top, padding=0)
+
+    def saved_series(self) -> tuple[np.ndarray, np.ndarray]:
+        x, y = self.saved_curve.getData()
+        return (np.asarray(x if x is not None else [], dtype=float),
+                np.asarray(y if y is not None else [], dtype=float))
+
+    def _end(self) -> Worker | None:
+        worker, self.worker = self.worker, None
+        self.progress_bar.setRange(0, 1)
+        self.progress_bar.setValue(0)
+        self.progress_bar.setFormat("")
+        self._update_enabled()
+        return worker
+
+    def _on_finished(self, report: dict) -> None:
+        self._end()
+        self.report = report
+        # The report is the record: it holds every round, also those run before a pause.
+        self.steps_model.set_steps(report["steps"])
+        self._draw_saved()
+        for name, row in report["models"].items():
+            c = self._curves(name)
+            c.target = row["target"]
+            c.redraw()
+        self.report_model.set_report(report)
+        fraction = report["fraction_of_bound"]
+        self.report_label.setText(
+            f"Parameters {human_bytes(report['bytes_before'])} → {human_bytes(report['bytes_after'])}: saved "
+            f"{human_bytes(report['saved_bytes'])}, {fraction:.1%} of the all-shareable "
+            f"{human_bytes(report['all_shareable_bytes'])}. {report['rounds']} rounds, "
+            f"{report['retrain_seconds']:.1f} s retraining on {report['device']}; stopped: {report['stopped']}.")
+        passed = sum(r["passed"] for r in report["models"].values())
+        self.status_label.setText(f"Done in {time.monotonic() - self._started_at:.1f} s: {passed}/"
+                                  f"{len(report['models'])} models meet their targets. Written to "
+                                  f"{self._run_out_dir}")
+        self.sigRunFinished.emit(report)
+
+    def _on_failed(self, message: str) -> None:
+        self._end()
+        self.report_label.setText("No report: the run failed")
+        self._fail(message)
+
+    def _on_cancelled(self) -> None:
+        self._end()
+        out_dir, mode = self._run_out_dir, self._stopping
+        self._stopping = ""
+        rounds = len(self.steps_model.steps)
+        if mode == "cancel":
+            for name in RESUME_FILES:
+                (out_dir / name).unlink(missing_ok=True)
+            self.status_label.setText(f"Cancelled after {rounds} rounds; the checkpoint was deleted")
+        else:
+            self.status_label.setText(f"Paused after {rounds} rounds. Resume continues from the checkpoint in "
+                                      f"{out_dir}")
+        self.report_label.setText("No report yet")
+        self._update_enabled()
+
+    def _fail(self, message: str) -> None:
+        self.status_label.setText(f"Error: {message}")
+        self.sigError.emit(message)
+
+    def _update_enabled(self) -> None:
+        ready = self.workload is not None and self.plan is not None
+        running = self.running
+        self.start_button.setEnabled(ready and not running)
+        self.resume_button.setEnabled(ready and not running and can_resume(self.out_dir()))
+        self.pause_button.setEnabled(running and not self._stopping)
+        self.cancel_button.setEnabled(running and not self._stopping)
+        for w in (self.device_combo, self.strategy_combo, self.optimizer_combo, self.epochs_spin, self.lr_edit,
+                  self.batch_spin, self.budget_spin, self.out_edit, self.choose_button):
+            w.setEnabled(not running)
+        if self.plan is None:
+            self.plan_label.setText("No plan: propose or load one in the Proposals tab")
+        else:
+            accepted = any(g.state.value == "accepted" for g in self.plan.groups)
+            tried = sum(len(c.groups) for c in candidates(self.plan))
+            which = "the accepted ones" if accepted else "none accepted, so all not rejected"
+            self.plan_label.setText(f"Plan: tries {tried} of its {len(self.plan.groups)} groups ({which})")
+        self.progress_bar.setVisible(running)
+        self.out_edit.setToolTip(f"{self.out_dir()}\nMerged weights, plan.yaml, report.json and the checkpoint "
+                                 "that Resume uses")
+
+    # --- theme ------------------------------------------------------------------------------
+
+    def set_colors(self, colors: dict) -> None:
+        self.colors = colors
+        for widget, item in ((self.accuracy_plot, self.accuracy_item), (self.loss_plot, self.loss_item),
+                             (self.saved_plot, self.saved_item)):
+            widget.setBackground(colors["background"])
+            style_plot(item, colors)
+            item.showGrid(x=True, y=True, alpha=colors["grid"] / 255)
+            item.titleLabel.setText(item.titleLabel.text, color=colors["foreground"])
+        self.saved_steps.setPen(pg.mkPen(colors["savings"], width=2))
+        self.saved_curve.setSymbolBrush(pg.mkBrush(colors["savings"]))
+        self.saved_curve.setSymbolPen(pg.mkPen(colors["savings"]))
+        self.plan_line.setPen(pg.mkPen(colors["bound"], width=1.5, style=Qt.PenStyle.DashLine))
+        self.plan_line.label.setColor(colors["bound"])
+        for line in self.round_lines:
+            line.setPen(pg.mkPen(colors["axis"], width=1, style=Qt.PenStyle.DotLine))
+        self.steps_model.set_colors(colors)
+        self.report_model.set_colors(colors)
+        self._color_curves()
+
+    def _color_curves(self) -> None:
+        series = self.colors["series"]
+        order = [m.name for m in self.workload.models] if self.workload is not None else []
+        for legend in (self.accuracy_legend, self.loss_legend, self.saved_legend):
+            legend.clear()
+            legend.setLabelTextColor(self.colors["foreground"])
+        for i, (name, c) in enumerate(self.curves.items()):
+            index = order.index(name) if name in order else i
+            c.set_color(series[index % len(series)])
+            self.accuracy_legend.addItem(c.accuracy_curve, name)
+            self.loss_legend.addItem(c.loss_curve, name)
+        self.saved_legend.addItem(self.saved_curve, "saved after each round")
