@@ -158,11 +158,19 @@ def cmd_analyze(args) -> int:
 # --- gemel propose -------------------------------------------------------------------------
 
 
+def _check_output_file(path: Path) -> None:
+    if path.is_dir():
+        raise GemelError(f"{path}: is a folder; name the plan file to write, e.g. {path / 'plan.yaml'}")
+    if not path.parent.is_dir():
+        raise GemelError(f"{path}: the folder {path.parent} does not exist; create it or write the plan elsewhere")
+
+
 def cmd_propose(args) -> int:
     from .analysis import analyze_workload
     from .merging import propose_plan, save_plan
     from .workload import load_workload
 
+    _check_output_file(args.output)  # before the analysis, not after it
     workload = load_workload(args.workload)
     analysis = analyze_workload(workload, alignment=args.alignment)
     plan = propose_plan(workload, analysis)
@@ -314,6 +322,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except GemelError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file the user named cannot be read or written
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc} (check the path and its permissions)", file=sys.stderr)
         return 2
     except Cancelled:
         print("cancelled", file=sys.stderr)

@@ -218,16 +218,24 @@ def load_workload(path: Path | str) -> Workload:
     path = Path(path)
     if not path.exists():
         raise WorkloadError(f"{path}: no such workload file (check the path)")
+    if path.is_dir():
+        raise WorkloadError(f"{path}: is a folder; name the workload's YAML file")
     try:
         text = path.read_text(encoding="utf-8")
         data = yaml.safe_load(text)
     except UnicodeDecodeError:
         raise WorkloadError(f"{path}: not a text file; a workload is YAML") from None
+    except OSError as exc:
+        raise WorkloadError(f"{path}: cannot be read ({exc.strerror or exc}); check its permissions") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise WorkloadError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
-    return parse_workload(data, origin=str(path), path=path)
+    workload = parse_workload(data, origin=str(path), path=path)
+    # A file names what to analyse; the studio builds empty workloads in memory, never from disk.
+    if not workload.models:
+        raise WorkloadError(f"{path}: workload has no models; add at least one under models:")
+    return workload
 
 
 def workload_to_dict(workload: Workload) -> dict[str, Any]:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -92,11 +94,40 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, write_workload, capsys, case
 
 
 def test_console_script_prints_no_traceback(tmp_path):
-    """The installed entry point, in a fresh process, on a bad workload."""
+    """The installed `gemel` entry point, in a fresh process, on a bad workload."""
+    script = shutil.which("gemel", path=str(Path(sys.executable).parent))
+    if script is None:
+        pytest.skip("the gemel console script is not installed next to this Python (pip install -e .)")
     bad = tmp_path / "w.yaml"
     bad.write_text("models:\n  - name: a\n    source: {kind: torchvision, architecture: nope}\n")
-    proc = subprocess.run([sys.executable, "-m", "gemel_studio.cli", "analyze", str(bad)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([script, "analyze", str(bad)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
     assert proc.stdout == ""
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    return err
+
+
+def test_workload_that_is_a_folder_is_one_line(tmp_path, capsys):
+    assert main(["analyze", str(tmp_path)]) == 2
+    assert "is a folder; name the workload's YAML file" in _one_line_error(capsys)
+
+
+def test_propose_into_a_missing_folder_is_one_line(tmp_path, capsys):
+    out = tmp_path / "nonexistent" / "dir" / "plan.yaml"
+    assert main(["propose", str(SAMPLES / "quickstart.yaml"), "-o", str(out)]) == 2
+    assert f"the folder {out.parent} does not exist; create it" in _one_line_error(capsys)
+    assert main(["propose", str(SAMPLES / "quickstart.yaml"), "-o", str(tmp_path)]) == 2
+    assert "is a folder; name the plan file" in _one_line_error(capsys)
+
+
+def test_os_errors_are_one_line(tmp_path, write_workload, capsys):
+    """A file the user names that the system cannot read: its name and the reason, no traceback."""
+    workload = write_workload([tv("a", "resnet18")])
+    assert main(["merge", str(workload), "--plan", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    err = _one_line_error(capsys)
+    assert str(tmp_path) in err and "(check the path and its permissions)" in err

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
+
+import onnx
 import pytest
 import torch
 
 from gemel_studio.analysis import analyze_workload, find_share_groups
 from gemel_studio.analysis.inventory import inventory_of_module
+from gemel_studio.analysis.onnx_inventory import onnx_layers
 from gemel_studio.workload import load_workload
 
 from .conftest import SAMPLES, tv
@@ -97,3 +101,31 @@ def test_groups_hold_one_layer_per_model_and_are_sorted(alignment):
 def test_unknown_alignment_is_refused():
     with pytest.raises(ValueError, match="unknown alignment 'fuzzy'"):
         find_share_groups([], "fuzzy")
+
+
+def _attention(name: str, **kwargs):
+    with torch.device("meta"):
+        mha = torch.nn.MultiheadAttention(16, **kwargs)
+    return inventory_of_module(mha, name, input_size=(1, 1, 1))  # its forward needs q, k, v: no activations
+
+
+def test_attention_with_other_heads_is_not_shared():
+    assert _attention("a", num_heads=4).layer("").signature == (
+        "MultiheadAttention(e=16,heads=4,k=16,v=16,batch_first=False,bias=True,bias_kv=False,zero_attn=False,float32)")
+    same = find_share_groups([_attention("a", num_heads=4), _attention("b", num_heads=4)])
+    assert sorted(g.layer_of("a") for g in same) == ["", "out_proj"]
+    for other in ({"num_heads": 2}, {"num_heads": 4, "batch_first": True}, {"num_heads": 4, "kdim": 8, "vdim": 8}):
+        groups = find_share_groups([_attention("a", num_heads=4), _attention("b", **other)])
+        assert [g.layer_of("a") for g in groups] == ["out_proj"], other  # the projection alone
+
+
+def test_onnx_export_of_string_padding_has_the_torch_signature(tmp_path):
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding="same"), torch.nn.Conv2d(8, 8, 3, padding="valid"),
+                              torch.nn.Conv2d(8, 8, 3, padding=1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net.eval(), (torch.zeros(1, 3, 16, 16),), str(tmp_path / "p.onnx"), dynamo=False)
+    records = onnx_layers(onnx.load(str(tmp_path / "p.onnx")), 1, (3, 16, 16))[0]
+    eager = inventory_of_module(net.to("meta"), "t", input_size=(3, 16, 16)).layers
+    assert [r.signature for r in records] == [r.signature for r in eager]
+    assert [r.signature.split(",p=")[1].split(",d=")[0] for r in records] == ["same", "valid", "(1,1)"]

@@ -15,12 +15,16 @@ from gemel_studio.workload import load_workload
 from .conftest import tv
 
 
-def _real_counts(architecture: str, **kwargs) -> tuple[int, int, int]:
-    model = get_model(architecture, weights=None, **kwargs)
+def _real_counts(architecture: str, device: str = "cpu", **kwargs) -> tuple[int, int, int]:
+    with torch.device(device):  # numel and element size are the same on meta, without the memory
+        model = get_model(architecture, weights=None, **kwargs)
     params = sum(p.numel() for p in model.parameters())
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
     return params, param_bytes, buffer_bytes
+
+
+_HEAVY = ("vgg11", "fasterrcnn_resnet50_fpn", "retinanet_resnet50_fpn")  # references built on meta, for speed
 
 
 @pytest.mark.parametrize("architecture, classes, task", [
@@ -28,10 +32,14 @@ def _real_counts(architecture: str, **kwargs) -> tuple[int, int, int]:
     ("mobilenet_v2", 7, "classification"),
     ("efficientnet_b0", 10, "classification"),
     ("ssdlite320_mobilenet_v3_large", 5, "detection"),
+    ("vgg11", 1000, "classification"),
+    ("fasterrcnn_resnet50_fpn", 91, "detection"),
+    ("retinanet_resnet50_fpn", 91, "detection"),
 ])
 def test_param_and_buffer_bytes_match_torchvision(write_workload, architecture, classes, task):
     extra = {"weights_backbone": None} if task == "detection" else {}
-    params, param_bytes, buffer_bytes = _real_counts(architecture, num_classes=classes, **extra)
+    device = "meta" if architecture in _HEAVY else "cpu"
+    params, param_bytes, buffer_bytes = _real_counts(architecture, device, num_classes=classes, **extra)
     w = load_workload(write_workload([tv("m", architecture, num_classes=classes, task=task)]))
     inv = analyze_workload(w).models[0]
     assert inv.param_count == params
@@ -130,3 +138,34 @@ def test_meta_analysis_gives_the_figures_of_real_cpu_models(write_workload):
         assert [(r.name, r.signature, r.activation_bytes) for r in m.layers] == \
                [(r.name, r.signature, r.activation_bytes) for r in c.layers]
     assert [g.to_dict() for g in meta.groups] == [g.to_dict() for g in cpu.groups]
+
+
+class _FailsAfterFirstLayer(torch.nn.Module):
+    def __init__(self, error: type[Exception]):
+        super().__init__()
+        self.error = error
+        self.first = torch.nn.Conv2d(3, 4, 3)
+        self.second = torch.nn.Conv2d(4, 4, 3)
+
+    def forward(self, x):
+        self.first(x)
+        raise self.error("boom after the first layer")
+
+
+@pytest.mark.parametrize("error", [RuntimeError, AssertionError])
+def test_failed_forward_pass_leaves_no_partial_activations(error):
+    net = _FailsAfterFirstLayer(error).to("meta")
+    inv = inventory_of_module(net, "f", input_size=(3, 8, 8))
+    assert [(r.name, r.activation_bytes, r.executed) for r in inv.layers] == \
+           [("first", None, False), ("second", None, False)]
+    assert inv.activation_bytes is None and inv.param_bytes == (4 * 3 * 9 + 4 + 4 * 4 * 9 + 4) * 4
+    assert len(inv.notes) == 1 and "forward pass at input [3, 8, 8] failed" in inv.notes[0]
+    assert "boom after the first layer" in inv.notes[0]
+
+
+def test_input_check_of_a_torchvision_model_is_a_note(write_workload):
+    """ViT asserts its input size (AssertionError): a note, not a traceback."""
+    w = load_workload(write_workload([tv("vit", "vit_b_16", num_classes=3)], input_size=[3, 64, 64]))
+    inv = analyze_workload(w).models[0]
+    assert inv.activation_bytes is None and not any(layer.executed for layer in inv.layers)
+    assert any("forward pass at input [3, 64, 64] failed" in n for n in inv.notes)

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
+import random
+import struct
 import warnings
 
+import numpy as np
 import onnx
+import onnx.numpy_helper
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -192,3 +197,142 @@ def test_onnx_that_fails_the_checker(tmp_path, write_workload):
     w = load_workload(write_workload([{"name": "o", "source": {"kind": "onnx", "path": "garbage.onnx"}}]))
     with pytest.raises(ModelLoadError, match="garbage.onnx: (not a readable ONNX file|fails the ONNX checker)"):
         analyze_workload(w)
+
+
+# --- checkpoint dtypes and older checkpoints -----------------------------------------------
+
+
+def test_checkpoint_without_num_batches_tracked_loads(tmp_path, write_workload, resnet18_state):
+    """Checkpoints from before BatchNorm counted its steps lack those keys; the module's own stand in."""
+    old = {k: v for k, v in resnet18_state.items() if not k.endswith("num_batches_tracked")}
+    assert len(old) < len(resnet18_state)
+    save_file(old, tmp_path / "old.safetensors")
+    w = load_workload(write_workload([_ckpt_entry("c", "old.safetensors")]))
+    inv = analyze_workload(w).models[0]
+    assert inv.param_bytes == sum(v.numel() * 4 for k, v in old.items() if "running" not in k)
+    built = build_model(w, w.models[0], materialize=True)
+    assert torch.equal(built.module.layer1[0].bn1.running_var, resnet18_state["layer1.0.bn1.running_var"])
+    assert built.module.bn1.num_batches_tracked.item() == 0
+
+
+def test_float8_and_unsigned_safetensors_dtypes_are_read(tmp_path, write_workload, resnet18_state):
+    from gemel_studio.models.checkpoints import read_tensor_specs
+
+    dtypes = [torch.float8_e4m3fn, torch.float8_e5m2, torch.uint16, torch.uint32, torch.uint64]
+    save_file({str(d): torch.zeros(3).to(d) for d in dtypes}, tmp_path / "mixed.safetensors")
+    specs = read_tensor_specs(tmp_path / "mixed.safetensors")
+    assert {k: (s.shape, s.dtype) for k, s in specs.items()} == {str(d): ((3,), d) for d in dtypes}
+    # A float8 checkpoint: one byte a parameter.
+    save_file({k: v.to(torch.float8_e4m3fn) if v.is_floating_point() else v for k, v in resnet18_state.items()},
+              tmp_path / "fp8.safetensors")
+    inv = analyze_workload(load_workload(write_workload([_ckpt_entry("c", "fp8.safetensors")]))).models[0]
+    assert inv.param_bytes == inv.param_count
+    assert "float8_e4m3fn" in inv.layer("conv1").signature
+
+
+def _raw_safetensors(path, dtype: str, nbytes: int) -> None:
+    header = json.dumps({"w": {"dtype": dtype, "shape": [2], "data_offsets": [0, nbytes]}}).encode()
+    header += b" " * (-len(header) % 8)
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * nbytes)
+
+
+@pytest.mark.parametrize("dtype, nbytes", [("X9", 2), ("F4", 1)])
+def test_unknown_safetensors_dtype_is_unsupported_not_corrupt(tmp_path, write_workload, dtype, nbytes):
+    _raw_safetensors(tmp_path / "odd.safetensors", dtype, nbytes)
+    w = load_workload(write_workload([_ckpt_entry("c", "odd.safetensors")]))
+    with pytest.raises(ModelLoadError, match=f"odd.safetensors: unsupported dtype {dtype} ") as err:
+        analyze_workload(w)
+    assert "corrupt" not in str(err.value)
+
+
+# --- traced TorchScript --------------------------------------------------------------------
+
+
+class _Strided(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.dw = torch.nn.Conv2d(8, 8, 3, padding="same", groups=4, bias=False)
+        self.bn = torch.nn.BatchNorm2d(8, eps=1e-3)
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.bn(self.dw(self.conv(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_traced_torchscript_gets_layer_records(tmp_path, write_workload):
+    """A traced module keeps none of in_channels, stride, eps...: they come from its graph and weights."""
+    net = _Strided().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.trace(net, torch.zeros(1, 3, 32, 32)).save(str(tmp_path / "traced.ts"))
+    w = load_workload(write_workload([{"name": "ts", "source": {"kind": "torchscript", "path": "traced.ts"}}]))
+    inv = analyze_workload(w).models[0]
+    eager = inventory_of_module(_Strided().to("meta"), "eager", input_size=(3, 32, 32))
+    assert [(r.name, r.kind, r.signature, r.param_bytes, r.buffer_bytes) for r in inv.layers] == \
+           [(r.name, r.kind, r.signature, r.param_bytes, r.buffer_bytes) for r in eager.layers]
+    assert inv.layer("conv").signature.startswith("Conv2d(in=3,out=8,k=(3,3),s=(2,2),p=(1,1),")
+    assert inv.layer("dw").signature.startswith("Conv2d(in=8,out=8,k=(3,3),s=(1,1),p=same,d=(1,1),g=4,bias=False")
+    assert inv.layer("bn").signature == "BatchNorm2d(n=8,eps=0.001,affine=True,float32)"
+    assert len(find_share_groups([inv, eager])) == 4
+
+
+# --- ONNX: dtypes, external data, corrupt files ----------------------------------------------
+
+
+def _gemm_model(weight: onnx.TensorProto, elem_type: int, extra_inits=()) -> onnx.ModelProto:
+    out, inp = weight.dims
+    x = onnx.helper.make_tensor_value_info("x", elem_type, [1, inp])
+    y = onnx.helper.make_tensor_value_info("y", elem_type, [1, out])
+    node = onnx.helper.make_node("Gemm", ["x", weight.name], ["y"], transB=1, name="fc")
+    return onnx.helper.make_model(onnx.helper.make_graph([node], "g", [x], [y], initializer=[weight, *extra_inits]))
+
+
+def test_onnx_bfloat16_and_float8_initializers_count(tmp_path, write_workload):
+    tp = onnx.TensorProto
+    weight = onnx.helper.make_tensor("W", tp.BFLOAT16, [4, 8], [1.0] * 32)
+    unused_fp8 = onnx.helper.make_tensor("scale", tp.FLOAT8E4M3FN, [10], [0.5] * 10)
+    shape = onnx.helper.make_tensor("shape", tp.INT64, [2], [1, 4])  # not a weight
+    onnx.save(_gemm_model(weight, tp.BFLOAT16, [unused_fp8, shape]), tmp_path / "bf16.onnx")
+    w = load_workload(write_workload([{"name": "o", "source": {"kind": "onnx", "path": "bf16.onnx"}}],
+                                     input_size=[1, 1, 8]))
+    inv = analyze_workload(w).models[0]
+    assert [(r.name, r.signature, r.param_bytes) for r in inv.layers] == \
+           [("fc", "Linear(in=8,out=4,bias=False,bfloat16)", 4 * 8 * 2)]
+    assert inv.layers[0].params[0].dtype == "bfloat16"
+    assert inv.param_bytes == 4 * 8 * 2 + 10  # the float8 initializer no node consumes: one byte each
+    with torch.device("meta"):
+        twin = torch.nn.Linear(8, 4, bias=False, dtype=torch.bfloat16)
+    assert inv.layers[0].signature == inventory_of_module(twin, "t", input_size=(1, 1, 8)).layers[0].signature
+
+
+def _save_with_external_data(tmp_path) -> None:
+    weight = onnx.numpy_helper.from_array(np.ones((4, 8), np.float32), "W")
+    onnx.save_model(_gemm_model(weight, onnx.TensorProto.FLOAT), tmp_path / "ext.onnx", save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="ext.onnx.data", size_threshold=0)
+
+
+def test_onnx_external_data_is_found_next_to_the_file(tmp_path, write_workload, monkeypatch):
+    _save_with_external_data(tmp_path)
+    monkeypatch.chdir(tmp_path.parent)  # not the model's folder
+    w = load_workload(write_workload([{"name": "o", "source": {"kind": "onnx", "path": "ext.onnx"}}],
+                                     input_size=[1, 1, 8]))
+    assert analyze_workload(w).models[0].param_bytes == 4 * 8 * 4
+
+
+def test_onnx_with_missing_external_data_names_the_file(tmp_path, write_workload):
+    _save_with_external_data(tmp_path)
+    (tmp_path / "ext.onnx.data").unlink()
+    w = load_workload(write_workload([{"name": "o", "source": {"kind": "onnx", "path": "ext.onnx"}}]))
+    with pytest.raises(ModelLoadError, match=r"ext.onnx: its weights are in an external data file, ext.onnx.data, "
+                                             r"which is missing from .*; keep the .data file next to the .onnx"):
+        analyze_workload(w)
+
+
+def test_onnx_of_random_bytes_is_a_clear_error(tmp_path, write_workload):
+    (tmp_path / "random.onnx").write_bytes(random.Random(0).randbytes(4096))
+    w = load_workload(write_workload([{"name": "o", "source": {"kind": "onnx", "path": "random.onnx"}}]))
+    with pytest.raises(ModelLoadError, match=r"random.onnx: not a readable ONNX file \(.*\); export it again") as err:
+        analyze_workload(w)
+    assert "\n" not in str(err.value)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gemel_studio.errors import WorkloadError
-from gemel_studio.workload import CheckpointSource, load_workload, save_workload
+from gemel_studio.workload import CheckpointSource, Workload, load_workload, parse_workload, save_workload
 
 from .conftest import SAMPLES, tv
 
@@ -94,3 +94,19 @@ def test_save_round_trip_rebases_relative_paths(tmp_path, write_workload):
     # The saved object now stands for the new file and still names the same weights.
     assert original.path == (elsewhere / "copy.yaml").resolve()
     assert original.resolve(original.model("c").source.path) == (tmp_path / "weights" / "c.pt").resolve()
+
+
+def test_workload_file_without_models_is_refused(tmp_path, write_workload):
+    with pytest.raises(WorkloadError, match=r"workload has no models; add at least one under models:"):
+        load_workload(write_workload([]))
+    (tmp_path / "bare.yaml").write_text("name: bare\n")
+    with pytest.raises(WorkloadError, match="bare.yaml: workload has no models"):
+        load_workload(tmp_path / "bare.yaml")
+    # The studio starts from an empty workload in memory.
+    empty = parse_workload({"name": "untitled", "models": []})
+    assert empty.models == [] and Workload(name="untitled").models == []
+
+
+def test_workload_path_that_is_a_folder(tmp_path):
+    with pytest.raises(WorkloadError, match=r"is a folder; name the workload's YAML file"):
+        load_workload(tmp_path)

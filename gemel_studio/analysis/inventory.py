@@ -157,8 +157,12 @@ def _torch_layers(module: torch.nn.Module, task: str, input_size: tuple[int, int
             # Detection post-processing (NMS) has no meta implementation; the layers that ran
             # before it are measured. R-CNN box heads run after NMS: measure them directly.
             _rcnn_box_head_fallback(module, batch)
-        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-            calls.clear()  # a partial pass gives no honest peak
+        except Exception as exc:  # torchvision's input checks raise AssertionError, models anything
+            # A partial pass gives no honest figures: no layer keeps an activation or a place in
+            # the execution order, so all of them are listed alike, in definition order.
+            calls.clear()
+            activation.clear()
+            order.clear()
             notes.append(f"forward pass at input {list(input_size)} failed, activations not "
                          f"measured: {str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}")
         finally:

@@ -19,13 +19,36 @@ _KINDS = {"Conv": "Conv", "ConvTranspose": "ConvTranspose", "Gemm": "Linear", "M
           "BatchNormalization": "BatchNorm"}
 
 
-def _itemsize(elem_type: int) -> int:
-    return helper.tensor_dtype_to_np_dtype(elem_type).itemsize
+def _types(*names: str) -> dict[int, str]:
+    """TensorProto type id -> name, for the names this onnx version knows."""
+    return {getattr(onnx.TensorProto, n): n for n in names if hasattr(onnx.TensorProto, n)}
+
+
+# Weights are floating-point initializers, recognised by their TensorProto type (numpy has no
+# kind for bfloat16 or float8); integer ones are shapes and axes, not layers.
+_WEIGHT_TYPES = _types("FLOAT", "FLOAT16", "BFLOAT16", "DOUBLE", "FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2",
+                       "FLOAT8E5M2FNUZ", "FLOAT8E8M0", "FLOAT4E2M1", "COMPLEX64", "COMPLEX128")
+# Element sizes in bits where numpy's item size is not the stored one (sub-byte types are packed).
+_BITS = {t: bits for names, bits in ((("FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ",
+                                       "FLOAT8E8M0"), 8), (("FLOAT4E2M1", "INT4", "UINT4"), 4),
+                                     (("INT2", "UINT2"), 2))
+         for t in _types(*names)}
+# Names as torch spells them, so that signatures compare across formats.
+_TORCH_NAMES = {"FLOAT": "float32", "FLOAT16": "float16", "BFLOAT16": "bfloat16", "DOUBLE": "float64",
+                "FLOAT8E4M3FN": "float8_e4m3fn", "FLOAT8E4M3FNUZ": "float8_e4m3fnuz", "FLOAT8E5M2": "float8_e5m2",
+                "FLOAT8E5M2FNUZ": "float8_e5m2fnuz", "FLOAT8E8M0": "float8_e8m0fnu"}
+
+_AUTO_PAD = {"SAME_UPPER": "same", "VALID": "valid"}  # as torch's string paddings
+_DTYPE_NAMES = {t: _TORCH_NAMES[n] for t, n in _types(*_TORCH_NAMES).items()}
+
+
+def _nbytes(elem_type: int, count: int) -> int:
+    bits = _BITS.get(elem_type) or helper.tensor_dtype_to_np_dtype(elem_type).itemsize * 8
+    return (count * bits + 7) // 8
 
 
 def _dtype(elem_type: int) -> str:
-    name = str(helper.tensor_dtype_to_np_dtype(elem_type))
-    return {"float32": "float32", "float16": "float16", "float64": "float64"}.get(name, name)
+    return _DTYPE_NAMES.get(elem_type) or str(helper.tensor_dtype_to_np_dtype(elem_type))
 
 
 def _attrs(node: onnx.NodeProto) -> dict:
@@ -83,8 +106,11 @@ def _signature(node: onnx.NodeProto, weights: list[onnx.TensorProto], shapes: di
             in_ch, out_ch = dims[0], dims[1] * groups
         pads = list(a.get("pads", [0] * 2 * spatial))
         padding = tuple(pads[:spatial]) if pads[:spatial] == pads[spatial:] else tuple(pads)
-        if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
-            padding = str(a["auto_pad"], "ascii") if isinstance(a["auto_pad"], bytes) else a["auto_pad"]
+        auto_pad = a.get("auto_pad", b"NOTSET")
+        auto_pad = str(auto_pad, "ascii") if isinstance(auto_pad, bytes) else auto_pad
+        if auto_pad != "NOTSET":
+            # torch exports padding='same' as SAME_UPPER (extra padding at the end) and 'valid' as VALID.
+            padding = _AUTO_PAD.get(auto_pad, auto_pad.lower())
         return kind, conv_signature(kind, in_ch, out_ch, tuple(a.get("kernel_shape", dims[2:])),
                                     tuple(a.get("strides", [1] * spatial)), padding,
                                     tuple(a.get("dilations", [1] * spatial)), groups, has_bias, dtype)
@@ -102,9 +128,7 @@ def _signature(node: onnx.NodeProto, weights: list[onnx.TensorProto], shapes: di
 
 def onnx_layers(model: onnx.ModelProto, batch: int, size: tuple[int, int, int]):
     """Records in graph order, per-node output bytes, notes, and parameter/buffer totals."""
-    # Weights are floating-point initializers; integer ones are shapes and axes, not layers.
-    inits = {t.name: t for t in model.graph.initializer
-             if helper.tensor_dtype_to_np_dtype(t.data_type).kind in "fc"}
+    inits = {t.name: t for t in model.graph.initializer if t.data_type in _WEIGHT_TYPES}
     shapes, graph_batch = _shapes(model, batch, size)
     notes = [] if shapes else ["ONNX shape inference failed: activation bytes are not measured"]
     if graph_batch != batch and graph_batch > 0:
@@ -118,13 +142,13 @@ def onnx_layers(model: onnx.ModelProto, batch: int, size: tuple[int, int, int]):
         out_bytes = None
         known = [shapes[o] for o in node.output if o in shapes]
         if known and len(known) == len(node.output):
-            out_bytes = sum(math.prod(d) * _itemsize(t) for d, t in known) * batch // max(graph_batch, 1)
+            out_bytes = sum(_nbytes(t, math.prod(d)) for d, t in known) * batch // max(graph_batch, 1)
             calls.append(out_bytes)
         if not weights:
             continue
         used.update(t.name for t in weights)
         kind, signature = _signature(node, weights, shapes)
-        infos = [TensorInfo(t.name, tuple(t.dims), _dtype(t.data_type), math.prod(t.dims) * _itemsize(t.data_type))
+        infos = [TensorInfo(t.name, tuple(t.dims), _dtype(t.data_type), _nbytes(t.data_type, math.prod(t.dims)))
                  for t in weights]
         if node.op_type == "BatchNormalization":  # inputs: X, scale, B, mean, var
             stats = set(node.input[3:5])
@@ -141,5 +165,5 @@ def onnx_layers(model: onnx.ModelProto, batch: int, size: tuple[int, int, int]):
     # Initializers no node consumes directly (e.g. behind a Constant or If) still cost memory.
     for name, t in inits.items():
         if name not in used:
-            param_bytes += math.prod(t.dims) * _itemsize(t.data_type)
+            param_bytes += _nbytes(t.data_type, math.prod(t.dims))
     return records, calls, notes, param_bytes, buffer_bytes

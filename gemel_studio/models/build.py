@@ -98,6 +98,9 @@ def _build_torchvision(workload: Workload, spec: ModelSpec, materialize: bool) -
             checkpoints.verify_hub_hash(path)
         state = {k: v for k, v in checkpoints.read_state_dict(path).items() if k not in skip}
         state = {k.removeprefix("module."): v for k, v in state.items()}
+        for key, value in module.state_dict().items():  # counters an older checkpoint lacks keep their default
+            if key.endswith(checkpoints.NUM_BATCHES_TRACKED):
+                state.setdefault(key, value)
         module.load_state_dict(state, strict=not skip)
     else:
         _apply_dtypes(module, specs, skip)
@@ -116,6 +119,20 @@ def _build_torchscript(workload: Workload, spec: ModelSpec) -> BuiltModel:
                       notes=["TorchScript is loaded on the CPU; per-layer activation bytes are not measured"])
 
 
+def _check_external_data(spec: ModelSpec, path: Path, model) -> None:
+    """Weights saved as external data live in files named relative to the .onnx file."""
+    import onnx
+
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        if not location or not (path.parent / location).is_file():
+            raise ModelLoadError(
+                f"model '{spec.name}': {path}: its weights are in an external data file, {location or '(unnamed)'}, "
+                f"which is missing from {path.parent}; keep the .data file next to the .onnx file under that name")
+
+
 def _build_onnx(workload: Workload, spec: ModelSpec) -> BuiltModel:
     import onnx
 
@@ -125,9 +142,12 @@ def _build_onnx(workload: Workload, spec: ModelSpec) -> BuiltModel:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf DecodeError and friends
         raise ModelLoadError(f"model '{spec.name}': {path}: not a readable ONNX file "
-                             f"({checkpoints._first_line(exc)})") from None
+                             f"({checkpoints._first_line(exc)}); export it again or check the path") from None
+    _check_external_data(spec, path, model)
     try:
-        onnx.checker.check_model(model)
+        # Given the path, the checker finds external data next to the file (given the proto,
+        # it would look in the current folder).
+        onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as exc:
         raise ModelLoadError(f"model '{spec.name}': {path}: fails the ONNX checker: "
                              f"{checkpoints._first_line(exc)}") from None

@@ -8,6 +8,7 @@ is all the analysis needs; `read_state_dict` loads the tensors for real use.
 from __future__ import annotations
 
 import hashlib
+import json
 import pickle
 import re
 import zipfile
@@ -21,11 +22,16 @@ from ..errors import ModelLoadError
 SAFETENSORS_SUFFIXES = (".safetensors",)
 # Checkpoints saved from training scripts often wrap the state_dict in one of these keys.
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
+NUM_BATCHES_TRACKED = "num_batches_tracked"
 
+# safetensors dtype -> torch dtype; bytes follow the torch dtype's element size.
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
+    "F8_E5M2FNUZ": torch.float8_e5m2fnuz, "F8_E8M0": torch.float8_e8m0fnu,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
+    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8,
+    "C64": torch.complex64, "BOOL": torch.bool,
 }
 
 
@@ -81,6 +87,26 @@ def _check_exists(path: Path) -> None:
         raise ModelLoadError(f"{path}: is a folder; expected a weights file")
 
 
+def _header_dtypes(path: Path) -> list[str]:
+    """The dtypes a safetensors header names (an 8-byte length, then JSON); empty if unreadable."""
+    try:
+        with path.open("rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(min(size, 100 << 20)))
+        return [v["dtype"] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
+
+
+def _safetensors_error(path: Path, exc: BaseException) -> ModelLoadError:
+    """A file whose header names a dtype this reader cannot hold is not corrupt: say which."""
+    unknown = [d for d in _header_dtypes(path) if d not in _SAFETENSORS_DTYPES]
+    if unknown:
+        return ModelLoadError(f"{path}: unsupported dtype {unknown[0]} in the safetensors file; save its tensors "
+                              "in a dtype torch holds (F32, F16, BF16, F8_E4M3, ...)")
+    return ModelLoadError(f"{path}: corrupt or truncated safetensors file ({_first_line(exc)})")
+
+
 def read_tensor_specs(path: Path) -> dict[str, TensorSpec]:
     """Names, shapes and dtypes of a weights file, reading as little as the format allows."""
     _check_exists(path)
@@ -95,7 +121,7 @@ def read_tensor_specs(path: Path) -> dict[str, TensorSpec]:
                     specs[key] = TensorSpec(tuple(sl.get_shape()), _SAFETENSORS_DTYPES[sl.get_dtype()])
                 return specs
         except (SafetensorError, KeyError, OSError, ValueError) as exc:
-            raise ModelLoadError(f"{path}: corrupt or truncated safetensors file ({_first_line(exc)})") from None
+            raise _safetensors_error(path, exc) from None
     state = _torch_load(path, mmap=True)
     return {k: TensorSpec(tuple(v.shape), v.dtype) for k, v in state.items()}
 
@@ -108,8 +134,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
         try:
             return load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise ModelLoadError(f"{path}: corrupt or truncated safetensors file ({_first_line(exc)})") from None
+        except (SafetensorError, OSError, ValueError, TypeError) as exc:
+            raise _safetensors_error(path, exc) from None
     return _torch_load(path, mmap=False)
 
 
@@ -139,7 +165,8 @@ def check_fits(specs: dict[str, TensorSpec], module: torch.nn.Module, origin: st
     another number of classes), keys whose shape differs are skipped, not refused.
     """
     expected = module.state_dict()
-    missing = [k for k in expected if k not in specs]
+    # Older checkpoints predate BatchNorm's step counter: the module's own (zero) stands in.
+    missing = [k for k in expected if k not in specs and not k.endswith(NUM_BATCHES_TRACKED)]
     unexpected = [k for k in specs if k not in expected]
     wrong = [k for k in expected if k in specs and tuple(expected[k].shape) != specs[k].shape]
     if allow_head_mismatch:
