@@ -87,7 +87,13 @@ def test_merge_writes_weights_once_plan_and_report_and_resumes(tmp_path, write_w
         merge_workload(w, plan, out, strategy="gemel", progress=progress, on_step=seen.append)
     assert len(seen) == 1 and (out / "search.state").exists() and (out / "search.state.round").exists()
 
-    report = merge_workload(w, plan, out, strategy="gemel")
+    events = []
+    report = merge_workload(w, plan, out, strategy="gemel", on_epoch=lambda r: events.append("epoch"),
+                            on_targets=lambda t: events.append(t))
+    # The targets are announced once, before any retraining, and are the report's.
+    assert isinstance(events[0], dict) and all(e == "epoch" for e in events[1:]) and len(events) > 1
+    assert events[0] == {n: (pytest.approx(r["unmerged_accuracy"]), pytest.approx(r["target"]))
+                         for n, r in report["models"].items()}
     assert report["steps"][0] == {**vars(seen[0])}  # the first round was not redone
     assert report["rounds"] == len(report["steps"]) >= 2
     assert report["bytes_after"] == report["predicted_bytes_after"] == report["bytes_before"] - report["saved_bytes"]

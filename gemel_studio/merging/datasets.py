@@ -162,7 +162,7 @@ def load_model_data(workload: Workload, spec: ModelSpec, val_fraction: float = 0
     if source is None:
         raise DatasetError(f"model '{spec.name}' has no dataset; add one to the workload to retrain it")
     if isinstance(source, SyntheticDataset):
-        ds = synthetic_scenes(source.task, limit or source.samples, source.seed, size)
+        ds = synthetic_scenes(source.task, min(limit or source.samples, source.samples), source.seed, size)
         classes = SYNTHETIC_TASKS[source.task]
         seed = source.seed
     elif isinstance(source, FashionMnistDataset):

@@ -114,16 +114,24 @@ def _atomic_text(path: Path, text: str) -> None:
 
 def merge_workload(workload: Workload, plan: MergePlan, out_dir: Path, *, strategy: str = "bisect",
                    time_budget_s: float | None = None, limit: int | None = None, progress: Progress | None = None,
-                   on_step=None, on_epoch=None) -> dict:
-    """Apply, retrain and write the merged workload; a rerun with the same folder resumes."""
+                   on_step=None, on_epoch=None, on_targets=None) -> dict:
+    """Apply, retrain and write the merged workload; a rerun with the same folder resumes.
+
+    `on_targets({model: (unmerged accuracy, target)})` is called once the unmerged accuracy
+    is measured, before retraining starts; `on_step` after every round, `on_epoch` after
+    every epoch of retraining."""
     if strategy not in STRATEGIES:
         raise GemelError(f"strategy '{strategy}' is unknown; use one of {', '.join(STRATEGIES)}")
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     ctx = prepare_merge(workload, plan, limit=limit, progress=progress)
+    if on_targets:
+        on_targets({n: (ctx.unmerged_accuracy[n], ctx.targets[n]) for n in ctx.names})
     result: SearchResult = search(ctx.build_models, ctx.base_state, plan, ctx.data, ctx.targets, strategy,
                                   progress=progress, time_budget_s=time_budget_s or plan.retraining.time_budget_s,
                                   on_step=on_step, state_path=out_dir / "search.state", on_epoch=on_epoch)
+    if progress is not None:
+        progress.check()  # a pause or cancel during the last round: the search state is saved, resume writes
     models = ctx.build_models()
     for name, m in models.items():
         m.load_state_dict(result.state[name])

@@ -298,8 +298,13 @@ class MainWindow(QMainWindow):
         where = str(self.workload.path) if self.workload.path else "not saved"
         self.setWindowTitle(f"{self.workload.name}[*] — {where} — GEMEL Studio")
 
+    @property
+    def unsaved(self) -> bool:
+        """Edits not on disk: the committed workload's, or an edit still being analysed."""
+        return self.isWindowModified() or (self._change is not None and self._change.modified)
+
     def _confirm_discard(self) -> bool:
-        if not self.isWindowModified() or not self.ask_before_discard:
+        if not self.unsaved or not self.ask_before_discard:
             return True
         answer = QMessageBox.question(
             self, "Unsaved changes", "The workload has unsaved changes. Save them first?",
@@ -513,17 +518,20 @@ class MainWindow(QMainWindow):
             self.tabs.setCurrentWidget(self.memory_panel)
 
     def save(self) -> bool:
-        if self.workload is None:
+        """Save what the user sees last: an edit still being analysed included."""
+        base = self._base()
+        if base is None:
             return False
-        if self.workload.path is None:
+        if base.path is None:
             return self.save_as()
-        return self._write(self.workload.path)
+        return self._write(base.path)
 
     def save_as(self, path: Path | str | None = None) -> bool:
-        if self.workload is None:
+        base = self._base()
+        if base is None:
             return False
         if path is None:
-            start = str(self.workload.path) if self.workload.path else f"{self.workload.name}.yaml"
+            start = str(base.path) if base.path else f"{base.name}.yaml"
             chosen, _ = QFileDialog.getSaveFileName(self, "Save workload as", start, WORKLOAD_FILTER)
             if not chosen:
                 return False
@@ -531,11 +539,18 @@ class MainWindow(QMainWindow):
         return self._write(Path(path))
 
     def _write(self, path: Path) -> bool:
+        base = self._base()
+        if not base.models:
+            self.show_error("a workload with no models cannot be saved (it could not be opened again); "
+                            "add a model first")
+            return False
         try:
-            save_workload(self.workload, path)
+            save_workload(base, path)
         except (OSError, GemelError) as exc:
             self.show_error(f"{path}: could not save ({exc})")
             return False
+        if self._change is not None and self._change.workload is base:
+            self._change.modified = False  # the pending edit is on disk now: its commit must not mark it unsaved
         settings.remember_file(path)
         self._fill_recent_menu()
         self.setWindowModified(False)

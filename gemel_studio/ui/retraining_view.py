@@ -13,7 +13,6 @@ begins afresh (it deletes a checkpoint left in the folder).
 
 from __future__ import annotations
 
-import re
 import tempfile
 import time
 from dataclasses import asdict
@@ -43,8 +42,6 @@ from .worker import Worker
 
 MIB = 1024 * 1024
 RESUME_FILES = ("search.state", "search.state.round")  # what the core resumes from
-# prepare_merge's progress message for each model, before the search starts.
-_UNMERGED = re.compile(r"^(?P<model>.+): unmerged accuracy (?P<accuracy>[0-9.]+)$")
 
 
 def default_out_dir(workload: Workload | None) -> Path:
@@ -519,7 +516,8 @@ class RetrainingPanel(QWidget):
         def work(progress):
             return merge_workload(workload, plan, out_dir, strategy=strategy, progress=progress,
                                   on_step=lambda step: worker.partial(("step", asdict(step))),
-                                  on_epoch=lambda record: worker.partial(("epoch", record)))
+                                  on_epoch=lambda record: worker.partial(("epoch", record)),
+                                  on_targets=lambda targets: worker.partial(("targets", targets)))
 
         worker = Worker(work, name=f"merge of {workload.name}", min_interval=0.1)
         worker.sigProgress.connect(self._on_progress)
@@ -561,20 +559,13 @@ class RetrainingPanel(QWidget):
         self.progress_bar.setFormat(f"round {round_no}: %v/%m")
         if not self._stopping:
             self.status_label.setText(f"Round {round_no}: {message} ({time.monotonic() - self._started_at:.0f} s)")
-        match = _UNMERGED.match(message)
-        if match and self.workload is not None:
-            self._set_target(match["model"], float(match["accuracy"]))
 
-    def _set_target(self, name: str, unmerged_accuracy: float) -> None:
-        """The target prepare_merge derives from the unmerged accuracy (exact one in the report)."""
-        try:
-            target = self.workload.model(name).target
-        except KeyError:
-            return
-        value = target.absolute if target.absolute is not None else target.relative * unmerged_accuracy
-        curves = self._curves(name)
-        curves.target = value
-        curves.redraw()
+    def _set_targets(self, targets: dict[str, tuple[float, float]]) -> None:
+        """Each model's target as the merge derived it from the measured unmerged accuracy."""
+        for name, (_unmerged, target) in targets.items():
+            curves = self._curves(name)
+            curves.target = target
+            curves.redraw()
 
     def _curves(self, name: str) -> ModelCurves:
         if name not in self.curves:
@@ -592,6 +583,8 @@ class RetrainingPanel(QWidget):
             self._add_epoch(payload)
         elif kind == "step":
             self._add_step(payload)
+        elif kind == "targets":
+            self._set_targets(payload)
 
     def _add_epoch(self, record: EpochRecord) -> None:
         self._epochs_seen += 1

@@ -343,3 +343,36 @@ def test_studio_without_a_display_says_so(tmp_path):
     assert result.returncode == 2
     assert "no display" in result.stderr and "xvfb-run" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_an_edit_still_being_analysed_counts_as_unsaved_and_saves(window, open_and_wait, qtbot, tmp_path,
+                                                                   monkeypatch):
+    from PySide6.QtWidgets import QMessageBox
+
+    open_and_wait(window, QUICKSTART)
+    assert not window.unsaved
+    assert window.remove_model("count")  # analysis of the edit starts; nothing is committed yet
+    assert window.busy and not window.isWindowModified() and window.unsaved
+
+    asked = []
+    monkeypatch.setattr(QMessageBox, "question",
+                        lambda *a, **k: asked.append(a[2]) or QMessageBox.StandardButton.Cancel)
+    window.ask_before_discard = True
+    assert not window.open_path(QUICKSTART)  # the user cancels: the pending edit stays
+    assert len(asked) == 1 and window.busy
+
+    out = tmp_path / "pending.yaml"
+    with qtbot.waitSignal(window.sigAnalysisChanged, timeout=60_000):
+        assert window.save_as(out)  # saves the edit the user made, not the committed workload
+    window.ask_before_discard = False
+    assert [m.name for m in load_workload(out).models] == ["shape", "color", "size"]
+    assert [m.name for m in window.workload.models] == ["shape", "color", "size"]
+    assert not window.unsaved and window.workload.path == out.resolve()
+
+
+def test_an_empty_workload_is_not_saved(window, qtbot, tmp_path):
+    with qtbot.waitSignal(window.sigAnalysisChanged, timeout=60_000):
+        window.new_workload()
+    out = tmp_path / "empty.yaml"
+    assert not window.save_as(out)
+    assert not out.exists() and "no models" in window.banner.message
