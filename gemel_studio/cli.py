@@ -185,7 +185,10 @@ def cmd_propose(args) -> int:
 
 def _settings_from_args(args, base):
     updates = {k: v for k, v in {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
-                                 "device": args.device, "optimizer": args.optimizer}.items() if v is not None}
+                                 "device": args.device, "optimizer": args.optimizer,
+                                 "min_savings_bytes": (int(args.min_savings * 2**20)
+                                                       if getattr(args, "min_savings", None) is not None else None),
+                                 }.items() if v is not None}
     return base.model_copy(update=updates)
 
 
@@ -307,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", choices=["bisect", "gemel"], default="bisect",
                    help="bisect: all candidates first, split on failure (default); gemel: the reference loop")
     p.add_argument("--time-budget", type=float, help="seconds; stop the search when they run out")
+    p.add_argument("--min-savings", type=float, metavar="MIB",
+                   help="do not try candidates (or halves of failed ones) that save less than this many MiB")
     _training_args(p)
     p.set_defaults(func=cmd_merge)
 

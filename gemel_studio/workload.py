@@ -72,7 +72,20 @@ ModelSource = Annotated[
 # --- datasets (used by retraining) ---------------------------------------------------------
 
 
-class SyntheticDataset(_Strict):
+class _DatasetBase(_Strict):
+    """Every dataset kind says where its labels come from:
+
+    - `labels: truth` (the default): the dataset's own ground-truth labels.
+    - `labels: distill`: ground truth, if any, is ignored; the unmerged model's own
+      predictions are the labels (distillation), so a model with no labelled data can still
+      be merged, and its accuracy target means agreement with the unmerged model. An
+      image_folder may then be a flat folder of unlabelled images (frames from a camera).
+    """
+
+    labels: Literal["truth", "distill"] = "truth"
+
+
+class SyntheticDataset(_DatasetBase):
     """Images the project generates itself (no download), seeded and reproducible."""
 
     kind: Literal["synthetic"]
@@ -81,12 +94,15 @@ class SyntheticDataset(_Strict):
     seed: int = 0
 
 
-class ImageFolderDataset(_Strict):
+class ImageFolderDataset(_DatasetBase):
+    """A folder with one sub-folder of images per class; with `labels: distill`, any folder
+    of images (sub-folders, if there are any, are read too and their names ignored)."""
+
     kind: Literal["image_folder"]
     path: Path
 
 
-class FashionMnistDataset(_Strict):
+class FashionMnistDataset(_DatasetBase):
     kind: Literal["fashion_mnist"]
     path: Path = Path("/usr/share/datasets/fashion-mnist")
     classes: list[int] | None = None  # a subset of the ten classes, relabelled 0..n-1
@@ -243,6 +259,8 @@ def workload_to_dict(workload: Workload) -> dict[str, Any]:
     for model in data.get("models", []):
         if model.get("target") == {"relative": 0.95}:
             del model["target"]
+        if model.get("dataset", {}).get("labels") == "truth":
+            del model["dataset"]["labels"]
     return data
 
 

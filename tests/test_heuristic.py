@@ -113,3 +113,31 @@ def test_merge_writes_weights_once_plan_and_report_and_resumes(tmp_path, write_w
     g = kept[0]
     keys = {mapping[m.model][f"{m.layer}.weight"] for m in g.members}
     assert len(keys) == 1
+
+
+def test_candidates_below_the_minimum_savings_stay_untried_and_unmerged(tmp_path, write_workload):
+    w = _workload(write_workload, {"absolute": 0.01})
+    plan, _ = _context(w)
+    heavy, light = candidates(plan)  # all three models; the two 3-class heads
+    plan.retraining.min_savings_bytes = light.savings_bytes + 1
+    report = merge_workload(w, plan, tmp_path / "merged", strategy="gemel")
+    assert report["rounds"] == 1 and report["steps"][0]["groups"] == [g.id for g in heavy.groups]
+    assert report["saved_bytes"] == heavy.savings_bytes
+    assert f"{len(light.groups)} groups below the minimum savings" in report["stopped"]
+    final = load_plan(tmp_path / "merged" / "plan.yaml")
+    assert {g.id for g in final.groups if g.state is GroupState.accepted} == {g.id for g in light.groups}
+    # The untried groups are not tied: the weights on disk are what the report predicts.
+    assert report["bytes_after"] == report["predicted_bytes_after"] == report["bytes_before"] - heavy.savings_bytes
+
+
+def test_a_plan_with_detectors_is_refused_with_the_fix(write_workload):
+    from gemel_studio.analysis import analyze_workload
+    from gemel_studio.errors import GemelError
+
+    entries = [tv(n, "ssdlite320_mobilenet_v3_large", task="detection", num_classes=3,
+                  dataset={"kind": "synthetic", "task": "shape", "samples": 8}) for n in ("a", "b")]
+    w = load_workload(write_workload(entries, input_size=[3, 64, 64]))
+    plan = propose_plan(w, analyze_workload(w))
+    assert plan.groups
+    with pytest.raises(GemelError, match="model 'a': retraining detectors .* reject its groups"):
+        prepare_merge(w, plan)

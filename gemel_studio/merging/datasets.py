@@ -3,6 +3,12 @@
 Every dataset comes out as tensors at the model's input size (channels, height, width),
 split deterministically into train and validation parts. The synthetic scenes need no
 download: the quick-start workload retrains on them anywhere.
+
+Distillation (`labels: distill` in the workload) is for models with no ground truth: the
+unmerged model labels the images itself (`distill`: its argmax predictions over the train
+and validation parts), so the merged model is retrained to agree with it, and its accuracy
+is agreement with the unmerged model (1.0 before merging, by construction). Any images
+will do, such as a flat folder of unlabelled frames from the model's camera.
 """
 
 from __future__ import annotations
@@ -15,10 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from ..errors import GemelError
 from ..workload import FashionMnistDataset, ImageFolderDataset, ModelSpec, SyntheticDataset, Workload
+
+UNLABELLED = -1  # the label of an image that has none until the model distils one
 
 
 class DatasetError(GemelError):
@@ -124,17 +132,56 @@ def _fit(x: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
     return x
 
 
+def _image_transform(size: tuple[int, int, int]):
+    from torchvision import transforms
+
+    return transforms.Compose([transforms.Resize(size[1:]), transforms.ToTensor()]
+                              + ([transforms.Grayscale(1)] if size[0] == 1 else []))
+
+
 def image_folder(path: Path, size: tuple[int, int, int]) -> Dataset:
-    from torchvision import datasets, transforms
+    from torchvision import datasets
 
     if not path.is_dir():
         raise DatasetError(f"{path}: no such folder; an image folder has one sub-folder per class")
-    tf = transforms.Compose([transforms.Resize(size[1:]), transforms.ToTensor()]
-                            + ([transforms.Grayscale(1)] if size[0] == 1 else []))
+    if not any(p.is_dir() for p in path.iterdir()):
+        raise DatasetError(f"{path}: no class sub-folders; put each class's images in a sub-folder named "
+                           "after it, or set 'labels: distill' to label unlabelled images with the model")
     try:
-        return datasets.ImageFolder(str(path), transform=tf)
+        return datasets.ImageFolder(str(path), transform=_image_transform(size))
     except (FileNotFoundError, RuntimeError) as exc:
         raise DatasetError(f"{path}: {exc}") from None
+
+
+class UnlabelledImages(Dataset):
+    """Every image in a folder and its sub-folders, sorted by path, at the model's input
+    size; each comes with the label UNLABELLED until `distill` gives it one."""
+
+    def __init__(self, path: Path, size: tuple[int, int, int], limit: int | None = None):
+        from torchvision.datasets.folder import IMG_EXTENSIONS
+
+        if not path.is_dir():
+            raise DatasetError(f"{path}: no such folder; give the folder that holds the images")
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+        if not files:
+            raise DatasetError(f"{path}: no images ({', '.join(IMG_EXTENSIONS)}); "
+                               "put the images in this folder or fix the path")
+        self.files = files[:limit] if limit else files
+        self.transform = _image_transform(size)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        from PIL import Image, UnidentifiedImageError
+
+        path = self.files[index]
+        try:
+            with Image.open(path) as image:
+                rgb = image.convert("RGB")
+        except (OSError, UnidentifiedImageError) as exc:
+            raise DatasetError(f"{path}: cannot read this image ({exc}); delete or replace it") from None
+        return self.transform(rgb), UNLABELLED
 
 
 # --- per model -----------------------------------------------------------------------------
@@ -161,7 +208,11 @@ def load_model_data(workload: Workload, spec: ModelSpec, val_fraction: float = 0
     size = workload.input_size_of(spec)
     if source is None:
         raise DatasetError(f"model '{spec.name}' has no dataset; add one to the workload to retrain it")
-    if isinstance(source, SyntheticDataset):
+    if isinstance(source, ImageFolderDataset) and source.labels == "distill":
+        ds = UnlabelledImages(workload.resolve(source.path), size, limit)
+        classes = spec.num_classes
+        seed = 0
+    elif isinstance(source, SyntheticDataset):
         ds = synthetic_scenes(source.task, min(limit or source.samples, source.samples), source.seed, size)
         classes = SYNTHETIC_TASKS[source.task]
         seed = source.seed
@@ -175,8 +226,37 @@ def load_model_data(workload: Workload, spec: ModelSpec, val_fraction: float = 0
         seed = 0
     else:  # pragma: no cover - the schema admits no other kind
         raise DatasetError(f"model '{spec.name}': unsupported dataset kind")
-    if classes > spec.num_classes:
+    if source.labels == "distill":
+        classes = spec.num_classes  # the labels will be the model's own predictions
+    elif classes > spec.num_classes:
         raise DatasetError(f"model '{spec.name}': its dataset has {classes} classes but num_classes is "
                            f"{spec.num_classes}; make them agree")
     train, val = _split(ds, val_fraction, seed)
     return ModelData(train, val, classes)
+
+
+def _predict(model: torch.nn.Module, data: Dataset, device: torch.device, batch_size: int) -> TensorDataset:
+    images, labels = [], []
+    for x, _ in DataLoader(data, batch_size=batch_size):
+        # The same precision as retrain.evaluate, so the model agrees with its own labels.
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out = model(x.to(device))
+        images.append(x)
+        labels.append(out.argmax(1).cpu())
+    return TensorDataset(torch.cat(images), torch.cat(labels))
+
+
+@torch.no_grad()
+def distill(model: torch.nn.Module, data: ModelData, device: torch.device, batch_size: int = 256) -> ModelData:
+    """The same images labelled by `model` (the unmerged one, moved to `device`, in eval
+    mode): its argmax predictions replace whatever labels `data` had."""
+    device = torch.device(device)
+    model.to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        train = _predict(model, data.train, device, batch_size)
+        val = _predict(model, data.val, device, batch_size)
+    finally:
+        model.train(was_training)
+    return ModelData(train, val, data.num_classes)

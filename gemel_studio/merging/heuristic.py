@@ -179,10 +179,15 @@ def search(build_models: Builder, base_state: Mapping[str, Mapping[str, torch.Te
                                "state": state, "round": round_no, "steps": [vars(s) for s in result.steps],
                                "retrain_seconds": result.retrain_seconds})
 
+    floor, skipped = plan.retraining.min_savings_bytes, 0
     while queue:
         if deadline is not None and time.monotonic() > deadline:
             result.stopped = "time budget"
             break
+        if queue[0].savings_bytes < floor:  # untried, so undecided: the groups stay 'accepted'
+            skipped += len(queue.pop(0).groups)
+            persist()
+            continue
         progress.check()
         cand = queue[0]
         trial = kept + cand.groups
@@ -222,7 +227,9 @@ def search(build_models: Builder, base_state: Mapping[str, Mapping[str, torch.Te
             round_ckpt.unlink()
         if on_step:
             on_step(result.steps[-1])
-    # Groups still 'accepted' now sit in candidates the time budget left untried: undecided.
+    if skipped and result.stopped == "candidates exhausted":
+        result.stopped = f"candidates exhausted ({skipped} groups below the minimum savings left untried)"
+    # Groups still 'accepted' now sit in candidates left untried (time budget, minimum savings).
     result.state = state
     return result
 

@@ -1,7 +1,8 @@
 """From a workload and a plan to a merged workload on disk: the functions behind
 `gemel finetune` and `gemel merge` (and, later, the studio's retraining screen).
 
-`merge_workload` measures each model's unmerged accuracy on its held-out split, derives the
+`merge_workload` measures each model's unmerged accuracy on its held-out split (for a model
+whose dataset says `labels: distill`, agreement with its own predictions, so 1.0), derives the
 targets, runs the search, and writes to the output folder: `merged.safetensors` (every
 shared tensor once, with a map of which model uses which tensor), `plan.yaml` (the final
 states), `report.json`, and the search state that a rerun resumes from.
@@ -24,7 +25,7 @@ from ..models import build_model
 from ..models.zoo import construct
 from ..progress import Progress
 from ..workload import CheckpointSource, TorchvisionSource, Workload, save_workload
-from .datasets import ModelData, load_model_data
+from .datasets import ModelData, distill, load_model_data
 from .heuristic import STRATEGIES, SearchResult, Step, search
 from .plan import GroupState, MergePlan, RetrainSettings, save_plan, validate_plan
 from .retrain import evaluate, joint_retrain, resolve_device
@@ -68,6 +69,9 @@ def prepare_merge(workload: Workload, plan: MergePlan, *, limit: int | None = No
     validate_plan(plan, workload, analysis, origin="plan")
     names = _participants(plan)
     for name in names:
+        if workload.model(name).task == "detection":
+            raise GemelError(f"model '{name}': retraining detectors (mAP) is not built yet; reject its groups "
+                             f"in the plan to merge the classifiers")
         if not isinstance(workload.model(name).source, (TorchvisionSource, CheckpointSource)):
             raise GemelError(f"model '{name}': merging needs a torchvision or checkpoint source "
                              f"(TorchScript and ONNX are analysed only); reject its groups in the plan")
@@ -79,6 +83,8 @@ def prepare_merge(workload: Workload, plan: MergePlan, *, limit: int | None = No
         module = build_model(workload, spec, materialize=True).module
         base_state[name] = {k: v.detach().clone() for k, v in module.state_dict().items()}
         data[name] = load_model_data(workload, spec, limit=limit)
+        if spec.dataset.labels == "distill":
+            data[name] = distill(module, data[name], device)
         accuracy[name] = evaluate(module.to(device), data[name].val, device)
         targets[name] = (spec.target.absolute if spec.target.absolute is not None
                          else spec.target.relative * accuracy[name])
@@ -135,7 +141,9 @@ def merge_workload(workload: Workload, plan: MergePlan, out_dir: Path, *, strate
     models = ctx.build_models()
     for name, m in models.items():
         m.load_state_dict(result.state[name])
-    apply_plan(models, result.plan)
+    # Only what retraining verified is merged: groups the search left untried stay apart.
+    kept = [g for g in result.plan.groups if g.state is GroupState.kept]
+    apply_plan(models, result.plan.model_copy(update={"groups": kept}))
     device = resolve_device(plan.retraining.device)
     merged_accuracy = {n: evaluate(models[n].to(device), ctx.data[n].val, device) for n in ctx.names}
     for m in models.values():
@@ -148,7 +156,8 @@ def merge_workload(workload: Workload, plan: MergePlan, out_dir: Path, *, strate
         "strategy": strategy,
         "stopped": result.stopped,
         "device": str(device),
-        "models": {n: {"unmerged_accuracy": ctx.unmerged_accuracy[n], "merged_accuracy": merged_accuracy[n],
+        "models": {n: {"labels": ctx.workload.model(n).dataset.labels,  # distill: accuracy = agreement
+                       "unmerged_accuracy": ctx.unmerged_accuracy[n], "merged_accuracy": merged_accuracy[n],
                        "target": ctx.targets[n], "passed": merged_accuracy[n] >= ctx.targets[n] - 1e-9}
                    for n in ctx.names},
         "bytes_before": ctx.analysis.total_param_bytes,
@@ -173,13 +182,18 @@ def finetune_workload(workload: Workload, out_dir: Path, settings: RetrainSettin
     out_dir.mkdir(parents=True, exist_ok=True)
     new = workload.model_copy(deep=True)
     new.path = (out_dir / "workload.yaml").resolve()
-    # Datasets keep pointing at the same files from the new folder (synthetic ones have none).
+    # Sources and datasets keep pointing at the same files from the new folder (a fine-tuned
+    # model's source is replaced below; synthetic datasets have no files).
     for spec, orig in zip(new.models, workload.models):
-        path = getattr(spec.dataset, "path", None)
-        if path is not None and not Path(path).is_absolute():
-            spec.dataset.path = Path(os.path.relpath(workload.resolve(orig.dataset.path), out_dir.resolve()))
+        for part, orig_part in ((spec.source, orig.source), (spec.dataset, orig.dataset)):
+            path = getattr(part, "path", None)
+            if path is not None and not Path(path).is_absolute():
+                part.path = Path(os.path.relpath(workload.resolve(orig_part.path), out_dir.resolve()))
     summary = {}
     for spec in new.models:
+        if spec.dataset is not None and spec.dataset.labels == "distill":
+            summary[spec.name] = {"skipped": "distill: already trained; fine-tuning needs ground truth"}
+            continue
         if spec.dataset is None or not isinstance(spec.source, (TorchvisionSource, CheckpointSource)):
             summary[spec.name] = {"skipped": "no dataset or not a torchvision/checkpoint source"}
             continue

@@ -69,6 +69,9 @@ class RetrainSettings(_Strict):
     batch_size: int = Field(32, gt=0)
     device: str = "auto"
     time_budget_s: float | None = Field(None, gt=0)
+    # Candidates (or halves of a failed one) that would save fewer bytes are not tried: the
+    # tail of tiny layers costs as many retraining rounds as the heavy ones and saves little.
+    min_savings_bytes: int = Field(0, ge=0)
 
 
 class PlanWorkload(_Strict):
