@@ -128,6 +128,7 @@ class MainWindow(QMainWindow):
         self.proposals_panel.sigPlanEdited.connect(lambda plan: self.retraining_panel.set_plan(plan, replaced=False))
         self.proposals_panel.sigError.connect(self.show_error)
         self.retraining_panel.sigError.connect(self.show_error)
+        self.retraining_panel.sigRunFinished.connect(self._show_final_plan)
 
         self._build_status_bar()
         self._build_menus()
@@ -352,6 +353,12 @@ class MainWindow(QMainWindow):
         worker.start()
         self.sigWorkerStarted.emit(worker)
         return worker
+
+    def _show_final_plan(self, report: dict) -> None:
+        """After a merge, the Proposals tab shows its outcome: which groups were kept or backed off."""
+        path = self.retraining_panel.last_out_dir / "plan.yaml" if self.retraining_panel.last_out_dir else None
+        if path is not None and path.exists():
+            self.proposals_panel.load_plan_file(path)
 
     def cancel_work(self) -> None:
         if self._worker is not None:

@@ -629,6 +629,11 @@ class RetrainingPanel(QWidget):
         top = bytes_ / MIB * 1.15 or 1
         self.saved_item.setYRange(-0.03 * top, top, padding=0)
 
+    @property
+    def last_out_dir(self) -> Path | None:
+        """The output folder of the latest run (its plan.yaml and report.json once it finished)."""
+        return self._run_out_dir
+
     def saved_series(self) -> tuple[np.ndarray, np.ndarray]:
         x, y = self.saved_curve.getData()
         return (np.asarray(x if x is not None else [], dtype=float),

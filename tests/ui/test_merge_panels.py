@@ -161,6 +161,10 @@ def test_a_short_run_draws_curves_logs_rounds_and_writes_the_report(proposed, qt
     report = blocker.args[0]
     assert not panel.running and panel.start_button.isEnabled()
     assert json.loads((out / "report.json").read_text()) == report
+    # The Proposals tab now shows the outcome: the final plan with its kept groups.
+    shown = window.proposals_panel.plan
+    assert window.proposals_panel.plan_path == out / "plan.yaml"
+    assert sum(g.savings_bytes for g in shown.groups if g.state.value == "kept") == report["saved_bytes"] > 0
 
     assert report["strategy"] == "bisect" and report["rounds"] == len(report["steps"]) >= 1
     assert panel.steps_model.steps == report["steps"]
