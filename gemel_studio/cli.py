@@ -218,7 +218,7 @@ def cmd_finetune(args) -> int:
         print(json.dumps(summary))
     else:
         for name, row in summary.items():
-            print(f"{name}: " + (f"accuracy {row['accuracy']:.3f} (from {row['initial_accuracy']:.3f}) "
+            print(f"{name}: " + (f"{row['metric']} {row['accuracy']:.3f} (from {row['initial_accuracy']:.3f}) "
                                  f"in {row['seconds']:.0f} s" if "accuracy" in row else row["skipped"]))
         print(f"wrote {args.out / 'workload.yaml'}")
     return 0
@@ -240,8 +240,8 @@ def cmd_merge(args) -> int:
         print(json.dumps({"event": "done", **{k: v for k, v in report.items() if k != "steps"}}))
         return 0
     for name, row in report["models"].items():
-        print(f"{name:16} unmerged {row['unmerged_accuracy']:.3f}  merged {row['merged_accuracy']:.3f}  "
-              f"target {row['target']:.3f}  {'pass' if row['passed'] else 'FAIL'}")
+        print(f"{name:16} {row['metric']:9} unmerged {row['unmerged_accuracy']:.3f}  merged "
+              f"{row['merged_accuracy']:.3f}  target {row['target']:.3f}  {'pass' if row['passed'] else 'FAIL'}")
     print(f"parameter bytes {human_bytes(report['bytes_before'])} -> {human_bytes(report['bytes_after'])} "
           f"(saved {human_bytes(report['saved_bytes'])}, {report['fraction_of_bound']:.1%} of the all-shareable "
           f"bound) in {report['rounds']} round(s), {report['retrain_seconds']:.0f} s of retraining")

@@ -12,6 +12,13 @@ ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_workloads"
 
 
+@pytest.fixture(autouse=True)
+def seeded():
+    """Random weights (model construction draws from torch's global generator) are the same
+    whatever ran before: a test's outcome must not depend on test order."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture
 def write_workload(tmp_path):
     """write_workload(models, **top) -> path of a YAML workload in tmp_path."""

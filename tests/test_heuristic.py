@@ -129,15 +129,3 @@ def test_candidates_below_the_minimum_savings_stay_untried_and_unmerged(tmp_path
     # The untried groups are not tied: the weights on disk are what the report predicts.
     assert report["bytes_after"] == report["predicted_bytes_after"] == report["bytes_before"] - heavy.savings_bytes
 
-
-def test_a_plan_with_detectors_is_refused_with_the_fix(write_workload):
-    from gemel_studio.analysis import analyze_workload
-    from gemel_studio.errors import GemelError
-
-    entries = [tv(n, "ssdlite320_mobilenet_v3_large", task="detection", num_classes=3,
-                  dataset={"kind": "synthetic", "task": "shape", "samples": 8}) for n in ("a", "b")]
-    w = load_workload(write_workload(entries, input_size=[3, 64, 64]))
-    plan = propose_plan(w, analyze_workload(w))
-    assert plan.groups
-    with pytest.raises(GemelError, match="model 'a': retraining detectors .* reject its groups"):
-        prepare_merge(w, plan)

@@ -37,7 +37,8 @@ class DatasetError(GemelError):
 
 SHAPES = ("circle", "square", "triangle")
 COLORS = {"red": (0.9, 0.15, 0.1), "green": (0.1, 0.8, 0.2), "blue": (0.15, 0.3, 0.95)}
-SYNTHETIC_TASKS = {"shape": 3, "count": 4, "color": 3, "size": 2}
+SYNTHETIC_TASKS = {"shape": 3, "count": 4, "color": 3, "size": 2, "detect": 3}
+DETECTION_TASKS = {"detect"}  # boxes and shape labels, for detectors (class 0 is background)
 
 
 def _draw(canvas: np.ndarray, kind: str, cy: float, cx: float, r: float, rgb) -> None:
@@ -51,6 +52,47 @@ def _draw(canvas: np.ndarray, kind: str, cy: float, cx: float, r: float, rgb) ->
         mask = (yy <= cy + r * 0.7) & (yy - (cy - r) >= 1.7 * np.abs(xx - cx))
     for c in range(3):
         canvas[c][mask] = rgb[c]
+
+
+class DetectionScenes(Dataset):
+    """Scenes of one to three shapes of any kind, colour and size, with a box and a shape
+    label (1 circle, 2 square, 3 triangle; 0 is torchvision's background) per shape."""
+
+    def __init__(self, samples: int, seed: int, size: tuple[int, int, int]):
+        channels, h, w = size
+        rng = np.random.default_rng(seed)
+        colors = list(COLORS.values())
+        self.images = np.empty((samples, 3, h, w), dtype=np.float32)
+        self.targets: list[dict[str, torch.Tensor]] = []
+        for i in range(samples):
+            canvas = rng.uniform(0.0, 0.25, size=(3, h, w)).astype(np.float32)
+            boxes, labels = [], []
+            for _ in range(int(rng.integers(1, 4))):
+                kind, color = int(rng.integers(3)), int(rng.integers(3))
+                r = min(h, w) * float(rng.uniform(0.1, 0.22))
+                cy, cx = rng.uniform(r, h - r), rng.uniform(r, w - r)
+                _draw(canvas, SHAPES[kind], cy, cx, r, colors[color])
+                half = 0.85 * r if SHAPES[kind] == "square" else r
+                bottom = cy + (0.7 * r if SHAPES[kind] == "triangle" else half)
+                boxes.append([max(0.0, cx - half), max(0.0, cy - half), min(w, cx + half), min(h, bottom)])
+                labels.append(kind + 1)
+            self.images[i] = canvas
+            self.targets.append({"boxes": torch.tensor(boxes, dtype=torch.float32),
+                                 "labels": torch.tensor(labels, dtype=torch.int64)})
+        self.channels = channels
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x = torch.from_numpy(self.images[index])
+        return (x.mean(dim=0, keepdim=True) if self.channels == 1 else x), self.targets[index]
+
+
+def detection_collate(batch):
+    """Detectors take lists of images and of targets, not stacked tensors."""
+    images, targets = zip(*batch)
+    return list(images), list(targets)
 
 
 def synthetic_scenes(task: str, samples: int, seed: int, size: tuple[int, int, int]) -> TensorDataset:
@@ -72,7 +114,7 @@ def synthetic_scenes(task: str, samples: int, seed: int, size: tuple[int, int, i
             cy, cx = rng.uniform(r, h - r), rng.uniform(r, w - r)
             _draw(canvas, SHAPES[kind], cy, cx, r, colors[color])
         images[i] = canvas
-        labels[i] = {"shape": kind, "count": count - 1, "color": color, "size": large}[task]
+        labels[i] = {"shape": kind, "count": count - 1, "color": color, "size": large}.get(task, 0)
     x = torch.from_numpy(images)
     if channels == 1:
         x = x.mean(dim=1, keepdim=True)
@@ -192,6 +234,7 @@ class ModelData:
     train: Dataset
     val: Dataset
     num_classes: int
+    task: str = "classification"  # or 'detection': (image, {boxes, labels}) samples, scored by mAP
 
 
 def _split(ds: Dataset, val_fraction: float, seed: int) -> tuple[Subset, Subset]:
@@ -213,8 +256,17 @@ def load_model_data(workload: Workload, spec: ModelSpec, val_fraction: float = 0
         classes = spec.num_classes
         seed = 0
     elif isinstance(source, SyntheticDataset):
-        ds = synthetic_scenes(source.task, min(limit or source.samples, source.samples), source.seed, size)
-        classes = SYNTHETIC_TASKS[source.task]
+        if source.task not in SYNTHETIC_TASKS:
+            raise DatasetError(f"model '{spec.name}': synthetic task '{source.task}' is unknown; expected one of "
+                               f"{', '.join(SYNTHETIC_TASKS)}")
+        if (source.task in DETECTION_TASKS) != (spec.task == "detection"):
+            raise DatasetError(f"model '{spec.name}': synthetic task '{source.task}' does not fit a {spec.task} "
+                               f"model; use task 'detect' for detectors and shape, count, color or size for "
+                               f"classifiers")
+        samples = min(limit or source.samples, source.samples)
+        ds = (DetectionScenes(samples, source.seed, size) if source.task in DETECTION_TASKS
+              else synthetic_scenes(source.task, samples, source.seed, size))
+        classes = SYNTHETIC_TASKS[source.task] + (1 if spec.task == "detection" else 0)  # + background
         seed = source.seed
     elif isinstance(source, FashionMnistDataset):
         ds = fashion_mnist(workload.resolve(source.path), source.classes, size, limit=limit)
@@ -226,13 +278,18 @@ def load_model_data(workload: Workload, spec: ModelSpec, val_fraction: float = 0
         seed = 0
     else:  # pragma: no cover - the schema admits no other kind
         raise DatasetError(f"model '{spec.name}': unsupported dataset kind")
+    if spec.task == "detection" and not isinstance(source, SyntheticDataset):
+        raise DatasetError(f"model '{spec.name}': detectors retrain on synthetic 'detect' scenes only (no box "
+                           f"annotation format is read yet); use dataset kind synthetic, task detect")
+    if spec.task == "detection" and source.labels == "distill":
+        raise DatasetError(f"model '{spec.name}': labels: distill is for classifiers; a detector needs boxes")
     if source.labels == "distill":
         classes = spec.num_classes  # the labels will be the model's own predictions
     elif classes > spec.num_classes:
         raise DatasetError(f"model '{spec.name}': its dataset has {classes} classes but num_classes is "
                            f"{spec.num_classes}; make them agree")
     train, val = _split(ds, val_fraction, seed)
-    return ModelData(train, val, classes)
+    return ModelData(train, val, classes, spec.task)
 
 
 def _predict(model: torch.nn.Module, data: Dataset, device: torch.device, batch_size: int) -> TensorDataset:

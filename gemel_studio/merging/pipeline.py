@@ -28,7 +28,7 @@ from ..workload import CheckpointSource, TorchvisionSource, Workload, save_workl
 from .datasets import ModelData, distill, load_model_data
 from .heuristic import STRATEGIES, SearchResult, Step, search
 from .plan import GroupState, MergePlan, RetrainSettings, save_plan, validate_plan
-from .retrain import evaluate, joint_retrain, resolve_device
+from .retrain import evaluate, joint_retrain, metric_name, resolve_device
 from .tying import apply_plan, unique_param_bytes
 
 
@@ -69,9 +69,6 @@ def prepare_merge(workload: Workload, plan: MergePlan, *, limit: int | None = No
     validate_plan(plan, workload, analysis, origin="plan")
     names = _participants(plan)
     for name in names:
-        if workload.model(name).task == "detection":
-            raise GemelError(f"model '{name}': retraining detectors (mAP) is not built yet; reject its groups "
-                             f"in the plan to merge the classifiers")
         if not isinstance(workload.model(name).source, (TorchvisionSource, CheckpointSource)):
             raise GemelError(f"model '{name}': merging needs a torchvision or checkpoint source "
                              f"(TorchScript and ONNX are analysed only); reject its groups in the plan")
@@ -85,7 +82,7 @@ def prepare_merge(workload: Workload, plan: MergePlan, *, limit: int | None = No
         data[name] = load_model_data(workload, spec, limit=limit)
         if spec.dataset.labels == "distill":
             data[name] = distill(module, data[name], device)
-        accuracy[name] = evaluate(module.to(device), data[name].val, device)
+        accuracy[name] = evaluate(module.to(device), data[name].val, device, task=data[name].task)
         targets[name] = (spec.target.absolute if spec.target.absolute is not None
                          else spec.target.relative * accuracy[name])
         progress.step(f"{name}: unmerged accuracy {accuracy[name]:.3f}")
@@ -145,7 +142,8 @@ def merge_workload(workload: Workload, plan: MergePlan, out_dir: Path, *, strate
     kept = [g for g in result.plan.groups if g.state is GroupState.kept]
     apply_plan(models, result.plan.model_copy(update={"groups": kept}))
     device = resolve_device(plan.retraining.device)
-    merged_accuracy = {n: evaluate(models[n].to(device), ctx.data[n].val, device) for n in ctx.names}
+    merged_accuracy = {n: evaluate(models[n].to(device), ctx.data[n].val, device, task=ctx.data[n].task)
+                       for n in ctx.names}
     for m in models.values():
         m.to("cpu")
     written = write_merged_weights(models, out_dir / "merged.safetensors")
@@ -157,6 +155,7 @@ def merge_workload(workload: Workload, plan: MergePlan, out_dir: Path, *, strate
         "stopped": result.stopped,
         "device": str(device),
         "models": {n: {"labels": ctx.workload.model(n).dataset.labels,  # distill: accuracy = agreement
+                       "metric": metric_name(ctx.data[n].task),
                        "unmerged_accuracy": ctx.unmerged_accuracy[n], "merged_accuracy": merged_accuracy[n],
                        "target": ctx.targets[n], "passed": merged_accuracy[n] >= ctx.targets[n] - 1e-9}
                    for n in ctx.names},
@@ -206,7 +205,8 @@ def finetune_workload(workload: Workload, out_dir: Path, settings: RetrainSettin
         save_file(state, str(path.with_name(path.name + ".tmp")))
         os.replace(path.with_name(path.name + ".tmp"), path)
         spec.source = CheckpointSource(kind="checkpoint", architecture=spec.source.architecture, path=Path(path.name))
-        summary[spec.name] = {"accuracy": result.accuracy[spec.name], "initial_accuracy": result.initial_accuracy[spec.name],
+        summary[spec.name] = {"metric": metric_name(data.task), "accuracy": result.accuracy[spec.name],
+                              "initial_accuracy": result.initial_accuracy[spec.name],
                               "seconds": result.seconds, "epochs": len(result.history)}
     new.name = f"{workload.name}-finetuned"
     save_workload(new, out_dir / "workload.yaml")

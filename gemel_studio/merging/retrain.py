@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..errors import Cancelled, GemelError
 from ..progress import Progress
-from .datasets import ModelData
+from .datasets import ModelData, detection_collate
 from .plan import RetrainSettings
 
 CHECKPOINT_VERSION = 1
@@ -45,9 +45,52 @@ def loss_weight(target: float, accuracy: float) -> float:
     return min((target / max(accuracy, 1e-6)) ** 0.75, 10.0)
 
 
+def metric_name(task: str) -> str:
+    """What 'accuracy' means for a model of this task in reports and targets."""
+    return "mAP@0.5" if task == "detection" else "accuracy"
+
+
+def loader(data: Dataset, task: str, batch_size: int, **kwargs) -> DataLoader:
+    return DataLoader(data, batch_size=batch_size, collate_fn=detection_collate if task == "detection" else None,
+                      **kwargs)
+
+
+def _to(targets: list[dict], device: torch.device) -> list[dict]:
+    return [{k: v.to(device) for k, v in t.items()} for t in targets]
+
+
+def task_loss(model: torch.nn.Module, batch, task: str, device: torch.device) -> torch.Tensor:
+    """Cross-entropy for a classifier; for a torchvision detector, the sum of its own losses."""
+    x, y = batch
+    if task == "detection":
+        return sum(model([i.to(device) for i in x], _to(y, device)).values())
+    return torch.nn.functional.cross_entropy(model(x.to(device)), y.to(device))
+
+
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, data: Dataset, device: torch.device, batch_size: int = 256) -> float:
-    """Top-1 accuracy on `data`."""
+def mean_average_precision(model: torch.nn.Module, data: Dataset, device: torch.device, batch_size: int = 16) -> float:
+    """COCO-style mAP at IoU 0.5 (torchmetrics) of a torchvision detector on `data`."""
+    from torchmetrics.detection import MeanAveragePrecision
+
+    was_training = model.training
+    model.eval()
+    metric = MeanAveragePrecision(iou_type="bbox", box_format="xyxy", iou_thresholds=[0.5])
+    metric.warn_on_many_detections = False  # an untrained detector proposes hundreds of boxes
+    for images, targets in loader(data, "detection", batch_size):
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out = model([i.to(device) for i in images])
+        metric.update([{k: v.float().cpu() if k != "labels" else v.cpu() for k, v in o.items()} for o in out],
+                      targets)
+    model.train(was_training)
+    return max(0.0, float(metric.compute()["map_50"]))  # -1 when nothing was scored
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: Dataset, device: torch.device, batch_size: int = 256,
+             task: str = "classification") -> float:
+    """Top-1 accuracy on `data` for a classifier, mAP@0.5 for a detector."""
+    if task == "detection":
+        return mean_average_precision(model, data, device)
     was_training = model.training
     model.eval()
     correct = total = 0
@@ -141,7 +184,7 @@ def joint_retrain(models: Mapping[str, torch.nn.Module], data: Mapping[str, Mode
     events: list[str] = []
     start_epoch, start_step = 0, 0
     started = time.monotonic()
-    initial = {n: evaluate(models[n], data[n].val, device) for n in names}
+    initial = {n: evaluate(models[n], data[n].val, device, task=data[n].task) for n in names}
 
     state = _load_checkpoint(checkpoint, names) if checkpoint else None
     if state is not None:
@@ -170,8 +213,9 @@ def joint_retrain(models: Mapping[str, torch.nn.Module], data: Mapping[str, Mode
             stopped = "time budget"
             break
         weights = {n: loss_weight(targets[n], accuracy[n]) for n in names}
-        loaders = {n: DataLoader(data[n].train, batch_size=batch_size, shuffle=True, drop_last=len(data[n].train) > batch_size,
-                                 generator=torch.Generator().manual_seed(seed * 1000 + epoch)) for n in names}
+        loaders = {n: loader(data[n].train, data[n].task, batch_size, shuffle=True,
+                             drop_last=len(data[n].train) > batch_size,
+                             generator=torch.Generator().manual_seed(seed * 1000 + epoch)) for n in names}
         steps = max(len(loader) for loader in loaders.values())
         iters = {n: iter(loaders[n]) for n in names}
         first_step = start_step if epoch == start_epoch else 0
@@ -197,8 +241,7 @@ def joint_retrain(models: Mapping[str, torch.nn.Module], data: Mapping[str, Mode
                 total = 0.0
                 with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                     for n in names:
-                        x, y = batches[n]
-                        loss = torch.nn.functional.cross_entropy(models[n](x.to(device)), y.to(device))
+                        loss = task_loss(models[n], batches[n], data[n].task, device)
                         losses[n] += loss.item()
                         total = total + weights[n] * loss
                 total.backward()
@@ -221,7 +264,7 @@ def joint_retrain(models: Mapping[str, torch.nn.Module], data: Mapping[str, Mode
             progress.message = events[-1]
             start_epoch, start_step = epoch, 0
             continue
-        accuracy = {n: evaluate(models[n], data[n].val, device) for n in names}
+        accuracy = {n: evaluate(models[n], data[n].val, device, task=data[n].task) for n in names}
         record = EpochRecord(epoch=epoch + 1, seconds=time.monotonic() - t0,
                              loss={n: losses[n] / max(1, steps - first_step) for n in names}, accuracy=accuracy)
         history.append(record)
@@ -261,5 +304,5 @@ def clone_state(models: Mapping[str, torch.nn.Module]) -> dict[str, dict[str, to
     return {n: {k: v.detach().clone() for k, v in m.state_dict().items()} for n, m in models.items()}
 
 
-__all__ = ["EpochRecord", "RetrainResult", "clone_state", "evaluate", "joint_retrain", "loss_weight",
+__all__ = ["EpochRecord", "RetrainResult", "clone_state", "evaluate", "joint_retrain", "loss_weight", "metric_name",
            "resolve_device", "unique_parameters"]
