@@ -224,18 +224,37 @@ def cmd_finetune(args) -> int:
     return 0
 
 
+def _stop_on_ctrl_c(progress) -> None:
+    """The first Ctrl-C stops the work at its next step, which checkpoints exactly; a second
+    one stops at once (the last epoch's checkpoint stays)."""
+    import signal
+
+    def handler(signum, frame):
+        if progress.cancelled:
+            raise KeyboardInterrupt
+        progress.cancel()
+        print("\nstopping at the next step (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+    signal.signal(signal.SIGINT, handler)
+
+
 def cmd_merge(args) -> int:
     from .merging import load_plan
     from .merging.pipeline import merge_workload
-    from .progress import terminal_progress
+    from .progress import Progress, terminal_progress
     from .workload import load_workload
 
     workload = load_workload(args.workload)
     plan = load_plan(args.plan)
     plan = plan.model_copy(update={"retraining": _settings_from_args(args, plan.retraining)})
-    report = merge_workload(workload, plan, args.out, strategy=args.strategy, time_budget_s=args.time_budget,
-                            limit=args.limit, progress=None if args.json else terminal_progress(),
-                            on_step=_printer(args))
+    progress = Progress() if args.json else terminal_progress()
+    _stop_on_ctrl_c(progress)
+    try:
+        report = merge_workload(workload, plan, args.out, strategy=args.strategy, time_budget_s=args.time_budget,
+                                limit=args.limit, progress=progress, on_step=_printer(args))
+    except Cancelled:
+        print(f"stopped: the search is saved in {args.out}; run the same command again to resume", file=sys.stderr)
+        return 130
     if args.json:
         print(json.dumps({"event": "done", **{k: v for k, v in report.items() if k != "steps"}}))
         return 0

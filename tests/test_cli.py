@@ -131,3 +131,35 @@ def test_os_errors_are_one_line(tmp_path, write_workload, capsys):
     assert main(["merge", str(workload), "--plan", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     err = _one_line_error(capsys)
     assert str(tmp_path) in err and "(check the path and its permissions)" in err
+
+
+def test_ctrl_c_during_merge_saves_the_step_and_the_same_command_resumes(tmp_path, write_workload):
+    import os
+    import signal
+
+    entries = [tv(t, "resnet18", num_classes=3, target={"absolute": 1.0},  # unreachable: rounds fail and split
+                  dataset={"kind": "synthetic", "task": t, "samples": 64, "seed": i})
+               for i, t in enumerate(("color", "shape"))]
+    workload = write_workload(entries, input_size=[3, 16, 16])
+    plan, out = tmp_path / "plan.yaml", tmp_path / "merged"
+    assert main(["propose", str(workload), "-o", str(plan)]) == 0
+    cmd = [sys.executable, "-m", "gemel_studio.cli", "merge", str(workload), "--plan", str(plan), "--out", str(out),
+           "--json", "--epochs", "3", "--batch-size", "8", "--device", "cpu"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    first = json.loads(proc.stdout.readline())  # the first round ended: the second is under way
+    assert first["event"] == "round" and first["round"] == 1
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "run the same command again to resume" in err and "Traceback" not in err
+    # Round 1 is banked; the round under way is checkpointed at its exact step (unless the
+    # signal landed between rounds, when there is nothing of it to keep).
+    assert (out / "search.state").exists()
+
+    # Resume; a one-second budget ends the search after the resumed epoch, so the test stays short.
+    done = subprocess.run(cmd + ["--time-budget", "1"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["steps"][0] == {k: v for k, v in first.items() if k != "event"}  # round 1 was not redone
+    assert report["stopped"] == "time budget"
