@@ -278,6 +278,26 @@ def _training_args(p) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable progress, one JSON object a line")
 
 
+# --- gemel export --------------------------------------------------------------------------
+
+
+def cmd_export(args) -> int:
+    from .export import export_bundle
+
+    result = export_bundle(args.merged_dir, args.output, archive=args.archive)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+        return 0 if result.ok else 1
+    for check in result.checks:
+        print(f"{'pass' if check.passed else 'FAIL'}  {check.name}: {check.detail}")
+    for note in result.notes:
+        print(f"note: {note}")
+    print(f"weights {human_bytes(result.weights_data_bytes)} on disk (each shared tensor once; "
+          f"{human_bytes(result.sum_model_bytes)} stored apart); bundle {human_bytes(result.bundle_bytes)}")
+    print(f"wrote {result.bundle}" if result.ok else f"wrote {result.bundle}, but checks failed")
+    return 0 if result.ok else 1
+
+
 # --- gemel studio --------------------------------------------------------------------------
 
 
@@ -333,6 +353,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not try candidates (or halves of failed ones) that save less than this many MiB")
     _training_args(p)
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("export", help="write a deployable bundle (manifest, weights once, ONNX) from a merged folder")
+    p.add_argument("merged_dir", type=Path, help="the folder `gemel merge --out` wrote")
+    p.add_argument("-o", "--output", type=Path, required=True, help="the bundle folder (or archive with --archive)")
+    p.add_argument("--archive", action="store_true", help="write one .tar file instead of a folder")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("studio", help="open the desktop studio")
     p.add_argument("workload", type=Path, nargs="?", default=None)

@@ -113,6 +113,15 @@ def test_merge_writes_weights_once_plan_and_report_and_resumes(tmp_path, write_w
     g = kept[0]
     keys = {mapping[m.model][f"{m.layer}.weight"] for m in g.members}
     assert len(keys) == 1
+    # The workload is written beside the weights (for `gemel export`); the caller's is untouched.
+    saved = load_workload(out / "workload.yaml")
+    assert saved.models == w.models and w.path == tmp_path / "test.yaml"
+    # ... and the merged folder is all `gemel export` needs: its checks pass on real merge output.
+    from gemel_studio.export import export_bundle
+
+    result = export_bundle(out, tmp_path / "bundle")
+    assert result.ok, [c for c in result.checks if not c.passed]
+    assert result.weights_data_bytes < result.sum_model_bytes
 
 
 def test_candidates_below_the_minimum_savings_stay_untried_and_unmerged(tmp_path, write_workload):

@@ -48,3 +48,34 @@ assert rc == 2, rc
     assert proc.returncode == 0, proc.stderr
     assert '"max_savings_bytes"' in proc.stdout
     assert "the studio needs the GUI extras" in proc.stderr
+
+
+def test_runtime_imports_neither_merging_nor_ui_nor_qt():
+    """The edge runtime installs without the GUI and without the merging code (DESIGN.md)."""
+    script = """
+import sys
+import gemel_studio.runtime
+import gemel_studio.runtime.bundle
+bad = sorted(m for m in sys.modules if m.split('.')[0] in ('PySide6', 'pyqtgraph', 'shiboken6')
+             or m.startswith(('gemel_studio.merging', 'gemel_studio.ui', 'gemel_studio.export')))
+print(bad)
+assert not bad, bad
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_runtime_sources_do_not_import_merging_ui_or_export():
+    offenders = []
+    for p in (PACKAGE / "runtime").rglob("*.py"):
+        tree = ast.parse(p.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                module = ("." * node.level) + (node.module or "")
+                if any(part in ("merging", "ui", "export") for part in module.lstrip(".").split(".")[:2]) \
+                        or module.startswith(("gemel_studio.merging", "gemel_studio.ui", "gemel_studio.export")):
+                    offenders.append(f"{p.name}: {module}")
+            elif isinstance(node, ast.Import):
+                offenders += [f"{p.name}: {a.name}" for a in node.names
+                              if a.name.startswith(("gemel_studio.merging", "gemel_studio.ui", "PySide6"))]
+    assert offenders == []

@@ -5,7 +5,8 @@
 whose dataset says `labels: distill`, agreement with its own predictions, so 1.0), derives the
 targets, runs the search, and writes to the output folder: `merged.safetensors` (every
 shared tensor once, with a map of which model uses which tensor), `plan.yaml` (the final
-states), `report.json`, and the search state that a rerun resumes from.
+states), `report.json`, `workload.yaml` (the workload, its relative paths rebased, so
+that `gemel export` needs nothing else), and the search state that a rerun resumes from.
 """
 
 from __future__ import annotations
@@ -148,6 +149,9 @@ def merge_workload(workload: Workload, plan: MergePlan, out_dir: Path, *, strate
         m.to("cpu")
     written = write_merged_weights(models, out_dir / "merged.safetensors")
     save_plan(result.plan, out_dir / "plan.yaml")
+    # The workload beside the weights makes the folder self-contained for `gemel export`; a
+    # copy is saved so the caller's workload keeps standing for its own file.
+    save_workload(workload.model_copy(deep=True), out_dir / "workload.yaml")
     participants_bytes = sum(ctx.analysis.model(n).param_bytes for n in ctx.names)
     report = {
         "workload": workload.name,
