@@ -298,6 +298,90 @@ def cmd_export(args) -> int:
     return 0 if result.ok else 1
 
 
+# --- gemel run -----------------------------------------------------------------------------
+
+
+def _parse_stream(spec: str, loop: bool) -> tuple:
+    from .runtime.sources import parse_source
+
+    source, eq, models = spec.partition("=")
+    if not source:
+        raise GemelError(f"--stream '{spec}': name a source: synthetic[:FPS], a video path or camera:N")
+    names = [m.strip() for m in models.split(",") if m.strip()]
+    if eq and not names:
+        raise GemelError(f"--stream '{spec}': no model names after '='; write SOURCE=MODEL[,MODEL...]")
+    return parse_source(source, loop=loop), names
+
+
+def format_run(summary: dict) -> str:
+    out = [f"{summary['bundle']}: policy {summary['policy']}, budget {human_bytes(summary['budget_bytes'])}, "
+           f"device {summary['device']}, backend {summary['backend']}; ran {summary['elapsed_s']:.1f} s, "
+           f"stopped: {summary['stopped']}", ""]
+
+    def ms(v):
+        return "-" if v is None else f"{v:.1f}"
+
+    rows = [[s["name"], ",".join(s["models"]), f"{s['fps']:g}", str(s["frames_in"]), str(s["processed"]),
+             str(s["dropped"]), ms(s["latency_p50_ms"]), ms(s["latency_p99_ms"]), f"{s['throughput_fps']:.1f}",
+             s["end_reason"] or "-"] for s in summary["streams"]]
+    out.append(_table(rows, ["stream", "models", "fps", "in", "processed", "dropped", "p50 ms", "p99 ms",
+                             "frames/s", "ended"]))
+    out.append("")
+    rows = [[n, human_bytes(m["bytes"]), str(m["runs"]), str(m["swaps"]), f"{m['load_seconds']:.3f}",
+             human_bytes(m["loaded_bytes"]), ms(m["mean_infer_ms"]), str(m["refused"])]
+            for n, m in summary["models"].items()]
+    out.append(_table(rows, ["model", "bytes", "runs", "swaps", "load s", "loaded", "infer ms", "refused"]))
+    out.append("")
+    mem = summary["memory"]
+    out.append(f"runtime resident weights {human_bytes(mem['runtime_resident_bytes'])} "
+               f"(peak {human_bytes(mem['runtime_peak_resident_bytes'])}; all models "
+               f"{human_bytes(mem['all_models_bytes'])}); process RSS {human_bytes(mem['process_rss_bytes'])}")
+    if "torch_allocated_bytes" in mem:
+        out.append(f"torch allocated {human_bytes(mem['torch_allocated_bytes'])}, reserved "
+                   f"{human_bytes(mem['torch_reserved_bytes'])}; device used "
+                   f"{human_bytes(mem.get('device_used_bytes'))} of {human_bytes(mem.get('device_total_bytes'))}")
+    if mem.get("static_set") is not None:
+        out.append(f"space-sharing keeps {', '.join(mem['static_set']) or 'no model'} resident")
+    return "\n".join(out)
+
+
+def cmd_run(args) -> int:
+    import signal
+    import threading
+
+    from .runtime import load_bundle
+    from .runtime.engine import Engine
+    from .runtime.scheduler import parse_bytes
+    from .progress import Progress
+
+    if args.duration is not None and not args.duration > 0:
+        raise GemelError(f"--duration {args.duration}: must be a positive number of seconds")
+    budget = parse_bytes(args.memory_budget) if args.memory_budget is not None else None
+    if budget is None and args.policy != "unlimited":
+        raise GemelError(f"--policy {args.policy} needs --memory-budget BYTES (e.g. 200MiB), "
+                         "or use --policy unlimited")
+    streams = [_parse_stream(spec, args.loop) for spec in args.stream]
+    with load_bundle(args.bundle) as bundle:
+        engine = Engine(bundle, streams, args.policy, budget, args.device, args.backend)
+        progress = Progress()
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            # Ctrl-C stops the run cleanly and the summary is still printed.
+            previous = signal.signal(signal.SIGINT, lambda signum, frame: progress.cancel())
+        until = f"for {args.duration:g} s" if args.duration else "until the sources end"
+        print(f"running {len(streams)} stream(s) {until}; Ctrl-C stops and prints the summary",
+              file=sys.stderr, flush=True)
+        try:
+            summary = engine.run(args.duration, progress).to_dict()
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+    if summary["stopped"] == "cancelled":
+        summary["stopped"] = "interrupted"  # Ctrl-C is what cancels from a terminal
+    print(json.dumps(summary) if args.json else format_run(summary))
+    return 0
+
+
 # --- gemel studio --------------------------------------------------------------------------
 
 
@@ -360,6 +444,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--archive", action="store_true", help="write one .tar file instead of a folder")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("run", help="run a bundle's models on live streams under a memory budget (the edge runtime)")
+    p.add_argument("bundle", type=Path, help="a bundle folder or archive written by `gemel export`")
+    p.add_argument("--stream", action="append", required=True, metavar="SOURCE[=MODEL,...]",
+                   help="synthetic[:FPS], a video file or camera:N, and the models its frames go through "
+                        "(default: every model); repeat for more streams")
+    p.add_argument("--backend", choices=["torch"], default="torch")
+    p.add_argument("--device", default="auto", help="auto (default: CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--memory-budget", metavar="BYTES", help="e.g. 200MiB, 1.5GiB or a number of bytes")
+    p.add_argument("--policy", choices=["merged", "time-sharing", "space-sharing", "unlimited"], default="merged")
+    p.add_argument("--duration", type=float, metavar="S", help="seconds to run (default: until the sources end "
+                   "or Ctrl-C)")
+    p.add_argument("--loop", action="store_true", help="start video files over at their end")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("studio", help="open the desktop studio")
     p.add_argument("workload", type=Path, nargs="?", default=None)

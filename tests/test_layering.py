@@ -56,6 +56,9 @@ def test_runtime_imports_neither_merging_nor_ui_nor_qt():
 import sys
 import gemel_studio.runtime
 import gemel_studio.runtime.bundle
+import gemel_studio.runtime.engine
+import gemel_studio.runtime.scheduler
+import gemel_studio.runtime.sources
 bad = sorted(m for m in sys.modules if m.split('.')[0] in ('PySide6', 'pyqtgraph', 'shiboken6')
              or m.startswith(('gemel_studio.merging', 'gemel_studio.ui', 'gemel_studio.export')))
 print(bad)

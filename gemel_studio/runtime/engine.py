@@ -1,0 +1,311 @@
+"""The inference engine: live streams through the bundle's models under a memory budget.
+
+Each stream's source delivers frames in real time on its own thread; one worker (the caller's
+thread) takes them in arrival order. A frame must have been run through all of its stream's
+models before its deadline, the arrival of the stream's next frame (1/fps later); otherwise
+it is dropped and counted: frames whose deadline passed while they waited or ran ("late") and
+frames for a model the policy will not hold ("refused", space-sharing). Every frame that
+arrived is counted once as processed or dropped, so `frames_in == processed + dropped`.
+
+`run()` returns a `RunSummary` (plain data, `to_dict()` is JSON-able) whether it stops because
+the duration passed, every source ended, `progress.cancel()` was called or Ctrl-C was pressed.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from ..errors import GemelError
+from .scheduler import ModelScheduler
+from .sources import FrameSource
+
+
+@dataclass
+class StreamStats:
+    """What one stream did: frames in, processed before their deadline, dropped (and why)."""
+
+    name: str
+    models: list[str]
+    fps: float
+    frames_in: int = 0
+    processed: int = 0
+    dropped_late: int = 0
+    dropped_refused: int = 0
+    end_reason: str | None = None  # why its source ended; None while it still delivers
+    latencies: list[float] = field(default_factory=list, repr=False)  # seconds, processed frames
+
+    @property
+    def dropped(self) -> int:
+        return self.dropped_late + self.dropped_refused
+
+    def to_dict(self, elapsed_s: float) -> dict:
+        lat = np.asarray(self.latencies) * 1000.0
+        return {"name": self.name, "models": self.models, "fps": self.fps, "frames_in": self.frames_in,
+                "processed": self.processed, "dropped": self.dropped, "dropped_late": self.dropped_late,
+                "dropped_refused": self.dropped_refused,
+                "processed_fraction": self.processed / self.frames_in if self.frames_in else None,
+                "latency_p50_ms": float(np.percentile(lat, 50)) if lat.size else None,
+                "latency_p99_ms": float(np.percentile(lat, 99)) if lat.size else None,
+                "throughput_fps": self.processed / elapsed_s if elapsed_s > 0 else 0.0,
+                "end_reason": self.end_reason}
+
+
+@dataclass
+class RunSummary:
+    bundle: str
+    backend: str
+    device: str
+    policy: str
+    budget_bytes: int | None
+    elapsed_s: float
+    stopped: str  # duration | sources ended | cancelled | interrupted
+    streams: list[dict]
+    models: dict[str, dict]
+    memory: dict
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def memory_snapshot(device: torch.device, resident_bytes: int, peak_resident_bytes: int) -> dict:
+    """The runtime's own resident weights, the process's resident memory and, on CUDA only,
+    torch's allocated/reserved bytes and the device's used/total memory (pynvml). Each is a
+    different figure and is named as such."""
+    out = {"runtime_resident_bytes": resident_bytes, "runtime_peak_resident_bytes": peak_resident_bytes,
+           "process_rss_bytes": process_rss()}
+    if device.type == "cuda":
+        out["torch_allocated_bytes"] = int(torch.cuda.memory_allocated(device))
+        out["torch_reserved_bytes"] = int(torch.cuda.memory_reserved(device))
+        out.update(_nvml_memory(device.index or 0))
+    return out
+
+
+def process_rss() -> int | None:
+    try:
+        import psutil
+        return int(psutil.Process().memory_info().rss)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _nvml_memory(index: int) -> dict:
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+    except Exception:
+        return {}
+    try:
+        mem = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index))
+        return {"device_used_bytes": int(mem.used), "device_total_bytes": int(mem.total)}
+    except Exception:
+        return {}
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise GemelError(f"device '{device}': expected auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise GemelError(f"device '{device}': no CUDA GPU here; use --device cpu or auto")
+    if dev.type not in ("cpu", "cuda"):
+        raise GemelError(f"device '{device}': expected auto, cpu, cuda or cuda:N")
+    return dev
+
+
+def _prepare_input(frame: torch.Tensor, input_size: tuple[int, int, int], device: torch.device) -> torch.Tensor:
+    """A CHW [0, 1] frame as a 1xCxHxW batch of the model's channels and size."""
+    c, h, w = input_size
+    x = frame.to(device, non_blocking=True)
+    if x.shape[0] != c:
+        x = x.mean(0, keepdim=True) if c == 1 else x[:1].expand(c, -1, -1) if x.shape[0] == 1 else x[:c]
+    x = x.unsqueeze(0)
+    if tuple(x.shape[-2:]) != (h, w):
+        x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+    return x
+
+
+class Engine:
+    """One run: streams, the scheduler and the counters. `snapshot()` may be read from another
+    thread while `run()` works (a metrics endpoint, a preview)."""
+
+    def __init__(self, bundle, streams: list[tuple[FrameSource, list[str]]], policy: str = "merged",
+                 budget_bytes: int | None = None, device: str = "cpu", backend: str = "torch"):
+        if backend != "torch":
+            raise GemelError(f"backend '{backend}': only the torch backend is implemented so far")
+        if not streams:
+            raise GemelError("no streams: add at least one --stream SOURCE[=MODEL,...]")
+        self.bundle = bundle
+        self.backend = backend
+        self.device = resolve_device(device)
+        all_models = [m.name for m in bundle.manifest.models]
+        self.streams = [(src, list(models) or list(all_models)) for src, models in streams]
+        used = list(dict.fromkeys(m for _, models in self.streams for m in models))
+        self.scheduler = ModelScheduler.for_bundle(bundle, used, policy, budget_bytes, self.device)
+        self.inputs = {m: tuple(bundle.manifest.model(m).input_size) for m in used}
+        names = [src.name for src, _ in self.streams]
+        self.stats = [StreamStats(n if names.count(n) == 1 else f"{n}#{i}", models, src.fps)
+                      for i, (n, (src, models)) in enumerate(zip(names, self.streams))]
+        self.infer_seconds = {m: 0.0 for m in used}
+        self.outputs: dict[str, torch.Tensor] = {}  # the last output of each model (previews)
+        self._queue: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._start = None
+        self.elapsed_s = 0.0
+        self.stopped = ""
+
+    # --- producers: one thread per source ------------------------------------------------------
+
+    def _produce(self, i: int, source: FrameSource) -> None:
+        stats = self.stats[i]
+        try:
+            for ts, frame in source.frames():
+                with self._lock:
+                    stats.frames_in += 1
+                self._queue.put((i, ts, ts + 1.0 / source.fps, frame))
+        except Exception as exc:  # a source must never take the run down
+            source.end_reason = source.end_reason or f"error: {exc}"
+        finally:
+            stats.end_reason = source.end_reason or "ended"
+
+    # --- the worker --------------------------------------------------------------------------
+
+    def _process(self, item) -> None:
+        i, ts, deadline, frame = item
+        stats = self.stats[i]
+        models = stats.models
+        refused = [m for m in models if self.scheduler.refuses(m)]
+        if refused:
+            for m in refused:
+                self.scheduler.stats[m].refused += 1
+            stats.dropped_refused += 1
+            return
+        for m in models:
+            if time.monotonic() > deadline:
+                stats.dropped_late += 1
+                return
+            state = self.scheduler.acquire(m)
+            start = time.perf_counter()
+            x = _prepare_input(frame, self.inputs[m], self.device)
+            with torch.inference_mode():
+                out = functional_call(self.bundle.models[m], state, (x,), strict=False)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.infer_seconds[m] += time.perf_counter() - start
+            self.outputs[m] = out
+        done = time.monotonic()
+        if done > deadline:
+            stats.dropped_late += 1
+        else:
+            stats.processed += 1
+            stats.latencies.append(done - ts)
+
+    def run(self, duration_s: float | None = None, progress=None,
+            on_update: Callable[[dict], None] | None = None, update_every_s: float = 0.5) -> RunSummary:
+        """Process until `duration_s` passes, every source ends, `progress.cancel()` or Ctrl-C."""
+        threads = [threading.Thread(target=self._produce, args=(i, src), name=f"gemel-source-{i}", daemon=True)
+                   for i, (src, _) in enumerate(self.streams)]
+        self._start = time.monotonic()
+        for t in threads:
+            t.start()
+        last_update = self._start
+        stopped = None
+        try:
+            while stopped is None:
+                now = time.monotonic()
+                if progress is not None and progress.cancelled:
+                    stopped = "cancelled"
+                elif duration_s is not None and now - self._start >= duration_s:
+                    stopped = "duration"
+                else:
+                    try:
+                        item = self._queue.get(timeout=0.02)
+                    except queue.Empty:
+                        if not any(t.is_alive() for t in threads) and self._queue.empty():
+                            stopped = "sources ended"
+                        continue
+                    self._process(item)
+                if on_update is not None and now - last_update >= update_every_s:
+                    last_update = now
+                    on_update(self.snapshot())
+        except KeyboardInterrupt:
+            stopped = "interrupted"
+        finally:
+            self.stopped = stopped or "interrupted"
+            self.elapsed_s = time.monotonic() - self._start
+            for src, _ in self.streams:
+                src.stop()
+            for t in threads:
+                t.join(timeout=5.0)
+            self._drain()
+        return self.summary()
+
+    def _drain(self) -> None:
+        """Frames still queued when the run stops missed their chance: dropped, so every frame
+        that came in is counted once."""
+        while True:
+            try:
+                i, *_ = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            self.stats[i].dropped_late += 1
+
+    # --- reading -----------------------------------------------------------------------------
+
+    def _models(self) -> dict[str, dict]:
+        out = {}
+        for name, s in self.scheduler.stats.items():
+            row = s.to_dict()
+            row["infer_seconds"] = self.infer_seconds[name]
+            row["mean_infer_ms"] = 1000.0 * self.infer_seconds[name] / s.runs if s.runs else None
+            out[name] = row
+        return out
+
+    def snapshot(self) -> dict:
+        elapsed = time.monotonic() - self._start if self._start is not None else 0.0
+        sched = self.scheduler
+        return {"elapsed_s": elapsed, "streams": [s.to_dict(elapsed) for s in self.stats],
+                "models": self._models(),
+                "memory": {"budget_bytes": sched.budget,
+                           **memory_snapshot(self.device, sched.resident_bytes, sched.peak_resident_bytes)}}
+
+    def summary(self) -> RunSummary:
+        sched = self.scheduler
+        return RunSummary(bundle=str(self.bundle.path), backend=self.backend, device=str(self.device),
+                          policy=sched.policy, budget_bytes=sched.budget, elapsed_s=self.elapsed_s,
+                          stopped=self.stopped, streams=[s.to_dict(self.elapsed_s) for s in self.stats],
+                          models=self._models(),
+                          memory={"budget_bytes": sched.budget, "all_models_bytes": sched.total_bytes(),
+                                  "static_set": sched.static_set,
+                                  **memory_snapshot(self.device, sched.resident_bytes, sched.peak_resident_bytes)})
+
+
+def run(bundle, streams: list[tuple[FrameSource, list[str]]], policy: str = "merged",
+        budget_bytes: int | None = None, device: str = "cpu", duration_s: float | None = None,
+        progress=None, backend: str = "torch", on_update: Callable[[dict], None] | None = None) -> RunSummary:
+    """Run `streams` (each a source and the names of the models its frames go through; an empty
+    list means every model of the bundle) and return what happened."""
+    engine = Engine(bundle, streams, policy, budget_bytes, device, backend)
+    return engine.run(duration_s, progress, on_update)
+
+
+__all__ = ["Engine", "RunSummary", "StreamStats", "memory_snapshot", "process_rss", "resolve_device", "run"]

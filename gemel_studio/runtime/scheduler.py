@@ -1,0 +1,236 @@
+"""Which model weights are resident on the device, under a memory budget, and at what cost.
+
+The stored weights (the bundle's tensors, each shared tensor once) are the source; the
+resident copy is what inference reads. Loading a tensor copies it from the stored weights to
+the device (`.to(device)` on a GPU; on a CPU-only box a fresh copy, which costs real time and
+memory), and evicting it drops the copy. Policies:
+
+- `merged`: a tensor shared by several models is resident once; a model loads only the tensors
+  not resident yet, and eviction drops the least-recently-used tensors the running model does
+  not need.
+- `time-sharing`: the usual baseline: whole models are swapped in and out (least recently used
+  first), each with its own copy of every tensor, shared or not.
+- `space-sharing`: a static set of models that fits (each with its own copies), chosen in the
+  order the models are named; frames for the other models are dropped.
+- `unlimited`: every tensor resident once, budget ignored: the bound.
+
+Resident bytes never exceed the budget: every load checks it. A model whose own bytes exceed
+the budget is refused when the scheduler is made.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from typing import Hashable
+
+import torch
+
+from ..errors import GemelError
+
+POLICIES = ("merged", "time-sharing", "space-sharing", "unlimited")
+
+
+@dataclass
+class ModelResidency:
+    """Per model: how often it was loaded (swaps; initial loads count) and what that cost."""
+
+    name: str
+    bytes: int  # what the model alone needs resident
+    swaps: int = 0
+    load_seconds: float = 0.0
+    loaded_bytes: int = 0
+    runs: int = 0
+    refused: int = 0  # requests refused (space-sharing: not in the resident set)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class ModelScheduler:
+    """Keeps the tensors of the models in use resident within `budget_bytes` on `device`.
+
+    `tensors`: the stored tensors by key; `models`: for each model, its state-dict key -> stored
+    key. `acquire(name)` makes the model resident (loading and evicting as the policy says) and
+    returns its state dict of resident tensors, or None when the policy refuses the model."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], models: dict[str, dict[str, str]], policy: str,
+                 budget_bytes: int | None, device: str | torch.device = "cpu"):
+        if policy not in POLICIES:
+            raise GemelError(f"policy '{policy}': expected one of {', '.join(POLICIES)}")
+        if policy != "unlimited" and budget_bytes is None:
+            raise GemelError(f"policy '{policy}' needs a memory budget (--memory-budget), or use --policy unlimited")
+        if budget_bytes is not None and budget_bytes <= 0:
+            raise GemelError(f"memory budget {budget_bytes}: must be a positive number of bytes")
+        self.policy = policy
+        self.budget = None if policy == "unlimited" else int(budget_bytes)
+        self.device = torch.device(device)
+        self._stored = tensors
+        self._maps = models
+        self.shared = policy in ("merged", "unlimited")
+        # A unit is what is loaded and evicted: a stored key when tensors are shared, else
+        # (model, stored key): each model's own copy.
+        self._units: dict[str, list[Hashable]] = {}
+        self._unit_bytes: dict[Hashable, int] = {}
+        for name, mapping in models.items():
+            units = list(dict.fromkeys(mapping.values()))
+            for key in units:
+                if key not in tensors:
+                    raise GemelError(f"model '{name}': tensor '{key}' is not among the stored weights")
+            units = units if self.shared else [(name, k) for k in units]
+            self._units[name] = units
+            for u in units:
+                self._unit_bytes[u] = _nbytes(tensors[u if self.shared else u[1]])
+        self.stats = {n: ModelResidency(n, sum(self._unit_bytes[u] for u in us)) for n, us in self._units.items()}
+        if self.budget is not None:
+            too_big = [s for s in self.stats.values() if s.bytes > self.budget]
+            if too_big:
+                worst = max(too_big, key=lambda s: s.bytes)
+                raise GemelError(f"model '{worst.name}' needs {worst.bytes} bytes resident, more than the memory "
+                                 f"budget of {self.budget} bytes; raise --memory-budget to at least {worst.bytes}")
+        self._resident: OrderedDict[Hashable, torch.Tensor] = OrderedDict()  # least recently used first
+        self._models_lru: OrderedDict[str, None] = OrderedDict()  # time-sharing: resident models, LRU first
+        self.resident_bytes = 0
+        self.peak_resident_bytes = 0
+        self.static_set: list[str] | None = None
+        self._prepare()
+
+    # --- policy ------------------------------------------------------------------------------
+
+    def _prepare(self) -> None:
+        if self.policy == "unlimited":
+            for name in self._units:
+                self._load(name)
+        elif self.policy == "space-sharing":
+            self.static_set = []
+            for name in self._units:  # in the order named, each if it still fits
+                if self.resident_bytes + self.stats[name].bytes <= self.budget:
+                    self._load(name)
+                    self.static_set.append(name)
+
+    def acquire(self, name: str) -> dict[str, torch.Tensor] | None:
+        """The resident state dict of model `name`, loading what it lacks; None when the policy
+        refuses it (space-sharing: not in the static set)."""
+        stats = self.stats[name]
+        if self.policy == "space-sharing" and name not in self.static_set:
+            stats.refused += 1
+            return None
+        units = self._units[name]
+        missing = [u for u in units if u not in self._resident]
+        if missing:
+            if self.policy == "time-sharing":
+                self._evict_models(keep=name, need=sum(self._unit_bytes[u] for u in missing))
+            elif self.policy == "merged":
+                self._evict_tensors(keep=set(units), need=sum(self._unit_bytes[u] for u in missing))
+            self._load(name, missing)
+        for u in units:
+            self._resident.move_to_end(u)
+        if name in self._models_lru:
+            self._models_lru.move_to_end(name)
+        stats.runs += 1
+        mapping = self._maps[name]
+        return {k: self._resident[s if self.shared else (name, s)] for k, s in mapping.items()}
+
+    def _evict_tensors(self, keep: set, need: int) -> None:
+        for u in list(self._resident):  # oldest first
+            if self.resident_bytes + need <= self.budget:
+                return
+            if u not in keep:
+                self._drop(u)
+
+    def _evict_models(self, keep: str, need: int) -> None:
+        for other in list(self._models_lru):
+            if self.resident_bytes + need <= self.budget:
+                return
+            if other != keep:
+                for u in self._units[other]:
+                    if u in self._resident:
+                        self._drop(u)
+                del self._models_lru[other]
+
+    def _drop(self, unit: Hashable) -> None:
+        del self._resident[unit]
+        self.resident_bytes -= self._unit_bytes[unit]
+
+    def _load(self, name: str, units: list | None = None) -> None:
+        units = [u for u in (units if units is not None else self._units[name]) if u not in self._resident]
+        need = sum(self._unit_bytes[u] for u in units)
+        assert self.budget is None or self.resident_bytes + need <= self.budget, (
+            f"{self.policy}: loading {name} would hold {self.resident_bytes + need} bytes, over the budget "
+            f"of {self.budget}")
+        start = time.perf_counter()
+        for u in units:
+            src = self._stored[u if self.shared else u[1]]
+            # A real copy even on the CPU: that is what loading costs on a box without a GPU.
+            self._resident[u] = src.to(self.device, copy=True)
+            self.resident_bytes += self._unit_bytes[u]
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        stats = self.stats[name]
+        stats.load_seconds += time.perf_counter() - start
+        stats.loaded_bytes += need
+        stats.swaps += 1
+        if not self.shared:
+            self._models_lru[name] = None
+            self._models_lru.move_to_end(name)
+        self.peak_resident_bytes = max(self.peak_resident_bytes, self.resident_bytes)
+
+    # --- reading -----------------------------------------------------------------------------
+
+    def refuses(self, name: str) -> bool:
+        """True when the policy will never run `name` (space-sharing: outside the static set)."""
+        return self.static_set is not None and name not in self.static_set
+
+    def is_resident(self, name: str) -> bool:
+        return all(u in self._resident for u in self._units[name])
+
+    def total_bytes(self) -> int:
+        """Bytes every model in use would hold under this policy (shared once, or not)."""
+        return sum(self._unit_bytes.values())
+
+    def to_dict(self) -> dict:
+        return {"policy": self.policy, "budget_bytes": self.budget, "device": str(self.device),
+                "resident_bytes": self.resident_bytes, "peak_resident_bytes": self.peak_resident_bytes,
+                "all_models_bytes": self.total_bytes(), "static_set": self.static_set,
+                "models": {n: s.to_dict() for n, s in self.stats.items()}}
+
+    @classmethod
+    def for_bundle(cls, bundle, names: list[str], policy: str, budget_bytes: int | None,
+                   device: str | torch.device = "cpu") -> "ModelScheduler":
+        """A scheduler for the named models of a loaded bundle."""
+        maps = {}
+        for n in names:
+            try:
+                maps[n] = dict(bundle.manifest.model(n).tensors)
+            except KeyError:
+                known = ", ".join(m.name for m in bundle.manifest.models)
+                raise GemelError(f"model '{n}' is not in the bundle {bundle.path} (it has {known})") from None
+        return cls(bundle.tensors, maps, policy, budget_bytes, device)
+
+
+def parse_bytes(text: str | int) -> int:
+    """'200MiB', '1.5GB', '1024', '64k' -> bytes (binary units for KiB/MiB/GiB and k/M/G)."""
+    if isinstance(text, int):
+        return text
+    s = str(text).strip().replace(" ", "")
+    units = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1024**2, "mb": 1000**2, "mib": 1024**2,
+             "g": 1024**3, "gb": 1000**3, "gib": 1024**3, "t": 1024**4, "tb": 1000**4, "tib": 1024**4}
+    i = len(s)
+    while i > 0 and s[i - 1].isalpha():
+        i -= 1
+    number, unit = s[:i], s[i:].lower()
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if unit not in units or not value > 0:
+        raise GemelError(f"memory budget '{text}': expected a positive size such as 200MiB, 1.5GiB or 52428800")
+    return int(value * units[unit])
+
+
+__all__ = ["ModelResidency", "ModelScheduler", "POLICIES", "parse_bytes"]

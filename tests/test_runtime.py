@@ -1,0 +1,372 @@
+"""The edge runtime: frame sources, the memory-budgeted scheduler, the engine and `gemel run`."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from gemel_studio.cli import main
+from gemel_studio.errors import GemelError
+from gemel_studio.progress import Progress
+from gemel_studio.runtime import load_bundle
+from gemel_studio.runtime.engine import Engine, run
+from gemel_studio.runtime.scheduler import POLICIES, ModelScheduler, parse_bytes
+from gemel_studio.runtime.sources import CameraSource, SyntheticSource, VideoSource, parse_source
+
+# The small merged bundle of test_bundle (three resnet18s at 16x16 sharing layers, a mobilenet).
+from .test_bundle import bundle, merged  # noqa: F401  (fixtures)
+
+
+# --- the scheduler, on plain tensors ------------------------------------------------------------
+
+
+def _workload(seed: int):
+    """Stored tensors and models that share some of them: a backbone every 'r' model uses, a
+    head two of them share, private tensors, and a model sharing nothing."""
+    rng = random.Random(seed)
+    tensors = {f"t{i}": torch.zeros(rng.randint(10, 400)) for i in range(30)}
+    models = {
+        "r1": {f"b{i}": f"t{i}" for i in range(10)} | {"h": "t10", "p": "t11"},
+        "r2": {f"b{i}": f"t{i}" for i in range(10)} | {"h": "t10", "p": "t12"},
+        "r3": {f"b{i}": f"t{i}" for i in range(8)} | {"p": "t13", "q": "t14"},
+        "solo": {f"s{i}": f"t{i}" for i in range(15, 25)},
+        "tied": {"a": "t25", "b": "t25", "c": "t26"},  # one tensor twice inside a model
+    }
+    return tensors, models
+
+
+def _nbytes(tensors, keys) -> int:
+    return sum(tensors[k].numel() * tensors[k].element_size() for k in set(keys))
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_the_scheduler_never_exceeds_its_budget(policy):
+    for seed in range(40):
+        tensors, models = _workload(seed)
+        rng = random.Random(seed)
+        largest = max(_nbytes(tensors, m.values()) for m in models.values())
+        total = _nbytes(tensors, [k for m in models.values() for k in m.values()])
+        budget = rng.randint(largest, total + largest)
+        sched = ModelScheduler(tensors, models, policy, budget)
+        for _ in range(300):
+            name = rng.choice(list(models))
+            state = sched.acquire(name)
+            if policy != "unlimited":
+                assert sched.resident_bytes <= budget and sched.peak_resident_bytes <= budget
+            if state is None:
+                assert policy == "space-sharing" and name not in sched.static_set
+                continue
+            assert set(state) == set(models[name]) and sched.is_resident(name)
+            assert sum(t.numel() * 4 for t in sched._resident.values()) == sched.resident_bytes
+        if policy == "unlimited":
+            assert sched.resident_bytes == total and all(s.swaps == 1 for s in sched.stats.values())
+
+
+def test_merged_loads_fewer_bytes_than_time_sharing_when_models_share():
+    tensors, models = _workload(1)
+    models.pop("solo")
+    budget = max(_nbytes(tensors, m.values()) for m in models.values())  # one model at a time, alone
+    rng = random.Random(0)
+    sequence = [rng.choice(list(models)) for _ in range(200)]
+    loaded = {}
+    for policy in ("merged", "time-sharing"):
+        sched = ModelScheduler(tensors, models, policy, budget)
+        for name in sequence:
+            sched.acquire(name)
+        loaded[policy] = sum(s.loaded_bytes for s in sched.stats.values())
+        assert sum(s.swaps for s in sched.stats.values()) > 0
+    assert loaded["merged"] < 0.5 * loaded["time-sharing"], loaded
+
+
+def test_a_shared_tensor_is_resident_once_only_when_merged():
+    tensors, models = _workload(2)
+    shared = ModelScheduler(tensors, models, "merged", 10**9)
+    apart = ModelScheduler(tensors, models, "time-sharing", 10**9)
+    for s in (shared, apart):
+        s.acquire("r1"), s.acquire("r2")
+    assert shared.acquire("r1")["b0"] is shared.acquire("r2")["b0"]
+    assert apart.acquire("r1")["b0"] is not apart.acquire("r2")["b0"]
+    assert shared.resident_bytes < apart.resident_bytes
+    # A copy, not the stored tensor: loading costs what it costs.
+    assert shared.acquire("r1")["b0"].data_ptr() != tensors["t0"].data_ptr()
+
+
+def test_a_model_larger_than_the_budget_is_refused_at_start():
+    tensors, models = _workload(3)
+    need = _nbytes(tensors, models["solo"].values())
+    with pytest.raises(GemelError, match=rf"model 'solo' needs {need} bytes.*at least {need}") as info:
+        ModelScheduler(tensors, {"solo": models["solo"]}, "merged", need - 1)
+    assert "\n" not in str(info.value)
+    with pytest.raises(GemelError, match="needs a memory budget"):
+        ModelScheduler(tensors, models, "time-sharing", None)
+    with pytest.raises(GemelError, match="policy 'fastest'"):
+        ModelScheduler(tensors, models, "fastest", 10**6)
+
+
+def test_space_sharing_keeps_a_static_set_in_the_order_named():
+    tensors, models = _workload(4)
+    sizes = {n: _nbytes(tensors, m.values()) for n, m in models.items()}
+    sched = ModelScheduler(tensors, models, "space-sharing", sizes["r1"] + sizes["r2"])
+    assert sched.static_set[:2] == ["r1", "r2"] and "r3" not in sched.static_set
+    assert sched.acquire("r3") is None and sched.stats["r3"].refused == 1
+    assert sched.acquire("r1") is not None and sched.stats["r1"].swaps == 1
+
+
+@pytest.mark.parametrize("text,value", [("200MiB", 200 * 2**20), ("1.5GiB", int(1.5 * 2**30)), ("1024", 1024),
+                                        ("64k", 65536), ("2 MB", 2_000_000)])
+def test_memory_budgets_accept_suffixes(text, value):
+    assert parse_bytes(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "lots", "-5MiB", "0", "12XB"])
+def test_a_bad_memory_budget_is_a_clear_error(text):
+    with pytest.raises(GemelError, match="memory budget"):
+        parse_bytes(text)
+
+
+# --- sources ---------------------------------------------------------------------------------
+
+
+def test_a_synthetic_source_delivers_frames_in_real_time():
+    source = SyntheticSource(fps=50, size=(12, 20), seed=3, frames=10)
+    start = time.monotonic()
+    frames = list(source.frames())
+    assert 0.15 <= time.monotonic() - start < 2.0  # ten frames at 50 fps: about 0.18 s
+    assert len(frames) == 10 and source.end_reason == "ended"
+    stamps = [t for t, _ in frames]
+    assert stamps == sorted(stamps)
+    frame = frames[0][1]
+    assert frame.shape == (3, 12, 20) and frame.dtype == torch.float32 and 0 <= frame.min() <= frame.max() <= 1
+    again = list(SyntheticSource(fps=50, size=(12, 20), seed=3, frames=2, realtime=False).frames())
+    assert torch.equal(again[0][1], frame)  # seeded
+
+
+def _write_video(path, frames: int = 30, fps: float = 30.0, size=(32, 24)):
+    import cv2
+
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, size)
+    assert writer.isOpened()
+    for i in range(frames):
+        image = np.zeros((size[1], size[0], 3), np.uint8)
+        image[:, :, 2] = 8 * i  # red rises (OpenCV writes BGR)
+        writer.write(image)
+    writer.release()
+    return path
+
+
+def test_a_video_decodes_at_its_frame_rate_as_rgb(tmp_path):
+    path = _write_video(tmp_path / "clip.avi", frames=12, fps=25)
+    source = VideoSource(path, realtime=False)
+    frames = [f for _, f in source.frames()]
+    assert source.fps == 25 and len(frames) == 12 and source.end_reason == "ended"
+    assert frames[5].shape == (3, 24, 32) and frames[5][0].mean() > frames[5][2].mean() + 0.1  # red, as RGB
+    looped = VideoSource(path, loop=True, realtime=False)
+    got = 0
+    for _ in looped.frames():
+        got += 1
+        if got == 30:
+            looped.stop()
+    assert got == 30 and looped.end_reason == "stopped"
+
+
+def test_broken_sources_end_with_a_reason_instead_of_raising(tmp_path):
+    path = _write_video(tmp_path / "clip.avi")
+    data = path.read_bytes()
+    (tmp_path / "half.avi").write_bytes(data[: len(data) // 2])
+    (tmp_path / "junk.mp4").write_bytes(b"not a video at all" * 10)
+    half = VideoSource(tmp_path / "half.avi", realtime=False)
+    assert len(list(half.frames())) < 30 and half.end_reason.startswith("truncated")
+    junk = VideoSource(tmp_path / "junk.mp4", realtime=False)
+    assert list(junk.frames()) == [] and junk.end_reason.startswith("unreadable")
+    camera = CameraSource(63)
+    assert list(camera.frames()) == [] and camera.end_reason.startswith("gone")
+
+
+def test_source_specs_parse_or_fail_in_one_line(tmp_path):
+    assert parse_source("synthetic").fps == 30 and parse_source("synthetic:7.5").fps == 7.5
+    assert isinstance(parse_source("camera:2"), CameraSource)
+    assert isinstance(parse_source(str(_write_video(tmp_path / "a.avi", frames=2))), VideoSource)
+    for bad, why in [("synthetic:fast", "not a frame rate"), ("synthetic:0", "positive"),
+                     ("camera:x", "not a camera index"), (str(tmp_path / "none.mp4"), "no such video file")]:
+        with pytest.raises(GemelError, match=why):
+            parse_source(bad)
+
+
+# --- the engine, on the small bundle ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def loaded(bundle):  # noqa: F811
+    with load_bundle(bundle[1]) as b:
+        yield b
+
+
+def _check_counts(summary):
+    for s in summary.streams:
+        assert s["frames_in"] == s["processed"] + s["dropped"], s
+        assert s["dropped"] == s["dropped_late"] + s["dropped_refused"]
+
+
+def test_a_truncated_video_ends_its_stream_while_a_synthetic_stream_goes_on(loaded, tmp_path):
+    path = _write_video(tmp_path / "clip.avi")
+    data = path.read_bytes()
+    (tmp_path / "half.avi").write_bytes(data[: len(data) // 2])
+    streams = [(VideoSource(tmp_path / "half.avi"), ["size"]), (VideoSource(tmp_path / "gone.avi"), ["size"]),
+               (SyntheticSource(fps=10, size=(16, 16)), ["size", "color"])]
+    summary = run(loaded, streams, policy="merged", budget_bytes=200 * 2**20, duration_s=1.5)
+    _check_counts(summary)
+    video, gone, synthetic = summary.streams
+    assert video["end_reason"].startswith("truncated") and 0 < video["frames_in"] < 30, video
+    assert gone["end_reason"].startswith("unreadable") and gone["frames_in"] == 0, gone
+    assert summary.stopped == "duration" and synthetic["end_reason"] == "stopped", synthetic
+    # It went on for the whole run: frames kept arriving and the worker kept running its models
+    # (whether each frame made its deadline depends on how busy this machine is).
+    assert synthetic["frames_in"] >= 10 and summary.models["color"]["runs"] > 0, synthetic
+    json.dumps(summary.to_dict())
+
+
+def test_the_engine_drops_frames_it_cannot_process_in_time_and_counts_them(loaded):
+    # Time-sharing with room for one model: every frame swaps whole resnet18s in and out,
+    # far slower than a frame every 5 ms.
+    budget = max(ModelScheduler.for_bundle(loaded, [n], "time-sharing", 10**12).stats[n].bytes
+                 for n in ("color", "shape", "size", "spare"))
+    streams = [(SyntheticSource(fps=200, size=(16, 16), seed=1), ["color", "shape", "size"]),
+               (SyntheticSource(fps=100, size=(16, 16), seed=2), ["spare"])]
+    summary = run(loaded, streams, policy="time-sharing", budget_bytes=budget, duration_s=1.5)
+    _check_counts(summary)
+    first = summary.streams[0]
+    assert first["frames_in"] > 100 and first["dropped"] > first["frames_in"] // 2
+    # Swapped in and out, when the worker got to run it at all (a busy machine may leave no frame
+    # fresh enough to start on).
+    assert summary.models["color"]["swaps"] <= summary.models["color"]["runs"]
+    assert summary.memory["runtime_peak_resident_bytes"] <= budget
+    assert summary.memory["process_rss_bytes"] > 0 and "torch_allocated_bytes" not in summary.memory
+
+
+def test_the_engine_stops_on_cancel_and_when_its_sources_end(loaded):
+    progress = Progress()
+    threading.Timer(0.5, progress.cancel).start()
+    summary = run(loaded, [(SyntheticSource(fps=30, size=(16, 16)), [])], policy="unlimited", progress=progress)
+    assert summary.stopped == "cancelled" and summary.elapsed_s < 3
+    assert summary.streams[0]["models"] == ["color", "shape", "size", "spare"]
+    _check_counts(summary)
+    summary = run(loaded, [(SyntheticSource(fps=4, size=(16, 16), frames=4), ["size"])], policy="unlimited")
+    assert summary.stopped == "sources ended" and summary.streams[0]["frames_in"] == 4
+    assert summary.streams[0]["processed"] >= 1 and summary.streams[0]["latency_p99_ms"] is not None
+    _check_counts(summary)
+
+
+def test_space_sharing_drops_the_frames_of_models_it_does_not_hold(loaded):
+    one = ModelScheduler.for_bundle(loaded, ["color"], "time-sharing", 10**12).stats["color"].bytes
+    streams = [(SyntheticSource(fps=20, size=(16, 16), frames=10), ["color"]),
+               (SyntheticSource(fps=20, size=(16, 16), frames=10), ["shape"])]
+    summary = run(loaded, streams, policy="space-sharing", budget_bytes=int(one * 1.5))
+    _check_counts(summary)
+    assert summary.memory["static_set"] == ["color"]
+    assert summary.streams[1]["dropped_refused"] == 10 and summary.streams[1]["processed"] == 0
+    assert summary.models["shape"]["refused"] == 10
+
+
+def test_engine_input_errors_are_gemel_errors(loaded):
+    with pytest.raises(GemelError, match="model 'nope' is not in the bundle"):
+        Engine(loaded, [(SyntheticSource(), ["nope"])], "merged", 10**9)
+    with pytest.raises(GemelError, match="more than the memory budget"):
+        Engine(loaded, [(SyntheticSource(), ["color"])], "merged", 1000)
+    with pytest.raises(GemelError, match="no streams"):
+        Engine(loaded, [], "merged", 10**9)
+
+
+# --- gemel run -------------------------------------------------------------------------------
+
+
+def test_gemel_run_prints_a_json_summary(bundle, capsys):  # noqa: F811
+    rc = main(["run", str(bundle[1]), "--stream", "synthetic:10=size,color", "--stream", "synthetic:5=spare",
+               "--memory-budget", "200MiB", "--duration", "2", "--json", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    summary = json.loads(out)
+    assert summary["stopped"] == "duration" and summary["policy"] == "merged"
+    assert summary["budget_bytes"] == 200 * 2**20 and summary["device"] == "cpu"
+    first, second = summary["streams"]
+    assert first["models"] == ["size", "color"] and second["models"] == ["spare"]
+    assert first["frames_in"] >= 12 and summary["models"]["size"]["runs"] > 0, first
+    assert first["frames_in"] == first["processed"] + first["dropped"]
+    assert set(summary["models"]) == {"size", "color", "spare"}
+    assert summary["memory"]["runtime_resident_bytes"] <= 200 * 2**20
+
+
+def test_gemel_run_prints_a_table_without_json(bundle, capsys):  # noqa: F811
+    rc = main(["run", str(bundle[1]), "--stream", "synthetic:10=size", "--policy", "unlimited", "--duration", "0.5"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "stopped: duration" in out and "runtime resident weights" in out and "synthetic:10" in out
+
+
+@pytest.mark.parametrize("extra,why", [
+    (["--stream", "synthetic=nope", "--policy", "unlimited"], "model 'nope' is not in the bundle"),
+    (["--stream", "synthetic", "--memory-budget", "lots"], "memory budget 'lots'"),
+    (["--stream", "synthetic", "--memory-budget", "1KiB"], "more than the memory budget"),
+    (["--stream", "synthetic"], "needs --memory-budget"),
+    (["--stream", "/no/such/video.mp4", "--policy", "unlimited"], "no such video file"),
+    (["--stream", "synthetic", "--policy", "unlimited", "--duration", "0"], "--duration 0"),
+    (["--stream", "synthetic=", "--policy", "unlimited", "--duration", "5"], "no model names"),
+])
+def test_gemel_run_bad_input_is_one_line_and_exit_2(bundle, capsys, extra, why):  # noqa: F811
+    assert main(["run", str(bundle[1]), *extra]) == 2
+    err = capsys.readouterr().err
+    assert why in err and err.count("\n") == 1
+
+
+def test_gemel_run_on_a_missing_bundle_is_one_line(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "nothing"), "--stream", "synthetic", "--policy", "unlimited"]) == 2
+    assert "no such bundle" in capsys.readouterr().err
+
+
+def test_gemel_run_works_without_the_merging_code(bundle):  # noqa: F811
+    """What an edge box does: `gemel run` with merging, export and Qt unimportable."""
+    import subprocess
+    import sys
+
+    script = f"""
+import sys, importlib.abc, json
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.startswith(('gemel_studio.merging', 'gemel_studio.export', 'gemel_studio.ui', 'PySide6')):
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+from gemel_studio.cli import main
+assert main(['run', {str(bundle[1])!r}, '--stream', 'synthetic:10=size', '--policy', 'unlimited',
+             '--duration', '0.5', '--json']) == 0
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["streams"][0]["frames_in"] >= 3
+
+
+def test_ctrl_c_stops_gemel_run_cleanly_with_the_summary(bundle):  # noqa: F811
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "gemel_studio.cli", "run", str(bundle[1]), "--stream",
+                             "synthetic:20=size", "--policy", "unlimited", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(50):  # warnings may come first; the handler is in place once this line is out
+            line = proc.stderr.readline()
+            if "Ctrl-C stops" in line or not line:
+                break
+        assert "Ctrl-C stops" in line
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    summary = json.loads(out)
+    assert summary["stopped"] == "interrupted" and summary["streams"][0]["frames_in"] >= 3
