@@ -6,6 +6,7 @@ Errors a user can cause print one line on stderr and exit with code 2, never a t
 from __future__ import annotations
 
 import argparse
+from contextlib import contextmanager
 from importlib import metadata
 import json
 import os
@@ -224,18 +225,28 @@ def cmd_finetune(args) -> int:
     return 0
 
 
-def _stop_on_ctrl_c(progress) -> None:
-    """The first Ctrl-C stops the work at its next step, which checkpoints exactly; a second
-    one stops at once (the last epoch's checkpoint stays)."""
+@contextmanager
+def _ctrl_c_cancels(progress, message: str):
+    """While inside, the first Ctrl-C cancels `progress` (the work stops at its next step and
+    says so with `message`); a second one stops at once. The previous handler comes back after."""
     import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
+        yield
+        return
 
     def handler(signum, frame):
         if progress.cancelled:
             raise KeyboardInterrupt
         progress.cancel()
-        print("\nstopping at the next step (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+        print(f"\n{message} (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
 
-    signal.signal(signal.SIGINT, handler)
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def cmd_merge(args) -> int:
@@ -248,10 +259,12 @@ def cmd_merge(args) -> int:
     plan = load_plan(args.plan)
     plan = plan.model_copy(update={"retraining": _settings_from_args(args, plan.retraining)})
     progress = Progress() if args.json else terminal_progress()
-    _stop_on_ctrl_c(progress)
     try:
-        report = merge_workload(workload, plan, args.out, strategy=args.strategy, time_budget_s=args.time_budget,
-                                limit=args.limit, progress=progress, on_step=_printer(args))
+        # A cancel checkpoints the exact step; the last epoch's checkpoint stays on a second Ctrl-C.
+        with _ctrl_c_cancels(progress, "stopping at the next step"):
+            report = merge_workload(workload, plan, args.out, strategy=args.strategy,
+                                    time_budget_s=args.time_budget, limit=args.limit, progress=progress,
+                                    on_step=_printer(args))
     except Cancelled:
         print(f"stopped: the search is saved in {args.out}; run the same command again to resume", file=sys.stderr)
         return 130
@@ -346,9 +359,6 @@ def format_run(summary: dict) -> str:
 
 
 def cmd_run(args) -> int:
-    import signal
-    import threading
-
     from .runtime import load_bundle
     from .runtime.engine import Engine
     from .runtime.scheduler import parse_bytes
@@ -364,18 +374,11 @@ def cmd_run(args) -> int:
     with load_bundle(args.bundle) as bundle:
         engine = Engine(bundle, streams, args.policy, budget, args.device, args.backend)
         progress = Progress()
-        previous = None
-        if threading.current_thread() is threading.main_thread():
-            # Ctrl-C stops the run cleanly and the summary is still printed.
-            previous = signal.signal(signal.SIGINT, lambda signum, frame: progress.cancel())
         until = f"for {args.duration:g} s" if args.duration else "until the sources end"
         print(f"running {len(streams)} stream(s) {until}; Ctrl-C stops and prints the summary",
               file=sys.stderr, flush=True)
-        try:
+        with _ctrl_c_cancels(progress, "stopping the streams"):  # the summary is still printed
             summary = engine.run(args.duration, progress).to_dict()
-        finally:
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
     if summary["stopped"] == "cancelled":
         summary["stopped"] = "interrupted"  # Ctrl-C is what cancels from a terminal
     print(json.dumps(summary) if args.json else format_run(summary))

@@ -12,6 +12,26 @@ ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_workloads"
 
 
+def run_python_blocking(blocked: tuple[str, ...], body: str, timeout: float = 120):
+    """Run `body` in a fresh interpreter in which importing any module named in `blocked`
+    (or below it) fails, as on a box where that code is not installed."""
+    import subprocess
+    import sys
+
+    script = f"""
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if any(name == b or name.startswith(b + '.') for b in {blocked!r}):
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+""" + body
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout)
+
+
+EDGE_BLOCKED = ("gemel_studio.merging", "gemel_studio.export", "gemel_studio.ui", "PySide6")
+
+
 @pytest.fixture(autouse=True)
 def seeded():
     """Random weights (model construction draws from torch's global generator) are the same

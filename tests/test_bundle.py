@@ -19,7 +19,7 @@ from gemel_studio.runtime import BundleError, load_bundle
 from gemel_studio.runtime.bundle import safetensors_layout
 from gemel_studio.workload import load_workload, save_workload
 
-from .conftest import tv
+from .conftest import EDGE_BLOCKED, run_python_blocking, tv
 
 HEADS = {"color": 3, "shape": 3, "size": 2}
 
@@ -227,16 +227,7 @@ def test_export_refuses_to_overwrite_a_folder_that_is_not_a_bundle(merged, tmp_p
 
 def test_a_fresh_interpreter_loads_a_bundle_without_the_merging_code(bundle):
     """What an edge box does: the runtime alone, with merging, export and Qt unimportable."""
-    import subprocess
-    import sys
-
-    script = f"""
-import sys, importlib.abc
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.startswith(('gemel_studio.merging', 'gemel_studio.export', 'gemel_studio.ui', 'PySide6')):
-            raise ImportError('blocked: ' + name)
-sys.meta_path.insert(0, Block())
+    body = f"""
 import torch
 from gemel_studio.runtime import load_bundle
 with load_bundle({str(bundle[1])!r}) as b:
@@ -244,7 +235,7 @@ with load_bundle({str(bundle[1])!r}) as b:
     assert b.models['size'](x).shape == (1, 2)
     assert b.session('size', share_weights=True).run(None, {{'input': x.numpy()}})[0].shape == (1, 2)
 """
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    proc = run_python_blocking(EDGE_BLOCKED, body)
     assert proc.returncode == 0, proc.stderr
 
 

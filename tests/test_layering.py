@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .conftest import run_python_blocking
+
 PACKAGE = Path(__file__).resolve().parent.parent / "gemel_studio"
 QT = ("PySide6", "pyqtgraph", "shiboken6")
 
@@ -30,13 +32,7 @@ def test_no_qt_import_outside_ui():
 
 def test_core_and_cli_work_with_qt_absent(tmp_path):
     """A fresh interpreter in which importing any Qt package fails, as on a headless box."""
-    script = f"""
-import sys, importlib.abc
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in {QT!r}:
-            raise ImportError('blocked: ' + name)
-sys.meta_path.insert(0, Block())
+    body = f"""
 from gemel_studio.cli import main
 rc = main(['analyze', {str(PACKAGE.parent / 'sample_workloads' / 'quickstart.yaml')!r}, '--json', '--compact'])
 assert rc == 0, rc
@@ -44,7 +40,7 @@ assert not any(m.split('.')[0] in {QT!r} for m in sys.modules)
 rc = main(['studio'])
 assert rc == 2, rc
 """
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    proc = run_python_blocking(QT, body)
     assert proc.returncode == 0, proc.stderr
     assert '"max_savings_bytes"' in proc.stdout
     assert "the studio needs the GUI extras" in proc.stderr

@@ -73,6 +73,9 @@ def test_unavailable_device_is_a_clear_error():
     with pytest.raises(GemelError, match="no CUDA GPU"):
         resolve_device("cuda")
     assert resolve_device("auto").type == "cpu"
+    for name in ("meta", "gpu0"):  # a torch device this tool does not run on, and no device at all
+        with pytest.raises(GemelError, match="use auto, cpu, cuda or cuda:N"):
+            resolve_device(name)
 
 
 @pytest.fixture

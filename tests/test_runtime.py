@@ -20,6 +20,7 @@ from gemel_studio.runtime.scheduler import POLICIES, ModelScheduler, parse_bytes
 from gemel_studio.runtime.sources import CameraSource, SyntheticSource, VideoSource, parse_source
 
 # The small merged bundle of test_bundle (three resnet18s at 16x16 sharing layers, a mobilenet).
+from .conftest import EDGE_BLOCKED, run_python_blocking
 from .test_bundle import bundle, merged  # noqa: F401  (fixtures)
 
 
@@ -329,21 +330,12 @@ def test_gemel_run_on_a_missing_bundle_is_one_line(tmp_path, capsys):
 
 def test_gemel_run_works_without_the_merging_code(bundle):  # noqa: F811
     """What an edge box does: `gemel run` with merging, export and Qt unimportable."""
-    import subprocess
-    import sys
-
-    script = f"""
-import sys, importlib.abc, json
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.startswith(('gemel_studio.merging', 'gemel_studio.export', 'gemel_studio.ui', 'PySide6')):
-            raise ImportError('blocked: ' + name)
-sys.meta_path.insert(0, Block())
+    body = f"""
 from gemel_studio.cli import main
 assert main(['run', {str(bundle[1])!r}, '--stream', 'synthetic:10=size', '--policy', 'unlimited',
              '--duration', '0.5', '--json']) == 0
 """
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    proc = run_python_blocking(EDGE_BLOCKED, body)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["streams"][0]["frames_in"] >= 3
 

@@ -20,24 +20,13 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..devices import resolve_device
 from ..errors import Cancelled, GemelError
 from ..progress import Progress
 from .datasets import ModelData, detection_collate
 from .plan import RetrainSettings
 
 CHECKPOINT_VERSION = 1
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise GemelError(f"device '{name}' is not a torch device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise GemelError(f"device '{name}' asked for, but this machine has no CUDA GPU; use --device cpu or auto")
-    return device
 
 
 def loss_weight(target: float, accuracy: float) -> float:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from ..devices import resolve_device
 from ..errors import GemelError
 from .scheduler import ModelScheduler
 from .sources import FrameSource
@@ -116,20 +117,6 @@ def _nvml_memory(index: int) -> dict:
         return {}
     finally:
         pynvml.nvmlShutdown()
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise GemelError(f"device '{device}': expected auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise GemelError(f"device '{device}': no CUDA GPU here; use --device cpu or auto")
-    if dev.type not in ("cpu", "cuda"):
-        raise GemelError(f"device '{device}': expected auto, cpu, cuda or cuda:N")
-    return dev
 
 
 def _prepare_input(frame: torch.Tensor, input_size: tuple[int, int, int], device: torch.device) -> torch.Tensor:
