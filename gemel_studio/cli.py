@@ -6,6 +6,7 @@ Errors a user can cause print one line on stderr and exit with code 2, never a t
 from __future__ import annotations
 
 import argparse
+import contextlib
 from contextlib import contextmanager
 from importlib import metadata
 import json
@@ -377,8 +378,15 @@ def cmd_run(args) -> int:
         until = f"for {args.duration:g} s" if args.duration else "until the sources end"
         print(f"running {len(streams)} stream(s) {until}; Ctrl-C stops and prints the summary",
               file=sys.stderr, flush=True)
-        with _ctrl_c_cancels(progress, "stopping the streams"):  # the summary is still printed
-            summary = engine.run(args.duration, progress).to_dict()
+        with contextlib.ExitStack() as stack:
+            if args.metrics_port is not None:
+                from .runtime.metrics import MetricsServer
+
+                server = stack.enter_context(MetricsServer(engine.snapshot, args.metrics_port, args.metrics_host))
+                print(f"metrics: {server.url}/metrics (Prometheus), {server.url}/metrics.json (JSON)",
+                      file=sys.stderr, flush=True)
+            with _ctrl_c_cancels(progress, "stopping the streams"):  # the summary is still printed
+                summary = engine.run(args.duration, progress).to_dict()
     if summary["stopped"] == "cancelled":
         summary["stopped"] = "interrupted"  # Ctrl-C is what cancels from a terminal
     print(json.dumps(summary) if args.json else format_run(summary))
@@ -460,6 +468,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, metavar="S", help="seconds to run (default: until the sources end "
                    "or Ctrl-C)")
     p.add_argument("--loop", action="store_true", help="start video files over at their end")
+    p.add_argument("--metrics-port", type=int, metavar="N", help="serve live metrics on this port (0: any free "
+                   "port): Prometheus text at /metrics, a JSON snapshot at /metrics.json")
+    p.add_argument("--metrics-host", default="127.0.0.1", metavar="ADDRESS",
+                   help="the address the metrics port binds (default 127.0.0.1, this machine only; "
+                        "0.0.0.0 exposes it to the network)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     p.set_defaults(func=cmd_run)
 

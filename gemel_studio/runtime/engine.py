@@ -119,6 +119,31 @@ def _nvml_memory(index: int) -> dict:
         pynvml.nvmlShutdown()
 
 
+def describe_output(spec, output, max_boxes: int = 10, min_score: float = 0.3) -> dict:
+    """What a model's output says, in plain data: for a classifier the top label and its
+    probability; for a detector its boxes (x1, y1, x2, y2 as fractions of the input's width and
+    height), labels and scores, best first."""
+    labels = spec.labels
+
+    def name(i: int) -> str:
+        return labels[i] if 0 <= i < len(labels) else str(i)
+
+    if spec.task == "detection":
+        det = output[0] if isinstance(output, (list, tuple)) else output
+        h, w = spec.input_size[1:]
+        scale = torch.tensor([w, h, w, h], dtype=torch.float32)
+        keep = det["scores"].float().cpu() >= min_score
+        boxes = (det["boxes"].float().cpu()[keep] / scale).clamp(0, 1)[:max_boxes]
+        scores = det["scores"].float().cpu()[keep][:max_boxes]
+        classes = det["labels"].cpu()[keep][:max_boxes]
+        return {"task": "detection", "boxes": boxes.tolist(), "scores": scores.tolist(),
+                "labels": [name(int(c)) for c in classes]}
+    logits = torch.as_tensor(output).float().reshape(-1)
+    probs = torch.softmax(logits, 0)
+    top = int(probs.argmax())
+    return {"task": "classification", "label": name(top), "score": float(probs[top])}
+
+
 def _prepare_input(frame: torch.Tensor, input_size: tuple[int, int, int], device: torch.device) -> torch.Tensor:
     """A CHW [0, 1] frame as a 1xCxHxW batch of the model's channels and size."""
     c, h, w = input_size
@@ -153,7 +178,9 @@ class Engine:
         self.stats = [StreamStats(n if names.count(n) == 1 else f"{n}#{i}", models, src.fps)
                       for i, (n, (src, models)) in enumerate(zip(names, self.streams))]
         self.infer_seconds = {m: 0.0 for m in used}
-        self.outputs: dict[str, torch.Tensor] = {}  # the last output of each model (previews)
+        self.specs = {m: bundle.manifest.model(m) for m in used}
+        # Per stream, the last frame processed in time and what each model made of it (previews).
+        self.latest: list[dict | None] = [None] * len(self.streams)
         self._queue: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._start = None
@@ -186,6 +213,7 @@ class Engine:
                 self.scheduler.stats[m].refused += 1
             stats.dropped_refused += 1
             return
+        outputs = {}
         for m in models:
             if time.monotonic() > deadline:
                 stats.dropped_late += 1
@@ -198,13 +226,15 @@ class Engine:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             self.infer_seconds[m] += time.perf_counter() - start
-            self.outputs[m] = out
+            outputs[m] = out
         done = time.monotonic()
         if done > deadline:
             stats.dropped_late += 1
         else:
             stats.processed += 1
             stats.latencies.append(done - ts)
+            self.latest[i] = {"timestamp": ts, "frame": frame,
+                              "outputs": {m: describe_output(self.specs[m], o) for m, o in outputs.items()}}
 
     def run(self, duration_s: float | None = None, progress=None,
             on_update: Callable[[dict], None] | None = None, update_every_s: float = 0.5) -> RunSummary:
@@ -268,9 +298,13 @@ class Engine:
         return out
 
     def snapshot(self) -> dict:
-        elapsed = time.monotonic() - self._start if self._start is not None else 0.0
+        """Counters so far; safe to call from another thread while `run()` works."""
+        elapsed = (self.elapsed_s if self.stopped else time.monotonic() - self._start) if self._start else 0.0
         sched = self.scheduler
-        return {"elapsed_s": elapsed, "streams": [s.to_dict(elapsed) for s in self.stats],
+        state = f"stopped: {self.stopped}" if self.stopped else "running" if self._start else "not started"
+        return {"bundle": str(self.bundle.path), "policy": sched.policy, "backend": self.backend,
+                "device": str(self.device), "state": state,
+                "elapsed_s": elapsed, "streams": [s.to_dict(elapsed) for s in self.stats],
                 "models": self._models(),
                 "memory": {"budget_bytes": sched.budget,
                            **memory_snapshot(self.device, sched.resident_bytes, sched.peak_resident_bytes)}}
@@ -295,4 +329,4 @@ def run(bundle, streams: list[tuple[FrameSource, list[str]]], policy: str = "mer
     return engine.run(duration_s, progress, on_update)
 
 
-__all__ = ["Engine", "RunSummary", "StreamStats", "memory_snapshot", "process_rss", "resolve_device", "run"]
+__all__ = ["Engine", "RunSummary", "StreamStats", "describe_output", "memory_snapshot", "process_rss", "resolve_device", "run"]
