@@ -461,7 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="append", required=True, metavar="SOURCE[=MODEL,...]",
                    help="synthetic[:FPS], a video file or camera:N, and the models its frames go through "
                         "(default: every model); repeat for more streams")
-    p.add_argument("--backend", choices=["torch"], default="torch")
+    p.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
+                   help="torch (default) or onnxruntime (CPU; sessions read the resident weights in place)")
     p.add_argument("--device", default="auto", help="auto (default: CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--memory-budget", metavar="BYTES", help="e.g. 200MiB, 1.5GiB or a number of bytes")
     p.add_argument("--policy", choices=["merged", "time-sharing", "space-sharing", "unlimited"], default="merged")

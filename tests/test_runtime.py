@@ -362,3 +362,62 @@ def test_ctrl_c_stops_gemel_run_cleanly_with_the_summary(bundle):  # noqa: F811
     assert proc.returncode == 0, err
     summary = json.loads(out)
     assert summary["stopped"] == "interrupted" and summary["streams"][0]["frames_in"] >= 3
+
+
+# --- the onnxruntime backend -------------------------------------------------------------------
+
+
+def test_both_backends_give_the_same_outputs_on_the_same_frames(loaded):
+    frames = [f for _, f in SyntheticSource(fps=30, size=(20, 24), seed=5, frames=3, realtime=False).frames()]
+    names = ["color", "shape", "size", "spare"]
+    results = {}
+    for backend in ("torch", "onnxruntime"):
+        engine = Engine(loaded, [(SyntheticSource(), names)], "merged", 200 * 2**20, "cpu", backend)
+        outs = []
+        for frame in frames:
+            engine._process((0, time.monotonic(), time.monotonic() + 60, frame))
+            outs.append({m: engine.latest[0]["outputs"][m] for m in names})
+        results[backend] = outs
+    for t, o in zip(results["torch"], results["onnxruntime"]):
+        for m in names:
+            assert t[m]["label"] == o[m]["label"]
+            assert t[m]["score"] == pytest.approx(o[m]["score"], abs=1e-4)
+
+
+def test_onnxruntime_sessions_read_the_resident_weights_and_let_evicted_ones_go(loaded):
+    import gc
+    import weakref
+
+    one = max(ModelScheduler.for_bundle(loaded, [n], "time-sharing", 10**12).stats[n].bytes
+              for n in ("color", "shape"))
+    engine = Engine(loaded, [(SyntheticSource(), ["color", "shape"])], "time-sharing", one, "cpu", "onnxruntime")
+    state = engine.scheduler.acquire("color")
+    engine._ort.prepare("color", state)
+    first_color = weakref.ref(next(iter(state.values())))
+    del state
+    frame = torch.rand(3, 16, 16)
+    for _ in range(3):  # color, shape, color, shape, ...: every run swaps
+        engine._process((0, time.monotonic(), time.monotonic() + 60, frame))
+        assert set(engine._ort.sessions) == {"shape"}  # color's went when shape evicted it
+    gc.collect()
+    assert first_color() is None  # nothing (no stale session) keeps an evicted tensor alive
+    assert engine._ort.sessions_made == {"color": 3, "shape": 3}  # one per load, no more
+    assert engine.scheduler.peak_resident_bytes <= one
+    models = engine.summary().models
+    assert models["color"]["swaps"] == 3 and models["color"]["load_seconds"] > 0
+
+
+def test_the_onnxruntime_backend_refuses_what_it_cannot_run_in_one_line(loaded):
+    with pytest.raises(GemelError, match="backend 'tensorrt'"):
+        Engine(loaded, [(SyntheticSource(), ["color"])], "unlimited", None, "cpu", "tensorrt")
+    if torch.cuda.is_available():
+        with pytest.raises(GemelError, match="CPU only"):
+            Engine(loaded, [(SyntheticSource(), ["color"])], "unlimited", None, "cuda", "onnxruntime")
+
+
+def test_gemel_run_with_the_onnxruntime_backend(bundle, capsys):  # noqa: F811
+    rc = main(["run", str(bundle[1]), "--stream", "synthetic:10=size,color", "--memory-budget", "200MiB",
+               "--duration", "1.5", "--json", "--device", "cpu", "--backend", "onnxruntime"])
+    summary = json.loads(capsys.readouterr().out)
+    assert rc == 0 and summary["backend"] == "onnxruntime"
+    assert summary["models"]["size"]["runs"] > 0 and summary["streams"][0]["processed"] > 0

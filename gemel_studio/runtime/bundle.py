@@ -281,28 +281,53 @@ class Bundle:
         private copies again. (Three 16x16 resnet18 sessions, 43 MiB of unique weights: about
         75 MiB more resident with sharing, 204 MiB without, both unoptimized; 347 MiB with
         onnxruntime's default optimizations.)"""
-        import onnx
         import onnxruntime as ort
 
+        spec = self._onnx_spec(name)
+        key = (name, share_weights)
+        if key not in self._sessions:
+            if share_weights:
+                for stored in spec.tensors.values():
+                    if stored not in self._ort_values:
+                        self._ort_values[stored] = ort.OrtValue.ortvalue_from_numpy(self.tensors[stored].numpy())
+                values = {k: self._ort_values[s] for k, s in spec.tensors.items()}
+                self._sessions[key] = self._session_over_values(spec, values, providers)
+            else:
+                self._sessions[key] = ort.InferenceSession(str(self.folder / spec.onnx), ort.SessionOptions(),
+                                                           providers=providers or ["CPUExecutionProvider"])
+        return self._sessions[key]
+
+    def session_over(self, name: str, state: dict[str, torch.Tensor], providers: list[str] | None = None):
+        """A new (uncached) onnxruntime session for model `name` whose initializers are the given
+        CPU tensors (state-dict key -> tensor, e.g. the runtime's resident copies), read in place:
+        the session holds references to them, so drop it when they are evicted."""
+        import onnxruntime as ort
+
+        spec = self._onnx_spec(name)
+        values = {k: ort.OrtValue.ortvalue_from_numpy(t.numpy()) for k, t in state.items()}
+        return self._session_over_values(spec, values, providers)
+
+    def _onnx_spec(self, name: str) -> BundleModel:
         spec = self.manifest.model(name)
         if spec.onnx is None:
             raise BundleError(f"model '{name}' has no ONNX graph in this bundle; use the torch backend")
-        key = (name, share_weights)
-        if key not in self._sessions:
-            options = ort.SessionOptions()
-            if share_weights:
-                options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-                graph = onnx.load(str(self.folder / spec.onnx), load_external_data=False).graph
-                for init in graph.initializer:
-                    stored = spec.tensors.get(init.name)
-                    if stored is None:
-                        continue  # a constant of the graph's own
-                    if stored not in self._ort_values:
-                        self._ort_values[stored] = ort.OrtValue.ortvalue_from_numpy(self.tensors[stored].numpy())
-                    options.add_initializer(init.name, self._ort_values[stored])
-            self._sessions[key] = ort.InferenceSession(str(self.folder / spec.onnx), options,
-                                                       providers=providers or ["CPUExecutionProvider"])
-        return self._sessions[key]
+        return spec
+
+    def _session_over_values(self, spec: BundleModel, values: dict, providers: list[str] | None):
+        import onnx
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        graph = onnx.load(str(self.folder / spec.onnx), load_external_data=False).graph
+        for init in graph.initializer:
+            if init.name in values:  # else a constant of the graph's own
+                options.add_initializer(init.name, values[init.name])
+        # The initializers must outlive the session: onnxruntime reads them in place.
+        session = ort.InferenceSession(str(self.folder / spec.onnx), options,
+                                       providers=providers or ["CPUExecutionProvider"])
+        session._gemel_initializers = values
+        return session
 
     def close(self) -> None:
         self._sessions.clear()

@@ -156,14 +156,52 @@ def _prepare_input(frame: torch.Tensor, input_size: tuple[int, int, int], device
     return x
 
 
+BACKENDS = ("torch", "onnxruntime")
+
+
+class OrtRunner:
+    """The onnxruntime backend: one session per model over the scheduler's resident tensors
+    (no copy of its own), made when the model runs and dropped as soon as any of its tensors
+    is evicted or reloaded, so the memory budget holds for onnxruntime too. Making a session
+    is part of loading the model and is counted in its load time. CPU only: the onnxruntime
+    wheel this project installs has no CUDA provider."""
+
+    def __init__(self, bundle, scheduler: ModelScheduler, names: list[str]):
+        if scheduler.device.type != "cpu":
+            raise GemelError(f"the onnxruntime backend runs on the CPU only (asked for {scheduler.device}); "
+                             "use --device cpu, or --backend torch on a GPU")
+        missing = [n for n in names if bundle.manifest.model(n).onnx is None]
+        if missing:
+            raise GemelError(f"model(s) {', '.join(missing)} have no ONNX graph in the bundle (detectors are "
+                             "exported for torch only); use --backend torch")
+        self.bundle = bundle
+        self.scheduler = scheduler
+        self.sessions: dict[str, object] = {}
+        self.sessions_made = {n: 0 for n in names}
+        self._io = {n: (bundle.manifest.model(n).onnx_input, bundle.manifest.model(n).onnx_output) for n in names}
+        scheduler.on_change.append(lambda name: self.sessions.pop(name, None))
+
+    def prepare(self, name: str, state: dict[str, torch.Tensor]) -> None:
+        """Make the model's session over `state` unless it still has one."""
+        if name not in self.sessions:
+            start = time.perf_counter()
+            self.sessions[name] = self.bundle.session_over(name, state)
+            self.scheduler.stats[name].load_seconds += time.perf_counter() - start
+            self.sessions_made[name] += 1
+
+    def run(self, name: str, x: torch.Tensor) -> np.ndarray:
+        inp, out = self._io[name]
+        return self.sessions[name].run([out], {inp: x.contiguous().numpy()})[0]
+
+
 class Engine:
     """One run: streams, the scheduler and the counters. `snapshot()` may be read from another
     thread while `run()` works (a metrics endpoint, a preview)."""
 
     def __init__(self, bundle, streams: list[tuple[FrameSource, list[str]]], policy: str = "merged",
                  budget_bytes: int | None = None, device: str = "cpu", backend: str = "torch"):
-        if backend != "torch":
-            raise GemelError(f"backend '{backend}': only the torch backend is implemented so far")
+        if backend not in BACKENDS:
+            raise GemelError(f"backend '{backend}': expected one of {', '.join(BACKENDS)}")
         if not streams:
             raise GemelError("no streams: add at least one --stream SOURCE[=MODEL,...]")
         self.bundle = bundle
@@ -174,6 +212,7 @@ class Engine:
         used = list(dict.fromkeys(m for _, models in self.streams for m in models))
         self.scheduler = ModelScheduler.for_bundle(bundle, used, policy, budget_bytes, self.device)
         self.inputs = {m: tuple(bundle.manifest.model(m).input_size) for m in used}
+        self._ort = OrtRunner(bundle, self.scheduler, used) if backend == "onnxruntime" else None
         names = [src.name for src, _ in self.streams]
         self.stats = [StreamStats(n if names.count(n) == 1 else f"{n}#{i}", models, src.fps)
                       for i, (n, (src, models)) in enumerate(zip(names, self.streams))]
@@ -219,10 +258,15 @@ class Engine:
                 stats.dropped_late += 1
                 return
             state = self.scheduler.acquire(m)
+            if self._ort is not None:
+                self._ort.prepare(m, state)
             start = time.perf_counter()
             x = _prepare_input(frame, self.inputs[m], self.device)
-            with torch.inference_mode():
-                out = functional_call(self.bundle.models[m], state, (x,), strict=False)
+            if self._ort is not None:
+                out = self._ort.run(m, x)
+            else:
+                with torch.inference_mode():
+                    out = functional_call(self.bundle.models[m], state, (x,), strict=False)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             self.infer_seconds[m] += time.perf_counter() - start
@@ -329,4 +373,4 @@ def run(bundle, streams: list[tuple[FrameSource, list[str]]], policy: str = "mer
     return engine.run(duration_s, progress, on_update)
 
 
-__all__ = ["Engine", "RunSummary", "StreamStats", "describe_output", "memory_snapshot", "process_rss", "resolve_device", "run"]
+__all__ = ["BACKENDS", "Engine", "OrtRunner", "RunSummary", "StreamStats", "describe_output", "memory_snapshot", "process_rss", "resolve_device", "run"]

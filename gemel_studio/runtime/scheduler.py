@@ -98,6 +98,13 @@ class ModelScheduler:
         self.resident_bytes = 0
         self.peak_resident_bytes = 0
         self.static_set: list[str] | None = None
+        # Called with each model whose resident tensors change (a tensor of it evicted or
+        # loaded): whoever holds views of them (onnxruntime sessions) must let them go.
+        self.on_change: list = []
+        self._users: dict[Hashable, list[str]] = {}
+        for name, us in self._units.items():
+            for u in us:
+                self._users.setdefault(u, []).append(name)
         self._prepare()
 
     # --- policy ------------------------------------------------------------------------------
@@ -156,6 +163,12 @@ class ModelScheduler:
     def _drop(self, unit: Hashable) -> None:
         del self._resident[unit]
         self.resident_bytes -= self._unit_bytes[unit]
+        self._changed(unit)
+
+    def _changed(self, unit: Hashable) -> None:
+        for listener in self.on_change:
+            for name in self._users[unit]:
+                listener(name)
 
     def _load(self, name: str, units: list | None = None) -> None:
         units = [u for u in (units if units is not None else self._units[name]) if u not in self._resident]
@@ -169,6 +182,7 @@ class ModelScheduler:
             # A real copy even on the CPU: that is what loading costs on a box without a GPU.
             self._resident[u] = src.to(self.device, copy=True)
             self.resident_bytes += self._unit_bytes[u]
+            self._changed(u)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         stats = self.stats[name]
