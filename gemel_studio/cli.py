@@ -342,9 +342,11 @@ def format_run(summary: dict) -> str:
                              "frames/s", "ended"]))
     out.append("")
     rows = [[n, human_bytes(m["bytes"]), str(m["runs"]), str(m["swaps"]), f"{m['load_seconds']:.3f}",
-             human_bytes(m["loaded_bytes"]), ms(m["mean_infer_ms"]), str(m["refused"])]
-            for n, m in summary["models"].items()]
-    out.append(_table(rows, ["model", "bytes", "runs", "swaps", "load s", "loaded", "infer ms", "refused"]))
+             f"{m['load_wait_seconds']:.3f}", human_bytes(m["loaded_bytes"]), ms(m["mean_infer_ms"]),
+             str(m["refused"]), m["load"]] for n, m in summary["models"].items()]
+    out.append(_table(rows, ["model", "bytes", "runs", "swaps", "load s", "waited s", "loaded", "infer ms",
+                             "refused", "load"]))
+    out.extend(f"note: {n} {m['load_note']}" for n, m in summary["models"].items() if "load_note" in m)
     out.append("")
     mem = summary["memory"]
     out.append(f"runtime resident weights {human_bytes(mem['runtime_resident_bytes'])} "
@@ -373,7 +375,7 @@ def cmd_run(args) -> int:
                          "or use --policy unlimited")
     streams = [_parse_stream(spec, args.loop) for spec in args.stream]
     with load_bundle(args.bundle) as bundle:
-        engine = Engine(bundle, streams, args.policy, budget, args.device, args.backend)
+        engine = Engine(bundle, streams, args.policy, budget, args.device, args.backend, args.load)
         progress = Progress()
         until = f"for {args.duration:g} s" if args.duration else "until the sources end"
         print(f"running {len(streams)} stream(s) {until}; Ctrl-C stops and prints the summary",
@@ -464,6 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
                    help="torch (default) or onnxruntime (CPU; sessions read the resident weights in place)")
     p.add_argument("--device", default="auto", help="auto (default: CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--load", choices=["whole", "layered"], default="whole",
+                   help="whole: a model's missing weights load before it runs (default); layered: MemA-style, "
+                        "each layer's weights load while the layers before it run (torch backend)")
     p.add_argument("--memory-budget", metavar="BYTES", help="e.g. 200MiB, 1.5GiB or a number of bytes")
     p.add_argument("--policy", choices=["merged", "time-sharing", "space-sharing", "unlimited"], default="merged")
     p.add_argument("--duration", type=float, metavar="S", help="seconds to run (default: until the sources end "

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
+from torch.nn.utils._named_member_accessor import set_tensor
 
 from ..devices import resolve_device
 from ..errors import GemelError
@@ -194,14 +195,68 @@ class OrtRunner:
         return self.sessions[name].run([out], {inp: x.contiguous().numpy()})[0]
 
 
+LOADS = ("whole", "layered")
+
+
+class LayerPlan:
+    """How one model runs while its weights load layer by layer: which tensors each module
+    must have before its forward starts, and the order to load them in (the order the modules
+    first run). Found by running the model once on the meta device (no memory, no data); a
+    model that cannot run there (data-dependent detectors) gets no plan and loads whole.
+
+    A module waits for its own tensors and for those of descendants whose forward never runs
+    (MultiheadAttention reads `out_proj.weight` directly); tensors no running module claims
+    are waited for by the whole model, first."""
+
+    def __init__(self, model: torch.nn.Module, input_size: tuple[int, int, int], state_keys: list[str]):
+        modules = dict(model.named_modules())
+        called: list[str] = []
+        seen: set[str] = set()
+        names = {id(m): n for n, m in modules.items()}
+
+        def record(mod, args):
+            n = names[id(mod)]
+            if n not in seen:
+                seen.add(n)
+                called.append(n)
+
+        hooks = [m.register_forward_pre_hook(record) for m in modules.values()]
+        try:
+            meta = {k: torch.empty_like(v, device="meta") for k, v in model.state_dict().items()}
+            with torch.inference_mode():
+                functional_call(model, meta, (torch.empty(1, *input_size, device="meta"),), strict=False)
+        finally:
+            for h in hooks:
+                h.remove()
+        self.waits: dict[str, list[tuple[str, str]]] = {n: [] for n in called}  # module -> (attr, state key)
+        known = set(state_keys)
+        for n, mod in modules.items():
+            owner = n
+            while owner not in seen and owner:  # the nearest ancestor that runs
+                owner = owner.rpartition(".")[0]
+            if owner not in seen:
+                owner = ""
+            for attr in list(mod._parameters) + list(mod._buffers):
+                key = f"{n}.{attr}" if n else attr
+                if key in known:  # (path from the owner, state key)
+                    self.waits.setdefault(owner, []).append((key[len(owner) + 1:] if owner else key, key))
+        self.order = [key for n in called for _, key in self.waits.get(n, [])]
+        self.order += [k for k in state_keys if k not in set(self.order)]
+
+
 class Engine:
     """One run: streams, the scheduler and the counters. `snapshot()` may be read from another
     thread while `run()` works (a metrics endpoint, a preview)."""
 
     def __init__(self, bundle, streams: list[tuple[FrameSource, list[str]]], policy: str = "merged",
-                 budget_bytes: int | None = None, device: str = "cpu", backend: str = "torch"):
+                 budget_bytes: int | None = None, device: str = "cpu", backend: str = "torch", load: str = "whole"):
         if backend not in BACKENDS:
             raise GemelError(f"backend '{backend}': expected one of {', '.join(BACKENDS)}")
+        if load not in LOADS:
+            raise GemelError(f"load '{load}': expected one of {', '.join(LOADS)}")
+        if load == "layered" and backend != "torch":
+            raise GemelError("layer-by-layer loading needs the torch backend (an onnxruntime session takes all "
+                             "its weights at once); use --backend torch or --load whole")
         if not streams:
             raise GemelError("no streams: add at least one --stream SOURCE[=MODEL,...]")
         self.bundle = bundle
@@ -213,6 +268,15 @@ class Engine:
         self.scheduler = ModelScheduler.for_bundle(bundle, used, policy, budget_bytes, self.device)
         self.inputs = {m: tuple(bundle.manifest.model(m).input_size) for m in used}
         self._ort = OrtRunner(bundle, self.scheduler, used) if backend == "onnxruntime" else None
+        self.load = load
+        self.layer_plans: dict[str, LayerPlan] = {}
+        self.load_notes: dict[str, str] = {}  # model -> why it loads whole although layered was asked
+        if load == "layered":
+            for m in used:
+                try:
+                    self.layer_plans[m] = LayerPlan(bundle.models[m], self.inputs[m], list(bundle.manifest.model(m).tensors))
+                except Exception as exc:  # noqa: BLE001 (any failure on meta: load this model whole)
+                    self.load_notes[m] = f"loads whole: cannot trace its layers on the meta device ({exc})"
         names = [src.name for src, _ in self.streams]
         self.stats = [StreamStats(n if names.count(n) == 1 else f"{n}#{i}", models, src.fps)
                       for i, (n, (src, models)) in enumerate(zip(names, self.streams))]
@@ -257,13 +321,27 @@ class Engine:
             if time.monotonic() > deadline:
                 stats.dropped_late += 1
                 return
-            state = self.scheduler.acquire(m)
+            plan = self.layer_plans.get(m)
+            pending = None
+            if plan is not None:
+                state, pending = self.scheduler.acquire_deferred(m, plan.order)
+            else:
+                state = self.scheduler.acquire(m)
             if self._ort is not None:
                 self._ort.prepare(m, state)
             start = time.perf_counter()
             x = _prepare_input(frame, self.inputs[m], self.device)
             if self._ort is not None:
                 out = self._ort.run(m, x)
+            elif pending is not None:
+                try:
+                    out = self._run_layered(m, state, pending, x)
+                except Exception as exc:  # noqa: BLE001 (the layer plan missed something: run it whole)
+                    del self.layer_plans[m]
+                    self.load_notes[m] = f"loads whole: layer-by-layer run failed ({exc})"
+                    with torch.inference_mode():
+                        out = functional_call(self.bundle.models[m], self.scheduler.acquire(m), (x,), strict=False)
+                start += pending.wait_seconds  # waiting for weights is load time, not inference
             else:
                 with torch.inference_mode():
                     out = functional_call(self.bundle.models[m], state, (x,), strict=False)
@@ -279,6 +357,37 @@ class Engine:
             stats.latencies.append(done - ts)
             self.latest[i] = {"timestamp": ts, "frame": frame,
                               "outputs": {m: describe_output(self.specs[m], o) for m, o in outputs.items()}}
+
+    def _run_layered(self, m: str, state: dict, pending, x: torch.Tensor):
+        """Run model `m` while its missing tensors load: each module's pre-hook waits for its
+        own tensors (placeholders on the meta device until then, so a tensor used before it is
+        there fails loudly instead of computing garbage)."""
+        model, plan, sched = self.bundle.models[m], self.layer_plans[m], self.scheduler
+        full = {k: (t if t is not None else torch.empty_like(self.bundle.tensors[self.bundle.manifest.model(m)
+                                                                               .tensors[k]], device="meta"))
+                for k, t in state.items()}
+        modules = dict(model.named_modules())
+        hooks = []
+
+        def waiter(entries):
+            def pre(mod, args):
+                for attr, key in entries:
+                    if state[key] is None:
+                        target, _, name = attr.rpartition(".")
+                        set_tensor(mod.get_submodule(target) if target else mod, name,
+                                   pending.get(sched.unit_of(m, key)))
+            return pre
+
+        for n, entries in plan.waits.items():
+            if any(state[key] is None for _, key in entries):
+                hooks.append(modules[n].register_forward_pre_hook(waiter(entries)))
+        try:
+            with torch.inference_mode():
+                return functional_call(model, full, (x,), strict=False)
+        finally:
+            for h in hooks:
+                h.remove()
+            sched.finish(pending)
 
     def run(self, duration_s: float | None = None, progress=None,
             on_update: Callable[[dict], None] | None = None, update_every_s: float = 0.5) -> RunSummary:
@@ -338,6 +447,9 @@ class Engine:
             row = s.to_dict()
             row["infer_seconds"] = self.infer_seconds[name]
             row["mean_infer_ms"] = 1000.0 * self.infer_seconds[name] / s.runs if s.runs else None
+            row["load"] = "layered" if name in self.layer_plans else "whole"
+            if name in self.load_notes:
+                row["load_note"] = self.load_notes[name]
             out[name] = row
         return out
 
@@ -373,4 +485,4 @@ def run(bundle, streams: list[tuple[FrameSource, list[str]]], policy: str = "mer
     return engine.run(duration_s, progress, on_update)
 
 
-__all__ = ["BACKENDS", "Engine", "OrtRunner", "RunSummary", "StreamStats", "describe_output", "memory_snapshot", "process_rss", "resolve_device", "run"]
+__all__ = ["BACKENDS", "LOADS", "Engine", "LayerPlan", "OrtRunner", "RunSummary", "StreamStats", "describe_output", "memory_snapshot", "process_rss", "resolve_device", "run"]

@@ -20,6 +20,7 @@ the budget is refused when the scheduler is made.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
@@ -43,6 +44,9 @@ class ModelResidency:
     loaded_bytes: int = 0
     runs: int = 0
     refused: int = 0  # requests refused (space-sharing: not in the resident set)
+    # Time inference stood still waiting for loads: all of load_seconds for whole loads, only
+    # what the overlap did not hide for layer-by-layer loads.
+    load_wait_seconds: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -50,6 +54,68 @@ class ModelResidency:
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
+
+
+class PendingLoad:
+    """Tensors of one model being copied to the device on a loader thread, in the order the
+    model uses them (MemA's overlap: the first layers run while later ones load). `get(unit)`
+    blocks until that unit is there; the scheduler's `finish()` files the copies as resident."""
+
+    def __init__(self, name: str, units: list[Hashable], sources: list[torch.Tensor], device: torch.device):
+        self.name = name
+        self.units = units
+        self.device = device
+        self.tensors: dict[Hashable, torch.Tensor] = {}
+        self.error: BaseException | None = None
+        self.wait_seconds = 0.0
+        self.load_seconds = 0.0
+        self._ready = {u: threading.Event() for u in units}
+        self._thread = threading.Thread(target=self._load, args=(sources,), name=f"gemel-load-{name}", daemon=True)
+        self._thread.start()
+
+    def _load(self, sources: list[torch.Tensor]) -> None:
+        start = time.perf_counter()
+        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        try:
+            with torch.cuda.stream(stream) if stream is not None else _nothing():
+                for u, src in zip(self.units, sources):
+                    self.tensors[u] = src.to(self.device, copy=True, non_blocking=stream is not None)
+                    if stream is not None:
+                        stream.synchronize()  # this thread waits, not the compute stream
+                    self._ready[u].set()
+        except BaseException as exc:  # the consumer re-raises it
+            self.error = exc
+        finally:
+            self.load_seconds = time.perf_counter() - start
+            for event in self._ready.values():
+                event.set()
+
+    def get(self, unit: Hashable) -> torch.Tensor:
+        event = self._ready[unit]
+        if not event.is_set():
+            start = time.perf_counter()
+            event.wait()
+            self.wait_seconds += time.perf_counter() - start
+        if self.error is not None:
+            raise GemelError(f"loading model '{self.name}' failed: {self.error}")
+        t = self.tensors[unit]
+        if t.device.type == "cuda":  # made on the loader's stream, used on the compute stream
+            t.record_stream(torch.cuda.current_stream(t.device))
+        return t
+
+    def join(self) -> None:
+        if self._thread.is_alive():
+            start = time.perf_counter()
+            self._thread.join()
+            self.wait_seconds += time.perf_counter() - start
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
 
 
 class ModelScheduler:
@@ -143,6 +209,67 @@ class ModelScheduler:
         mapping = self._maps[name]
         return {k: self._resident[s if self.shared else (name, s)] for k, s in mapping.items()}
 
+    def acquire_deferred(self, name: str, order: list[str] | None = None
+                         ) -> tuple[dict[str, torch.Tensor | None] | None, PendingLoad | None]:
+        """Like `acquire`, but what the model lacks is copied on a loader thread, in the order
+        of `order` (state-dict keys in the order the model uses them), while the caller runs.
+        Returns the state dict (None where a tensor is still loading; `pending.get(unit)` for
+        it, `unit_of(name, key)` names it) and the pending load, or (None, None) when refused.
+        The bytes are counted as resident, and evictions done, before the copy starts; the
+        caller must call `finish(pending)` when done, also after an error."""
+        stats = self.stats[name]
+        if self.policy == "space-sharing" and name not in self.static_set:
+            stats.refused += 1
+            return None, None
+        units = self._units[name]
+        missing = [u for u in units if u not in self._resident]
+        if not missing:
+            return self.acquire(name), None
+        if order is not None:
+            rank = {}
+            for key in order:
+                u = self.unit_of(name, key)
+                rank.setdefault(u, len(rank))
+            missing.sort(key=lambda u: rank.get(u, len(rank)))
+        need = sum(self._unit_bytes[u] for u in missing)
+        if self.policy == "time-sharing":
+            self._evict_models(keep=name, need=need)
+        elif self.policy == "merged":
+            self._evict_tensors(keep=set(units), need=need)
+        assert self.budget is None or self.resident_bytes + need <= self.budget, (
+            f"{self.policy}: loading {name} would hold {self.resident_bytes + need} bytes, over the budget")
+        self.resident_bytes += need
+        self.peak_resident_bytes = max(self.peak_resident_bytes, self.resident_bytes)
+        pending = PendingLoad(name, missing, [self._stored[u if self.shared else u[1]] for u in missing], self.device)
+        pending.need = need
+        state = {k: self._resident.get(self.unit_of(name, k)) for k in self._maps[name]}
+        return state, pending
+
+    def finish(self, pending: PendingLoad) -> None:
+        """File a deferred load's tensors as resident and count what it cost."""
+        pending.join()
+        stats = self.stats[pending.name]
+        if pending.error is not None:  # nothing of it is resident
+            self.resident_bytes -= pending.need
+            raise GemelError(f"loading model '{pending.name}' failed: {pending.error}")
+        for u in pending.units:
+            self._resident[u] = pending.tensors[u]
+            self._changed(u)
+        for u in self._units[pending.name]:
+            self._resident.move_to_end(u)
+        stats.load_seconds += pending.load_seconds
+        stats.load_wait_seconds += pending.wait_seconds
+        stats.loaded_bytes += pending.need
+        stats.swaps += 1
+        stats.runs += 1
+        if not self.shared:
+            self._models_lru[pending.name] = None
+            self._models_lru.move_to_end(pending.name)
+
+    def unit_of(self, name: str, key: str) -> Hashable:
+        stored = self._maps[name][key]
+        return stored if self.shared else (name, stored)
+
     def _evict_tensors(self, keep: set, need: int) -> None:
         for u in list(self._resident):  # oldest first
             if self.resident_bytes + need <= self.budget:
@@ -187,6 +314,7 @@ class ModelScheduler:
             torch.cuda.synchronize(self.device)
         stats = self.stats[name]
         stats.load_seconds += time.perf_counter() - start
+        stats.load_wait_seconds += time.perf_counter() - start  # nothing runs while it loads
         stats.loaded_bytes += need
         stats.swaps += 1
         if not self.shared:
@@ -247,4 +375,4 @@ def parse_bytes(text: str | int) -> int:
     return int(value * units[unit])
 
 
-__all__ = ["ModelResidency", "ModelScheduler", "POLICIES", "parse_bytes"]
+__all__ = ["ModelResidency", "ModelScheduler", "PendingLoad", "POLICIES", "parse_bytes"]
