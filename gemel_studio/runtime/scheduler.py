@@ -20,6 +20,7 @@ the budget is refused when the scheduler is made.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import OrderedDict
@@ -61,9 +62,11 @@ class PendingLoad:
     model uses them (MemA's overlap: the first layers run while later ones load). `get(unit)`
     blocks until that unit is there; the scheduler's `finish()` files the copies as resident."""
 
-    def __init__(self, name: str, units: list[Hashable], sources: list[torch.Tensor], device: torch.device):
+    def __init__(self, name: str, units: list[Hashable], sources: list[torch.Tensor], device: torch.device,
+                 need: int):
         self.name = name
         self.units = units
+        self.need = need  # bytes
         self.device = device
         self.tensors: dict[Hashable, torch.Tensor] = {}
         self.error: BaseException | None = None
@@ -77,7 +80,7 @@ class PendingLoad:
         start = time.perf_counter()
         stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         try:
-            with torch.cuda.stream(stream) if stream is not None else _nothing():
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                 for u, src in zip(self.units, sources):
                     self.tensors[u] = src.to(self.device, copy=True, non_blocking=stream is not None)
                     if stream is not None:
@@ -108,14 +111,6 @@ class PendingLoad:
             start = time.perf_counter()
             self._thread.join()
             self.wait_seconds += time.perf_counter() - start
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 class ModelScheduler:
@@ -196,10 +191,7 @@ class ModelScheduler:
         units = self._units[name]
         missing = [u for u in units if u not in self._resident]
         if missing:
-            if self.policy == "time-sharing":
-                self._evict_models(keep=name, need=sum(self._unit_bytes[u] for u in missing))
-            elif self.policy == "merged":
-                self._evict_tensors(keep=set(units), need=sum(self._unit_bytes[u] for u in missing))
+            self._make_room(name, missing)
             self._load(name, missing)
         for u in units:
             self._resident.move_to_end(u)
@@ -231,17 +223,13 @@ class ModelScheduler:
                 u = self.unit_of(name, key)
                 rank.setdefault(u, len(rank))
             missing.sort(key=lambda u: rank.get(u, len(rank)))
-        need = sum(self._unit_bytes[u] for u in missing)
-        if self.policy == "time-sharing":
-            self._evict_models(keep=name, need=need)
-        elif self.policy == "merged":
-            self._evict_tensors(keep=set(units), need=need)
+        need = self._make_room(name, missing)
         assert self.budget is None or self.resident_bytes + need <= self.budget, (
             f"{self.policy}: loading {name} would hold {self.resident_bytes + need} bytes, over the budget")
         self.resident_bytes += need
         self.peak_resident_bytes = max(self.peak_resident_bytes, self.resident_bytes)
-        pending = PendingLoad(name, missing, [self._stored[u if self.shared else u[1]] for u in missing], self.device)
-        pending.need = need
+        pending = PendingLoad(name, missing, [self._stored[u if self.shared else u[1]] for u in missing],
+                              self.device, need)
         state = {k: self._resident.get(self.unit_of(name, k)) for k in self._maps[name]}
         return state, pending
 
@@ -269,6 +257,15 @@ class ModelScheduler:
     def unit_of(self, name: str, key: str) -> Hashable:
         stored = self._maps[name][key]
         return stored if self.shared else (name, stored)
+
+    def _make_room(self, name: str, missing: list[Hashable]) -> int:
+        """Evict, as the policy says, until `missing` fits; returns its bytes."""
+        need = sum(self._unit_bytes[u] for u in missing)
+        if self.policy == "time-sharing":
+            self._evict_models(keep=name, need=need)
+        elif self.policy == "merged":
+            self._evict_tensors(keep=set(self._units[name]), need=need)
+        return need
 
     def _evict_tensors(self, keep: set, need: int) -> None:
         for u in list(self._resident):  # oldest first

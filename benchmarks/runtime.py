@@ -1,0 +1,221 @@
+"""The edge runtime's scheduling policies side by side, in one run: the same live streams under
+the same memory budgets with merged, time-sharing, space-sharing and unlimited. Prints one
+JSON object.
+
+    .venv/bin/python benchmarks/runtime.py [--bundle BUNDLE] [--streams 4] [--fps 30]
+                                           [--duration 10] [--device cpu] [--backend torch]
+
+Bundle: a bundle written by `gemel export` (e.g. of benchmarks/merge.py's merged quick-start),
+or by default one this script builds from the quick-start workload by tying every proposed
+share group without retraining (the all-shareable bound). The runtime's speed and memory do
+not depend on what the weights' values are, only on which tensors are shared; accuracy is
+benchmarks/merge.py's business.
+
+Streams: `--streams` synthetic streams at `--fps`, stream i running model i (round robin over
+the bundle's models), frames of 64x64 resized to each model's input.
+
+Budgets, from the per-model bytes (each model alone) of the bundle:
+- `largest`: the smallest budget that runs the largest model;
+- `50%` and `75%`: that far from `largest` to `all apart`, the bytes of every model held
+  with its own copy of every tensor (what time-sharing needs for everything to fit).
+
+For every budget, each policy runs for `--duration` seconds on fresh sources and a fresh
+scheduler: processed-frame fraction (all streams), p99 latency (the worst stream's), swaps
+(loads, the first ones included), bytes loaded, peak resident bytes. `checks` says whether
+merged dropped fewer frames than time-sharing and space-sharing at every budget and, at the
+50% budget, processed at least 90% of what unlimited processed.
+
+`--load layered` runs the same with MemA-style layer-by-layer loading (loading a layer's
+weights while the previous layers run); `--compare-load` runs both and reports them side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from analyze import device_name  # noqa: E402
+
+from gemel_studio.runtime import load_bundle  # noqa: E402
+from gemel_studio.runtime.engine import Engine  # noqa: E402
+from gemel_studio.runtime.scheduler import ModelScheduler  # noqa: E402
+from gemel_studio.runtime.sources import SyntheticSource  # noqa: E402
+
+POLICIES = ("merged", "time-sharing", "space-sharing", "unlimited")
+
+
+def build_tied_bundle(workload_path: Path, out: Path, input_size: int | None = None) -> Path:
+    """Export a bundle of `workload_path` with every proposed share group tied (no retraining),
+    optionally at another square input size."""
+    import json as _json
+
+    from gemel_studio.analysis import analyze_workload
+    from gemel_studio.export import export_bundle
+    from gemel_studio.merging import GroupState, apply_plan, propose_plan, save_plan
+    from gemel_studio.merging.pipeline import write_merged_weights
+    from gemel_studio.models.build import build_model
+    from gemel_studio.workload import load_workload, save_workload
+
+    torch.manual_seed(0)
+    workload = load_workload(workload_path)
+    if input_size:
+        channels = workload.input_size[0]
+        workload = workload.model_copy(update={"input_size": [channels, input_size, input_size]})
+    plan = propose_plan(workload, analyze_workload(workload))
+    for group in plan.groups:
+        group.state = GroupState.kept
+    models = {spec.name: build_model(workload, spec, materialize=True).module.eval() for spec in workload.models}
+    apply_plan(models, plan)
+    merged = out / "merged"
+    merged.mkdir(parents=True)
+    write_merged_weights(models, merged / "merged.safetensors")
+    save_plan(plan, merged / "plan.yaml")
+    (merged / "report.json").write_text(_json.dumps({"workload": workload.name, "models": {},
+                                                     "note": "every proposed group tied, not retrained"}))
+    save_workload(workload.model_copy(deep=True), merged / "workload.yaml")
+    result = export_bundle(merged, out / "bundle")
+    if not result.ok:
+        raise SystemExit(f"export failed: {[c for c in result.checks if not c.passed]}")
+    return out / "bundle"
+
+
+def budgets_for(bundle, names: list[str]) -> dict:
+    apart = ModelScheduler.for_bundle(bundle, names, "time-sharing", 10**15)
+    shared = ModelScheduler.for_bundle(bundle, names, "merged", 10**15)
+    largest = max(s.bytes for s in apart.stats.values())
+    all_apart = apart.total_bytes()
+    return {"largest_model_bytes": largest, "all_apart_bytes": all_apart, "all_shared_bytes": shared.total_bytes(),
+            "budgets": {"largest": largest, "50%": int(largest + 0.5 * (all_apart - largest)),
+                        "75%": int(largest + 0.75 * (all_apart - largest))}}
+
+
+def run_policy(bundle, names: list[str], args, policy: str, budget: int | None, load: str) -> dict:
+    streams = [(SyntheticSource(fps=args.fps, size=(64, 64), seed=i), [names[i % len(names)]])
+               for i in range(args.streams)]
+    engine = Engine(bundle, streams, policy, budget, args.device, args.backend, load=load)
+    summary = engine.run(args.duration)
+    frames_in = sum(s["frames_in"] for s in summary.streams)
+    processed = sum(s["processed"] for s in summary.streams)
+    p99 = [s["latency_p99_ms"] for s in summary.streams if s["latency_p99_ms"] is not None]
+    return {"policy": policy, "load": load, "frames_in": frames_in, "processed": processed,
+            "dropped": frames_in - processed,
+            "processed_fraction": round(processed / frames_in, 4) if frames_in else None,
+            "per_stream_processed_fraction": [s["processed_fraction"] for s in summary.streams],
+            "p99_latency_ms": round(max(p99), 2) if p99 else None,
+            "swaps": sum(m["swaps"] for m in summary.models.values()),
+            "loaded_bytes": sum(m["loaded_bytes"] for m in summary.models.values()),
+            "load_seconds": round(sum(m["load_seconds"] for m in summary.models.values()), 3),
+            "peak_resident_bytes": summary.memory["runtime_peak_resident_bytes"],
+            "static_set": summary.memory["static_set"],
+            "process_rss_bytes": summary.memory["process_rss_bytes"],
+            **{k: summary.memory[k] for k in ("torch_allocated_bytes", "torch_reserved_bytes", "device_used_bytes",
+                                              "device_total_bytes") if k in summary.memory}}
+
+
+def cold_starts(bundle, names: list[str], args, load: str, rounds: int) -> dict:
+    """Per model, the latency of a frame that finds the model evicted (time-sharing with room
+    for the largest model only, models in turn, so every run loads the whole model): median
+    milliseconds from the frame's arrival to its result, and how long inference waited for
+    weights."""
+    largest = max(ModelScheduler.for_bundle(bundle, [n], "time-sharing", 10**15).stats[n].bytes for n in names)
+    engine = Engine(bundle, [(SyntheticSource(), names)], "time-sharing", largest, args.device, args.backend, load)
+    frame = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for _ in range(rounds):
+        for n in names:
+            engine.stats[0].models = [n]
+            start = time.perf_counter()
+            engine._process((0, time.monotonic(), time.monotonic() + 60.0, frame))
+            times[n].append(1000.0 * (time.perf_counter() - start))
+    models = engine.summary().models
+    out = {}
+    for n in names:
+        ms = sorted(times[n][1:])  # the first round warms up allocators and kernels
+        m = models[n]
+        out[n] = {"median_ms": round(ms[len(ms) // 2], 2), "load_ms_per_swap": round(1000 * m["load_seconds"] / m["swaps"], 2),
+                  "waited_ms_per_swap": round(1000 * m["load_wait_seconds"] / m["swaps"], 2),
+                  "swaps": m["swaps"], "load": m["load"]}
+    return out
+
+
+def checks_for(results: dict) -> dict:
+    out = {}
+    for budget, rows in results.items():
+        by = {r["policy"]: r for r in rows}
+        m = by["merged"]
+        out[f"{budget}: merged drops fewer than time-sharing"] = m["dropped"] < by["time-sharing"]["dropped"]
+        out[f"{budget}: merged drops fewer than space-sharing"] = m["dropped"] < by["space-sharing"]["dropped"]
+        if budget == "50%":
+            out["50%: merged processes >= 90% of unlimited"] = m["processed"] >= 0.9 * by["unlimited"]["processed"]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bundle", type=Path, help="a bundle from `gemel export` (default: build a tied "
+                        "quick-start bundle in a temporary folder)")
+    parser.add_argument("--workload", type=Path, default=ROOT / "sample_workloads" / "quickstart.yaml")
+    parser.add_argument("--streams", type=int, default=4)
+    parser.add_argument("--fps", type=float, default=30.0)
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per policy and budget")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"])
+    parser.add_argument("--load", default="whole", choices=["whole", "layered"])
+    parser.add_argument("--compare-load", action="store_true", help="run whole and layered loading both")
+    parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
+    parser.add_argument("--input-size", type=int, help="with the built bundle: square input size of its models "
+                        "(default: the workload's)")
+    parser.add_argument("--cold-rounds", type=int, default=8, help="rounds of the cold-start latency measurement "
+                        "(0 skips it)")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="gemel-bench-runtime-") as tmp:
+        started = time.perf_counter()
+        path = args.bundle or build_tied_bundle(args.workload, Path(tmp), args.input_size)
+        build_s = time.perf_counter() - started
+        with load_bundle(path) as bundle:
+            names = [m.name for m in bundle.manifest.models]
+            sizes = budgets_for(bundle, names)
+            loads = ["whole", "layered"] if args.compare_load else [args.load]
+            cold = {load: cold_starts(bundle, names, args, load, args.cold_rounds) for load in loads} \
+                if args.cold_rounds > 0 else None
+            input_sizes = {m.name: list(m.input_size) for m in bundle.manifest.models}
+            results: dict[str, dict[str, list]] = {load: {} for load in loads}
+            for label, budget in sizes["budgets"].items():
+                for load in loads:
+                    rows = results[load].setdefault(label, [])
+                    for policy in args.policies:
+                        row = run_policy(bundle, names, args, policy, None if policy == "unlimited" else budget, load)
+                        row["budget_bytes"] = budget
+                        rows.append(row)
+                        print(f"{label} {load} {policy}: processed {row['processed_fraction']}, swaps {row['swaps']}",
+                              file=sys.stderr, flush=True)
+    device = torch.device("cuda" if args.device.startswith("cuda") or (args.device == "auto" and
+                                                                          torch.cuda.is_available()) else "cpu")
+    report = {
+        "benchmark": "runtime", "device": device_name() if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "backend": args.backend, "bundle": str(args.bundle) if args.bundle else f"{args.workload.name}, every "
+        "proposed group tied (built here, not retrained)", "bundle_build_seconds": round(build_s, 1),
+        "models": names, "input_sizes": input_sizes, "streams": args.streams, "fps": args.fps, "duration_s": args.duration, **sizes,
+        "results": results if args.compare_load else results[args.load],
+    }
+    if cold is not None:
+        report["cold_start"] = cold
+    if set(args.policies) == set(POLICIES):
+        report["checks"] = {load: checks_for(results[load]) for load in loads} if args.compare_load \
+            else checks_for(results[args.load])
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
