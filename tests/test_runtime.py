@@ -494,3 +494,13 @@ def test_a_layer_plan_that_misses_a_tensor_falls_back_to_a_whole_load(loaded):
     assert engine.latest[0]["outputs"]["color"] == ref.latest[0]["outputs"]["color"]
     with pytest.raises(GemelError, match="needs the torch backend"):
         Engine(loaded, [(SyntheticSource(), ["color"])], "unlimited", None, "cpu", "onnxruntime", load="layered")
+
+
+def test_gemel_run_loads_layer_by_layer_on_request(bundle, capsys):  # noqa: F811
+    rc = main(["run", str(bundle[1]), "--stream", "synthetic:10=size,color", "--policy", "time-sharing",
+               "--memory-budget", "50MiB", "--duration", "1.5", "--json", "--device", "cpu", "--load", "layered"])
+    summary = json.loads(capsys.readouterr().out)
+    assert rc == 0 and {m["load"] for m in summary["models"].values()} == {"layered"}
+    assert summary["memory"]["runtime_peak_resident_bytes"] <= 50 * 2**20
+    ran = [m for m in summary["models"].values() if m["swaps"]]
+    assert ran and all(m["load_wait_seconds"] <= m["load_seconds"] + 0.05 for m in ran)
