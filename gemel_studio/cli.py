@@ -10,7 +10,6 @@ import contextlib
 from contextlib import contextmanager
 from importlib import metadata
 import json
-import os
 import platform
 import sys
 from pathlib import Path

@@ -1,13 +1,18 @@
 """Screenshots of the studio's screens, for the docs: models table, sharing matrix, memory
-view, merge proposals and a retraining run.
+view, merge proposals, a retraining run, and the edge screens (export, live preview, monitor).
 
     QT_QPA_PLATFORM=offscreen python scripts/screenshots.py [WORKLOAD] [--out docs/screenshots]
+    QT_QPA_PLATFORM=offscreen python scripts/screenshots.py --edge-only
 
 Opens the studio on WORKLOAD (default: the quick-start sample), waits for the analysis,
 proposes a plan and accepts the groups saving at least 1 MiB, and grabs the window at
 1400x900, once per theme. The retraining screen comes from a real, short merge of a tiny
 workload (three ResNet-18 at 16x16 on synthetic images, written to a temporary folder), so
-its curves show real figures; it takes a minute or two on a CPU (--no-retraining skips it).
+its curves show real figures; it takes a minute or two on a CPU (--no-retraining skips it, and
+the edge screens with it, since they start from its merged folder). The edge screens export
+that merged folder for real (Export), run the bundle on three synthetic streams on the CPU
+(Preview) and watch that run through a metrics endpoint on a free local port (Monitor), which
+serves the preview's engine exactly as `gemel run --metrics-port` serves its own.
 Runs headless (offscreen platform) or under xvfb-run. Settings go to a temporary folder,
 never the user's own.
 """
@@ -31,8 +36,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "screenshots")
     parser.add_argument("--themes", default="dark,light", help="comma-separated: dark, light")
     parser.add_argument("--group", type=int, default=0, help="share group (row) to select in the matrix")
-    parser.add_argument("--no-retraining", action="store_true", help="skip the retraining run and its screenshot")
+    parser.add_argument("--no-retraining", action="store_true",
+                        help="skip the retraining run and its screenshot (and the edge screens, which need it)")
+    parser.add_argument("--no-edge", action="store_true", help="skip the export, preview and monitor screens")
+    parser.add_argument("--edge-only", action="store_true",
+                        help="only the export, preview and monitor screens (still runs the tiny merge)")
     args = parser.parse_args(argv)
+    if args.edge_only and (args.no_edge or args.no_retraining):
+        parser.error("--edge-only needs the retraining run and the edge screens")
     if not (os.environ.get("QT_QPA_PLATFORM") or os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
         os.environ["QT_QPA_PLATFORM"] = "offscreen"
 
@@ -50,19 +61,6 @@ def main(argv: list[str] | None = None) -> int:
     window.resize(1400, 900)
     window.show()
 
-    loop = QEventLoop()
-    outcome: dict = {}
-    window.sigAnalysisChanged.connect(lambda a: (outcome.setdefault("analysis", a), loop.quit()))
-    window.sigError.connect(lambda m: (outcome.setdefault("error", m), loop.quit()))
-    QTimer.singleShot(300_000, loop.quit)
-    if not window.open_path(args.workload):
-        print(f"error: {window.banner.message}", file=sys.stderr)
-        return 2
-    loop.exec()
-    if "analysis" not in outcome:
-        print(f"error: {outcome.get('error', 'analysis did not finish')}", file=sys.stderr)
-        return 2
-
     def settle() -> None:
         for _ in range(5):
             app.processEvents()
@@ -72,11 +70,6 @@ def main(argv: list[str] | None = None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     themes = [t.strip() for t in args.themes.split(",") if t.strip()]
-    proposals = window.proposals_panel
-    proposals.propose()
-    proposals.accept_above(1024 * 1024)
-    proposals.set_state([len(proposals.plan.groups) - 1], GroupState.rejected)
-    proposals.select_rows([1, 2])
     written = []
 
     def grab(tabs: list[tuple[QWidget, str]]) -> None:
@@ -90,16 +83,40 @@ def main(argv: list[str] | None = None) -> int:
                 window.grab().save(str(path))
                 written.append(path)
 
-    window.models_panel.select_model(outcome["analysis"].models[0].name)
-    window.sharing_panel.select_group(args.group)
-    grab([(window.models_panel, "models"), (window.sharing_panel, "sharing"), (window.memory_panel, "memory"),
-          (proposals, "proposals")])
+    if not args.edge_only:
+        loop = QEventLoop()
+        outcome: dict = {}
+        window.sigAnalysisChanged.connect(lambda a: (outcome.setdefault("analysis", a), loop.quit()))
+        window.sigError.connect(lambda m: (outcome.setdefault("error", m), loop.quit()))
+        QTimer.singleShot(300_000, loop.quit)
+        if not window.open_path(args.workload):
+            print(f"error: {window.banner.message}", file=sys.stderr)
+            return 2
+        loop.exec()
+        if "analysis" not in outcome:
+            print(f"error: {outcome.get('error', 'analysis did not finish')}", file=sys.stderr)
+            return 2
+        proposals = window.proposals_panel
+        proposals.propose()
+        proposals.accept_above(1024 * 1024)
+        proposals.set_state([len(proposals.plan.groups) - 1], GroupState.rejected)
+        proposals.select_rows([1, 2])
+        window.models_panel.select_model(outcome["analysis"].models[0].name)
+        window.sharing_panel.select_group(args.group)
+        grab([(window.models_panel, "models"), (window.sharing_panel, "sharing"), (window.memory_panel, "memory"),
+              (proposals, "proposals")])
     if not args.no_retraining:
         error = retraining_run(window)
         if error:
             print(f"error: retraining: {error}", file=sys.stderr)
             return 2
-        grab([(window.retraining_panel, "retraining")])
+        if not args.edge_only:
+            grab([(window.retraining_panel, "retraining")])
+        if not args.no_edge:
+            error = edge_run(window, grab, settle)
+            if error:
+                print(f"error: edge screens: {error}", file=sys.stderr)
+                return 2
     for path in written:
         print(path)
     window.close()
@@ -146,6 +163,61 @@ def retraining_run(window) -> str:
     torch.manual_seed(0)  # the untrained models' weights: the same run, and the same picture, each time
     if panel.start() is None or not wait_for(panel.sigRunFinished):
         return errors[0] if errors else "the merge did not finish"
+    return ""
+
+
+def edge_run(window, grab, settle) -> str:
+    """Export the tiny merge, run the bundle in the Live preview and watch that run in the
+    Monitor; grab the three screens. '' or an error message."""
+    import time
+
+    from gemel_studio.runtime.metrics import MetricsServer
+
+    errors: list[str] = []
+    window.sigError.connect(errors.append)
+    merged = window.retraining_panel.last_out_dir
+    export = window.export_panel
+    export.set_merged_dir(merged)
+    export.set_out_path(merged.with_name("tiny-bundle"))
+    window.tabs.setCurrentWidget(export)
+    if export.export() is None or not wait_for(export.sigExported):
+        return errors[0] if errors else "the export did not finish"
+    grab([(export, "export")])
+
+    export.preview_button.click()  # the exported bundle, in the Live preview
+    preview = window.preview_panel
+    if window.tabs.currentWidget() is not preview:
+        return errors[0] if errors else "the bundle did not open in the preview"
+    preview.policy_combo.setCurrentText("merged")
+    preview.budget_spin.setValue(64)
+    preview.device_combo.setCurrentText("cpu")
+    preview.add_synthetic_stream(10)
+    preview.add_synthetic_stream(6, models=["color", "size"])
+    preview.add_synthetic_stream(4, models=["shape"])
+    if preview.start() is None:
+        return errors[0] if errors else "the preview did not start"
+
+    def run_for(seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            settle()
+
+    run_for(2.0)
+    if preview.engine is None:
+        preview.stop(wait_ms=10_000)
+        return errors[0] if errors else "the preview's engine did not start"
+    server = MetricsServer(preview.engine.snapshot)  # what `gemel run --metrics-port 0` serves
+    try:
+        monitor = window.monitor_panel
+        monitor.set_address(f"127.0.0.1:{server.port}")
+        monitor.connect_to()
+        run_for(6.0)
+        grab([(preview, "preview"), (monitor, "monitor")])
+    finally:
+        window.monitor_panel.disconnect()
+        preview.stop(wait_ms=10_000)
+        settle()
+        server.close()
     return ""
 
 

@@ -168,20 +168,47 @@ def read_manifest(folder: Path) -> BundleManifest:
     path = folder / MANIFEST
     if not path.is_file():
         raise BundleError(f"{folder}: no {MANIFEST}; is it a gemel bundle (made by `gemel export`)?")
+    return parse_manifest(path.read_bytes(), str(path))
+
+
+def parse_manifest(raw: bytes, where: str) -> BundleManifest:
+    """A manifest's bytes as a BundleManifest; `where` names it in the one-line errors."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{path}: not valid JSON ({exc}); re-export the bundle") from None
+        raise BundleError(f"{where}: not valid JSON ({exc}); re-export the bundle") from None
     version = data.get("version") if isinstance(data, dict) else None
     if version != BUNDLE_VERSION:
-        raise BundleError(f"{path}: bundle schema version {version!r}; this runtime reads version "
+        raise BundleError(f"{where}: bundle schema version {version!r}; this runtime reads version "
                           f"{BUNDLE_VERSION} (re-export the bundle with a matching gemel)")
     try:
         return BundleManifest.model_validate(data)
     except ValidationError as exc:
         e = exc.errors()[0]
-        where = ".".join(str(p) for p in e["loc"])
-        raise BundleError(f"{path}: field '{where}': {e['msg']}; re-export the bundle") from None
+        field_path = ".".join(str(p) for p in e["loc"])
+        raise BundleError(f"{where}: field '{field_path}': {e['msg']}; re-export the bundle") from None
+
+
+def peek_manifest(path: Path | str) -> BundleManifest:
+    """The manifest of a bundle folder or archive, without reading (or verifying) its weights;
+    from an archive only manifest.json is read, nothing is extracted."""
+    path = Path(path)
+    if path.is_dir():
+        return read_manifest(path)
+    if not path.exists():
+        raise BundleError(f"{path}: no such bundle (check the path)")
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar:  # stop at the manifest: a .tar.gz is not read to its end
+                parts = PurePosixPath(member.name).parts
+                if member.isreg() and parts and parts[-1] == MANIFEST and len(parts) <= 2:
+                    raw = tar.extractfile(member).read()
+                    break
+            else:
+                raise BundleError(f"{path}: no {MANIFEST} in the archive; is it a gemel bundle?")
+    except (tarfile.TarError, OSError):
+        raise BundleError(f"{path}: neither a bundle folder nor a .tar/.tar.gz bundle archive") from None
+    return parse_manifest(raw, f"{path} ({MANIFEST})")
 
 
 def verify_files(folder: Path, manifest: BundleManifest) -> None:
@@ -381,5 +408,6 @@ def load_bundle(path: Path | str, extract_to: Path | None = None) -> Bundle:
 
 
 __all__ = ["BUNDLE_VERSION", "Bundle", "BundleError", "BundleManifest", "BundleModel", "FileEntry", "MANIFEST",
-           "Preprocessing", "WEIGHTS", "build_models", "extract_archive", "load_bundle", "read_manifest",
+           "Preprocessing", "WEIGHTS", "build_models", "extract_archive", "load_bundle", "parse_manifest", "peek_manifest",
+           "read_manifest",
            "safetensors_layout", "sha256_of", "verify_files"]

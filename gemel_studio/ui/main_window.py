@@ -26,8 +26,11 @@ from ..errors import GemelError
 from ..workload import ModelSpec, OnnxSource, Workload, load_workload, parse_workload, save_workload, workload_to_dict
 from . import settings
 from .dialogs import AddModelDialog, about_box, unique_name
+from .export_view import ExportPanel
 from .memory_view import MemoryPanel
 from .models_view import ModelsPanel
+from .monitor_view import MonitorPanel
+from .preview_view import PreviewPanel
 from .proposals_view import ProposalsPanel
 from .retraining_view import RetrainingPanel
 from .sharing_view import SharingPanel
@@ -113,6 +116,12 @@ class MainWindow(QMainWindow):
         self.retraining_panel = RetrainingPanel(self)
         self.add_panel(self.proposals_panel, "Proposals")
         self.add_panel(self.retraining_panel, "Retraining")
+        self.preview_panel = PreviewPanel(self)
+        self.export_panel = ExportPanel(self)
+        self.monitor_panel = MonitorPanel(self)
+        self.add_panel(self.preview_panel, "Preview")
+        self.add_panel(self.export_panel, "Export")
+        self.add_panel(self.monitor_panel, "Monitor")
         central = QWidget(self)
         layout = QVBoxLayout(central)
         layout.setContentsMargins(6, 6, 6, 0)
@@ -129,6 +138,11 @@ class MainWindow(QMainWindow):
         self.proposals_panel.sigError.connect(self.show_error)
         self.retraining_panel.sigError.connect(self.show_error)
         self.retraining_panel.sigRunFinished.connect(self._show_final_plan)
+        self.retraining_panel.sigRunFinished.connect(
+            lambda report: self.export_panel.set_merged_dir(self.retraining_panel.last_out_dir, chosen=False))
+        for panel in (self.preview_panel, self.export_panel, self.monitor_panel):
+            panel.sigError.connect(self.show_error)
+        self.export_panel.sigOpenInPreview.connect(self._open_in_preview)
 
         self._build_status_bar()
         self._build_menus()
@@ -250,6 +264,9 @@ class MainWindow(QMainWindow):
         self.sharing_panel.set_colors(colors)
         self.proposals_panel.set_colors(colors)
         self.retraining_panel.set_colors(colors)
+        self.preview_panel.set_colors(colors)
+        self.export_panel.set_colors(colors)
+        self.monitor_panel.set_colors(colors)
         self.theme_actions[theme].setChecked(True)
         if persist:
             settings.save_theme(theme)
@@ -366,11 +383,23 @@ class MainWindow(QMainWindow):
             self.statusBar().showMessage("Cancelling…")
 
     def stop_work(self, wait_ms: int = 10_000) -> None:
-        """Stop everything running (a merge is paused: its checkpoint stays) and wait for it."""
+        """Stop everything running (a merge is paused: its checkpoint stays; a preview run and
+        the monitor's polling stop) and wait for it."""
         if self._worker is not None:
             self._worker.cancel()
         self.retraining_panel.pause()
+        self.preview_panel.stop()
+        self.monitor_panel.stop()
         worker_pool().waitForDone(wait_ms)
+        self.preview_panel.stop(wait_ms)
+        self.monitor_panel.stop(wait_ms)
+
+    def _open_in_preview(self, bundle: Path) -> None:
+        if self.preview_panel.running:
+            self.show_error("the Live preview is running: stop it before opening another bundle")
+            return
+        if self.preview_panel.set_bundle_path(bundle):
+            self.tabs.setCurrentWidget(self.preview_panel)
 
     def _on_progress(self, done: int, total: int, message: str) -> None:
         self.progress_bar.setRange(0, max(1, total))

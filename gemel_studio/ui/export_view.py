@@ -1,0 +1,328 @@
+"""The Export tab: write the deployable bundle for a merged folder, as `gemel export` does, and
+show the export's own checks.
+
+`export_bundle` (the function behind `gemel export`) runs in a `Worker`; its result's checks
+(onnx checker, onnxruntime against torch, weights stored once, sharing as the plan says, no
+weight copied into a graph) are listed as they came out, with the byte counts and notes. An
+exported bundle can be opened in the Live preview with one click.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from PySide6.QtCore import QAbstractTableModel, QModelIndex, Qt, Signal
+from PySide6.QtGui import QBrush, QColor
+from PySide6.QtWidgets import (QCheckBox, QFileDialog, QFormLayout, QHBoxLayout, QHeaderView, QLabel, QLineEdit,
+                               QProgressBar, QPushButton, QSplitter, QVBoxLayout, QWidget)
+
+from ..cli import human_bytes
+from ..export import ExportResult, export_bundle
+from . import settings
+from .run_widgets import snapshot_table, titled
+from .settings import PALETTES
+from .worker import Worker
+
+
+def default_bundle_path(merged_dir: Path) -> Path:
+    """Next to the merged folder: `<name>-bundle` (the archive adds .tar)."""
+    return merged_dir.with_name(f"{merged_dir.name}-bundle")
+
+
+class ChecksModel(QAbstractTableModel):
+    """The export's checks, in the order it ran them."""
+
+    HEADERS = ("Check", "Result", "Detail")
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.checks: list = []
+        self._colors = PALETTES["dark"]
+
+    def set_checks(self, checks: list) -> None:
+        self.beginResetModel()
+        self.checks = list(checks)
+        self.endResetModel()
+
+    def set_colors(self, colors: dict) -> None:
+        self._colors = colors
+        if self.checks:
+            self.dataChanged.emit(self.index(0, 0), self.index(self.rowCount() - 1, self.columnCount() - 1))
+
+    def rowCount(self, parent=QModelIndex()) -> int:
+        return 0 if parent.isValid() else len(self.checks)
+
+    def columnCount(self, parent=QModelIndex()) -> int:
+        return 0 if parent.isValid() else len(self.HEADERS)
+
+    def data(self, index: QModelIndex, role=Qt.ItemDataRole.DisplayRole):
+        if not index.isValid():
+            return None
+        check, column = self.checks[index.row()], self.HEADERS[index.column()]
+        if role in (Qt.ItemDataRole.DisplayRole, Qt.ItemDataRole.ToolTipRole):
+            return {"Check": check.name, "Result": "passed" if check.passed else "FAILED",
+                    "Detail": check.detail}[column]
+        if role == Qt.ItemDataRole.ForegroundRole and column == "Result":
+            return QBrush(QColor(self._colors["savings" if check.passed else "bound"]))
+        return None
+
+    def headerData(self, section: int, orientation, role=Qt.ItemDataRole.DisplayRole):
+        if orientation == Qt.Orientation.Horizontal and role == Qt.ItemDataRole.DisplayRole:
+            return self.HEADERS[section]
+        return None
+
+
+class ModelsExportModel(QAbstractTableModel):
+    """Per model: its ONNX graph, how many initializers point into the weights file, and what
+    the graph holds of its own."""
+
+    HEADERS = ("Model", "ONNX graph", "Graph bytes", "External initializers", "Copied tensors",
+               "Own constants", "Max |ort - torch|")
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.rows: list = []
+
+    def set_rows(self, rows: list) -> None:
+        self.beginResetModel()
+        self.rows = list(rows)
+        self.endResetModel()
+
+    def rowCount(self, parent=QModelIndex()) -> int:
+        return 0 if parent.isValid() else len(self.rows)
+
+    def columnCount(self, parent=QModelIndex()) -> int:
+        return 0 if parent.isValid() else len(self.HEADERS)
+
+    def data(self, index: QModelIndex, role=Qt.ItemDataRole.DisplayRole):
+        if not index.isValid():
+            return None
+        m, column = self.rows[index.row()], index.column()
+        if role == Qt.ItemDataRole.DisplayRole:
+            if m.onnx is None and column > 1:
+                return "-"
+            return (m.name, m.onnx or "none (torch backend only)", human_bytes(m.onnx_bytes),
+                    str(m.external_initializers), human_bytes(m.copied_tensor_bytes), human_bytes(m.constant_bytes),
+                    "-" if m.max_abs_diff is None else f"{m.max_abs_diff:.2g}")[column]
+        if role == Qt.ItemDataRole.TextAlignmentRole and column > 1:
+            return int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+        return None
+
+    def headerData(self, section: int, orientation, role=Qt.ItemDataRole.DisplayRole):
+        if orientation == Qt.Orientation.Horizontal and role == Qt.ItemDataRole.DisplayRole:
+            return self.HEADERS[section]
+        return None
+
+
+class ExportPanel(QWidget):
+    sigWorkerStarted = Signal(object)
+    sigExported = Signal(object)  # the ExportResult
+    sigOpenInPreview = Signal(object)  # the bundle's path (folder or archive)
+    sigError = Signal(str)
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.worker: Worker | None = None
+        self.result: ExportResult | None = None
+        self._out_chosen = False
+        self._started_at = 0.0
+
+        self.merged_edit = QLineEdit(self)
+        self.merged_edit.setPlaceholderText("the folder `gemel merge --out` wrote")
+        self.merged_edit.textEdited.connect(lambda text: self.set_merged_dir(text, chosen=True))
+        self.merged_button = QPushButton("Choose…", self)
+        self.merged_button.clicked.connect(self.choose_merged_dir)
+        self.out_edit = QLineEdit(self)
+        self.out_edit.setPlaceholderText("a new or empty folder (or a .tar with Archive)")
+        self.out_edit.textEdited.connect(self._out_edited)
+        self.out_button = QPushButton("Choose…", self)
+        self.out_button.clicked.connect(self.choose_out)
+        self.archive_check = QCheckBox("Archive: one .tar file instead of a folder", self)
+        self.archive_check.setToolTip("'.tar' is added to the destination unless it ends in .tar or .tar.gz")
+        merged_row = QHBoxLayout()
+        merged_row.addWidget(self.merged_edit, 1)
+        merged_row.addWidget(self.merged_button)
+        out_row = QHBoxLayout()
+        out_row.addWidget(self.out_edit, 1)
+        out_row.addWidget(self.out_button)
+        form = QFormLayout()
+        form.addRow("Merged folder", merged_row)
+        form.addRow("Bundle", out_row)
+        form.addRow("", self.archive_check)
+
+        self.export_button = QPushButton("Export", self)
+        self.export_button.setToolTip("Write manifest, weights (each tensor once) and ONNX graphs, then check them")
+        self.export_button.clicked.connect(self.export)
+        self.preview_button = QPushButton("Open in Live preview", self)
+        self.preview_button.setToolTip("Set this bundle in the Live preview tab")
+        self.preview_button.clicked.connect(self._open_in_preview)
+        self.progress_bar = QProgressBar(self)
+        self.progress_bar.setRange(0, 0)
+        self.progress_bar.setMaximumWidth(160)
+        self.progress_bar.setTextVisible(False)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.export_button)
+        buttons.addWidget(self.preview_button)
+        buttons.addWidget(self.progress_bar)
+        buttons.addStretch(1)
+        self.status_label = QLabel("", self)
+        self.status_label.setWordWrap(True)
+        self.status_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.summary_label = QLabel("No export yet", self)
+        self.summary_label.setWordWrap(True)
+        self.summary_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.notes_label = QLabel("", self)
+        self.notes_label.setWordWrap(True)
+        self.notes_label.hide()
+
+        self.checks_model = ChecksModel(self)
+        self.checks_view = snapshot_table(self.checks_model, self)
+        self.checks_view.setWordWrap(True)
+        self.checks_view.horizontalHeader().setSectionResizeMode(2, QHeaderView.ResizeMode.Stretch)
+        self.models_model = ModelsExportModel(self)
+        self.models_view = snapshot_table(self.models_model, self)
+        self.models_view.horizontalHeader().setStretchLastSection(False)
+
+        top = QWidget(self)
+        top_layout = QVBoxLayout(top)
+        top_layout.setContentsMargins(0, 0, 0, 0)
+        title = QLabel("Export a bundle", top)
+        title.setObjectName("panelTitle")
+        top_layout.addWidget(title)
+        top_layout.addLayout(form)
+        top_layout.addLayout(buttons)
+        top_layout.addWidget(self.status_label)
+        top_layout.addWidget(self.summary_label)
+        top_layout.addWidget(self.notes_label)
+        top.setMaximumWidth(900)
+        tables = QSplitter(Qt.Orientation.Vertical, self)
+        tables.addWidget(titled(self, "Checks (run on the written files)", self.checks_view))
+        tables.addWidget(titled(self, "Models", self.models_view))
+        tables.setSizes([380, 220])
+        layout = QVBoxLayout(self)
+        layout.addWidget(top)
+        layout.addWidget(tables, 1)
+        self.set_colors(PALETTES["dark"])
+        self._update_enabled()
+
+    # --- paths ------------------------------------------------------------------------------
+
+    def merged_dir(self) -> Path:
+        return Path(self.merged_edit.text().strip()).expanduser()
+
+    def out_path(self) -> Path:
+        return Path(self.out_edit.text().strip()).expanduser()
+
+    def set_merged_dir(self, path: Path | str, chosen: bool = True) -> None:
+        """The merged folder to export; the destination follows it until the user picks one.
+        `chosen=False` (a merge that just finished) does not replace a folder the user chose."""
+        if not chosen and self.merged_edit.text().strip():
+            return
+        text = str(path)
+        if self.merged_edit.text() != text:
+            self.merged_edit.setText(text)
+        if not self._out_chosen and text.strip():
+            self.out_edit.setText(str(default_bundle_path(self.merged_dir())))
+        self._update_enabled()
+
+    def set_out_path(self, path: Path | str) -> None:
+        self.out_edit.setText(str(path))
+        self._out_edited()
+
+    def _out_edited(self, *args) -> None:
+        self._out_chosen = True
+        self._update_enabled()
+
+    def choose_merged_dir(self) -> None:
+        start = settings.studio_settings().value("export/merged", "", type=str)
+        chosen = QFileDialog.getExistingDirectory(self, "Merged folder (written by gemel merge --out)", start)
+        if chosen:
+            settings.studio_settings().setValue("export/merged", str(Path(chosen).parent))
+            self.set_merged_dir(chosen)
+
+    def choose_out(self) -> None:
+        start = self.out_edit.text().strip() or str(Path.home())
+        if self.archive_check.isChecked():
+            chosen, _ = QFileDialog.getSaveFileName(self, "Bundle archive", start, "Archives (*.tar *.tar.gz)")
+        else:
+            chosen = QFileDialog.getExistingDirectory(self, "Bundle folder (new or empty)", start)
+        if chosen:
+            self.set_out_path(chosen)
+
+    # --- exporting --------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self.worker is not None
+
+    def export(self) -> Worker | None:
+        if self.running:
+            return None
+        merged_text, out_text = self.merged_edit.text().strip(), self.out_edit.text().strip()
+        if not merged_text:
+            self._fail("choose the merged folder (what `gemel merge --out` wrote)")
+            return None
+        if not out_text:
+            self._fail("choose where the bundle goes (a new or empty folder)")
+            return None
+        merged, out, archive = self.merged_dir(), self.out_path(), self.archive_check.isChecked()
+        worker = Worker(lambda progress: export_bundle(merged, out, archive=archive), name=f"export of {merged}")
+        worker.sigFinished.connect(self._on_finished)
+        worker.sigFailed.connect(self._on_failed)
+        worker.sigCancelled.connect(self._on_failed)  # export has no cancel; never expected
+        self.worker, self.result = worker, None
+        self.checks_model.set_checks([])
+        self.models_model.set_rows([])
+        self.summary_label.setText("Exporting…")
+        self.notes_label.setText("")
+        self.notes_label.hide()
+        self.status_label.setText(f"Exporting {merged} to {out}{' (archive)' if archive else ''}…")
+        self._started_at = time.monotonic()
+        self._update_enabled()
+        worker.start()
+        self.sigWorkerStarted.emit(worker)
+        return worker
+
+    def _on_finished(self, result: ExportResult) -> None:
+        self.worker, self.result = None, result
+        self.checks_model.set_checks(result.checks)
+        self.models_model.set_rows(result.models)
+        self.checks_view.resizeRowsToContents()
+        passed = sum(c.passed for c in result.checks)
+        self.summary_label.setText(
+            f"Weights stored once: {human_bytes(result.weights_data_bytes)} of tensor data "
+            f"({human_bytes(result.sum_model_bytes)} if each model kept its own); bundle on disk "
+            f"{human_bytes(result.bundle_bytes)}. Checks: {passed} of {len(result.checks)} passed.")
+        self.notes_label.setText("\n".join(f"Note: {n}" for n in result.notes))
+        self.notes_label.setVisible(bool(result.notes))
+        verdict = "written" if result.ok else "written, but checks FAILED (see below)"
+        self.status_label.setText(f"{result.bundle}: {verdict} in {time.monotonic() - self._started_at:.1f} s")
+        self._update_enabled()
+        self.sigExported.emit(result)
+
+    def _on_failed(self, message: str = "") -> None:
+        self.worker = None
+        self.summary_label.setText("No export")
+        self._update_enabled()
+        self._fail(message or "the export stopped")
+
+    def _fail(self, message: str) -> None:
+        self.status_label.setText(f"Error: {message}")
+        self.sigError.emit(message)
+
+    def _open_in_preview(self) -> None:
+        if self.result is not None:
+            self.sigOpenInPreview.emit(self.result.bundle)
+
+    def _update_enabled(self) -> None:
+        running = self.running
+        ready = bool(self.merged_edit.text().strip() and self.out_edit.text().strip())
+        self.export_button.setEnabled(ready and not running)
+        self.preview_button.setEnabled(not running and self.result is not None and self.result.ok)
+        self.progress_bar.setVisible(running)
+        for w in (self.merged_edit, self.merged_button, self.out_edit, self.out_button, self.archive_check):
+            w.setEnabled(not running)
+
+    def set_colors(self, colors: dict) -> None:
+        self.checks_model.set_colors(colors)

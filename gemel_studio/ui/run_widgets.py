@@ -1,0 +1,248 @@
+"""Widgets over a run's snapshot (`Engine.snapshot()`, or the JSON a `gemel run --metrics-port`
+serves), shared by the Live preview and the Monitor: the memory and drop gauges, the
+per-stream and per-model tables, and a one-line state.
+
+They only read the snapshot dict; whether it came from an engine in this process or over
+HTTP makes no difference. Each memory figure keeps its own name (runtime resident weights,
+process RSS, torch allocated/reserved, device used): they are different memories and are
+never summed or mixed.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from PySide6.QtCore import QAbstractTableModel, QModelIndex, Qt
+from PySide6.QtWidgets import (QAbstractItemView, QGridLayout, QHeaderView, QLabel, QProgressBar, QTableView,
+                               QVBoxLayout, QWidget)
+
+from ..cli import human_bytes
+
+GAUGE_STEPS = 1000  # QProgressBar holds an int: gauges run over permille, not bytes
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def dropped_totals(snapshot: dict) -> tuple[int, int, int, int]:
+    """(frames in, dropped, of which late, of which refused) over every stream."""
+    streams = snapshot.get("streams", [])
+    return (sum(s["frames_in"] for s in streams), sum(s["dropped"] for s in streams),
+            sum(s["dropped_late"] for s in streams), sum(s["dropped_refused"] for s in streams))
+
+
+def run_state_text(snapshot: dict) -> str:
+    """'running, 12.3 s: policy merged, budget 256.0 MiB, device cpu, bundle /x/b'."""
+    budget = snapshot.get("memory", {}).get("budget_bytes")
+    budget_text = f"budget {human_bytes(budget)}" if budget is not None else "no budget"
+    return (f"{snapshot.get('state', '?')}, {snapshot.get('elapsed_s', 0.0):.1f} s: policy "
+            f"{snapshot.get('policy', '?')}, {budget_text}, device {snapshot.get('device', '?')}, "
+            f"bundle {snapshot.get('bundle', '?')}")
+
+
+class RunGauges(QWidget):
+    """Three gauges, each saying what it measures: the runtime's resident weights against the
+    budget, GPU memory used against the device's total (when the snapshot has device figures),
+    and the fraction of frames dropped; and a line with the process's own memory figures."""
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.resident_bar = self._bar("Model weights the runtime holds resident, against the memory budget the "
+                                      "scheduler keeps to (the runtime's own count, not the process's memory)")
+        self.gpu_bar = self._bar("GPU memory in use on the whole device (pynvml), against its total: includes "
+                                 "the CUDA context and other processes")
+        self.drops_bar = self._bar("Frames dropped (late: deadline passed; refused: no model resident for them) "
+                                   "out of every frame that arrived, all streams")
+        self.resident_caption = QLabel("Resident weights / budget", self)
+        self.gpu_caption = QLabel("GPU memory used / total", self)
+        self.drops_caption = QLabel("Frames dropped", self)
+        for caption in (self.resident_caption, self.gpu_caption, self.drops_caption):
+            caption.setWordWrap(True)  # a narrow window wraps the captions instead of growing
+        self.memory_label = QLabel("", self)
+        self.memory_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.memory_label.setToolTip("Process RSS: all memory of the runtime's process (Python, torch, frames). "
+                                     "torch allocated/reserved: the CUDA caching allocator's figures")
+        grid = QGridLayout(self)
+        grid.setContentsMargins(0, 0, 0, 0)
+        grid.setHorizontalSpacing(12)
+        grid.setVerticalSpacing(2)
+        for column, (caption, bar) in enumerate(((self.resident_caption, self.resident_bar),
+                                                 (self.gpu_caption, self.gpu_bar),
+                                                 (self.drops_caption, self.drops_bar))):
+            grid.addWidget(caption, 0, column)
+            grid.addWidget(bar, 1, column)
+            grid.setColumnStretch(column, 1)
+        grid.addWidget(self.memory_label, 2, 0, 1, 3)
+        self.clear()
+
+    def _bar(self, tip: str) -> QProgressBar:
+        bar = QProgressBar(self)
+        bar.setRange(0, GAUGE_STEPS)
+        bar.setTextVisible(True)
+        bar.setToolTip(tip)
+        bar.setMinimumWidth(90)
+        return bar
+
+    @staticmethod
+    def _set(bar: QProgressBar, fraction: float | None, text: str) -> None:
+        bar.setValue(0 if fraction is None else round(max(0.0, min(1.0, fraction)) * GAUGE_STEPS))
+        bar.setFormat(text)  # no %p/%v/%m in these texts: Qt would substitute them
+        bar.setEnabled(fraction is not None)
+
+    def clear(self) -> None:
+        self._set(self.resident_bar, None, "no run")
+        self._set(self.gpu_bar, None, "no run")
+        self._set(self.drops_bar, None, "no run")
+        self.memory_label.setText("")
+
+    def show_snapshot(self, snapshot: dict) -> None:
+        mem = snapshot.get("memory", {})
+        resident, budget = mem.get("runtime_resident_bytes", 0), mem.get("budget_bytes")
+        peak = mem.get("runtime_peak_resident_bytes")
+        if budget:
+            self._set(self.resident_bar, resident / budget,
+                      f"{human_bytes(resident)} of {human_bytes(budget)} budget ({resident / budget:.0%}), "
+                      f"peak {human_bytes(peak)}")
+        else:
+            self._set(self.resident_bar, 0.0, f"{human_bytes(resident)} resident, no budget (unlimited)")
+        used, total = mem.get("device_used_bytes"), mem.get("device_total_bytes")
+        if used is not None and total:
+            self._set(self.gpu_bar, used / total, f"{human_bytes(used)} of {human_bytes(total)} ({used / total:.0%})")
+        elif "torch_allocated_bytes" in mem:
+            self._set(self.gpu_bar, None, "GPU: no device figures (pynvml missing)")
+        else:
+            self._set(self.gpu_bar, None, f"no GPU (device {snapshot.get('device', 'cpu')})")
+        frames_in, dropped, late, refused = dropped_totals(snapshot)
+        if frames_in:
+            self._set(self.drops_bar, dropped / frames_in,
+                      f"{dropped} of {frames_in} frames ({dropped / frames_in:.1%}): late {late}, refused {refused}")
+        else:
+            self._set(self.drops_bar, 0.0, "no frames yet")
+        parts = [f"process RSS {human_bytes(mem.get('process_rss_bytes'))}"]
+        if "torch_allocated_bytes" in mem:
+            parts.append(f"torch allocated {human_bytes(mem['torch_allocated_bytes'])}, reserved "
+                         f"{human_bytes(mem.get('torch_reserved_bytes'))}")
+        self.memory_label.setText("; ".join(parts))
+
+
+class SnapshotTableModel(QAbstractTableModel):
+    """Rows of a snapshot (dicts), one column per (header, text function). Rows are replaced in
+    place when their number stays the same, so a selection survives the refreshes."""
+
+    COLUMNS: tuple[tuple[str, Callable[[dict], str]], ...] = ()
+    TEXT = frozenset({"Stream", "Models", "Model", "Ended"})  # left-aligned; the other columns are figures
+    STRETCH: str | None = None  # the column that takes the spare width
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.rows: list[dict] = []
+
+    def set_rows(self, rows: list[dict]) -> None:
+        if len(rows) == len(self.rows) and rows:
+            self.rows = list(rows)
+            self.dataChanged.emit(self.index(0, 0), self.index(len(rows) - 1, len(self.COLUMNS) - 1))
+            return
+        self.beginResetModel()
+        self.rows = list(rows)
+        self.endResetModel()
+
+    def text(self, row: int, header: str) -> str:
+        """The cell under `header` in `row`, as shown."""
+        headers = [h for h, _ in self.COLUMNS]
+        return self.data(self.index(row, headers.index(header)))
+
+    def rowCount(self, parent=QModelIndex()) -> int:
+        return 0 if parent.isValid() else len(self.rows)
+
+    def columnCount(self, parent=QModelIndex()) -> int:
+        return 0 if parent.isValid() else len(self.COLUMNS)
+
+    def data(self, index: QModelIndex, role=Qt.ItemDataRole.DisplayRole):
+        if not index.isValid():
+            return None
+        if role in (Qt.ItemDataRole.DisplayRole, Qt.ItemDataRole.ToolTipRole):
+            return self.COLUMNS[index.column()][1](self.rows[index.row()])
+        if role == Qt.ItemDataRole.TextAlignmentRole and self.COLUMNS[index.column()][0] not in self.TEXT:
+            return int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+        return None
+
+    def headerData(self, section: int, orientation, role=Qt.ItemDataRole.DisplayRole):
+        if orientation == Qt.Orientation.Horizontal and role == Qt.ItemDataRole.DisplayRole:
+            return self.COLUMNS[section][0]
+        return None
+
+
+class StreamTableModel(SnapshotTableModel):
+    """`snapshot['streams']`: what each stream's frames became (the counters `gemel run` prints)."""
+
+    COLUMNS = (
+        ("Stream", lambda s: s["name"]),
+        ("Models", lambda s: ", ".join(s["models"])),
+        ("Source fps", lambda s: f"{s['fps']:g}"),
+        ("In", lambda s: str(s["frames_in"])),
+        ("Processed", lambda s: str(s["processed"])),
+        ("Dropped", lambda s: str(s["dropped"])),
+        ("Late", lambda s: str(s["dropped_late"])),
+        ("Refused", lambda s: str(s["dropped_refused"])),
+        ("p50 ms", lambda s: _ms(s["latency_p50_ms"])),
+        ("p99 ms", lambda s: _ms(s["latency_p99_ms"])),
+        ("Processed fps", lambda s: f"{s['throughput_fps']:.1f}"),
+        ("Ended", lambda s: s["end_reason"] or "-"),
+    )
+    STRETCH = "Ended"
+
+
+class ModelTableModel(SnapshotTableModel):
+    """`snapshot['models']`: per model, its resident bytes, runs and what swapping it cost."""
+
+    COLUMNS = (
+        ("Model", lambda m: m["name"]),
+        ("Bytes", lambda m: human_bytes(m["bytes"])),
+        ("Runs", lambda m: str(m["runs"])),
+        ("Swaps", lambda m: str(m["swaps"])),
+        ("Load s", lambda m: f"{m['load_seconds']:.3f}"),
+        ("Waited s", lambda m: f"{m.get('load_wait_seconds', m['load_seconds']):.3f}"),
+        ("Loaded", lambda m: human_bytes(m["loaded_bytes"])),
+        ("Infer ms", lambda m: _ms(m.get("mean_infer_ms"))),
+        ("Refused", lambda m: str(m["refused"])),
+        ("Loading", lambda m: m.get("load", "whole")),
+    )
+
+    def set_models(self, models: dict[str, dict]) -> None:
+        self.set_rows([{**row, "name": name} for name, row in models.items()])
+
+
+def snapshot_table(model: QAbstractTableModel, parent: QWidget) -> QTableView:
+    """A read-only table: rows selectable, columns as wide as their contents."""
+    view = QTableView(parent)
+    view.setModel(model)
+    view.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+    view.setAlternatingRowColors(True)
+    view.setWordWrap(False)
+    view.verticalHeader().setVisible(False)
+    view.verticalHeader().setDefaultSectionSize(24)
+    header = view.horizontalHeader()
+    header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+    header.setStretchLastSection(False)
+    stretch = getattr(model, "STRETCH", None)
+    if stretch is not None:
+        header.setSectionResizeMode([h for h, _ in model.COLUMNS].index(stretch), QHeaderView.ResizeMode.Stretch)
+    return view
+
+
+def titled(parent: QWidget, title: str, *widgets: QWidget) -> QWidget:
+    """A bold title over widgets (the look of the other panels' sections)."""
+    box = QWidget(parent)
+    layout = QVBoxLayout(box)
+    layout.setContentsMargins(0, 0, 0, 0)
+    label = QLabel(title, box)
+    label.setObjectName("panelTitle")
+    layout.addWidget(label)
+    for w in widgets:
+        layout.addWidget(w, 1 if isinstance(w, QTableView) else 0)
+    return box
+
+
+__all__ = ["ModelTableModel", "RunGauges", "SnapshotTableModel", "StreamTableModel", "dropped_totals",
+           "run_state_text", "snapshot_table", "titled"]
