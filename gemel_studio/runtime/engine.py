@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import queue
+from collections import deque
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,6 +33,9 @@ from .scheduler import ModelScheduler
 from .sources import FrameSource
 
 
+LATENCY_WINDOW = 100_000  # processed frames per stream that the latency percentiles cover
+
+
 @dataclass
 class StreamStats:
     """What one stream did: frames in, processed before their deadline, dropped (and why)."""
@@ -44,14 +48,15 @@ class StreamStats:
     dropped_late: int = 0
     dropped_refused: int = 0
     end_reason: str | None = None  # why its source ended; None while it still delivers
-    latencies: list[float] = field(default_factory=list, repr=False)  # seconds, processed frames
+    # Seconds, of the last LATENCY_WINDOW processed frames (a bound on memory for runs of days).
+    latencies: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW), repr=False)
 
     @property
     def dropped(self) -> int:
         return self.dropped_late + self.dropped_refused
 
     def to_dict(self, elapsed_s: float) -> dict:
-        lat = np.asarray(self.latencies) * 1000.0
+        lat = np.asarray(list(self.latencies)) * 1000.0  # list(): one atomic copy under the GIL
         return {"name": self.name, "models": self.models, "fps": self.fps, "frames_in": self.frames_in,
                 "processed": self.processed, "dropped": self.dropped, "dropped_late": self.dropped_late,
                 "dropped_refused": self.dropped_refused,
@@ -105,19 +110,25 @@ def process_rss() -> int | None:
         return None
 
 
+_nvml_handles: dict[int, object] = {}
+_nvml_lock = threading.Lock()
+
+
 def _nvml_memory(index: int) -> dict:
+    """The device's used and total memory through pynvml; NVML is initialised once per process
+    and its handle kept, since previews and metrics ask several times a second."""
     try:
         import pynvml
-        pynvml.nvmlInit()
-    except Exception:
-        return {}
-    try:
-        mem = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index))
+
+        with _nvml_lock:
+            if index not in _nvml_handles:
+                if not _nvml_handles:
+                    pynvml.nvmlInit()
+                _nvml_handles[index] = pynvml.nvmlDeviceGetHandleByIndex(index)
+        mem = pynvml.nvmlDeviceGetMemoryInfo(_nvml_handles[index])
         return {"device_used_bytes": int(mem.used), "device_total_bytes": int(mem.total)}
-    except Exception:
+    except Exception:  # no NVML (a driver-less box, another vendor): these figures are absent
         return {}
-    finally:
-        pynvml.nvmlShutdown()
 
 
 def describe_output(spec, output, max_boxes: int = 10, min_score: float = 0.3) -> dict:

@@ -152,8 +152,9 @@ class ModelScheduler:
             too_big = [s for s in self.stats.values() if s.bytes > self.budget]
             if too_big:
                 worst = max(too_big, key=lambda s: s.bytes)
-                raise GemelError(f"model '{worst.name}' needs {worst.bytes} bytes resident, more than the memory "
-                                 f"budget of {self.budget} bytes; raise --memory-budget to at least {worst.bytes}")
+                need = f"{worst.bytes / 2**20:.1f} MiB ({worst.bytes} bytes)"
+                raise GemelError(f"model '{worst.name}' needs {need} resident, more than the memory budget of "
+                                 f"{self.budget / 2**20:.1f} MiB; raise the memory budget to at least {need}")
         self._resident: OrderedDict[Hashable, torch.Tensor] = OrderedDict()  # least recently used first
         self._models_lru: OrderedDict[str, None] = OrderedDict()  # time-sharing: resident models, LRU first
         self.resident_bytes = 0
