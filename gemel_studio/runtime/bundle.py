@@ -67,7 +67,12 @@ class BundleModel(_Strict):
     labels: list[str]
     onnx: str | None  # file in the bundle; None where the model could not be exported
     onnx_input: str = "input"
-    onnx_output: str = "output"
+    onnx_output: str = "output"  # a classifier's logits; a detector's first output
+    # A detector's outputs, in the graph's order, named as torchvision's detection dict names
+    # them: boxes (N x 4, x1 y1 x2 y2 in input pixels), scores, labels (and masks or keypoints
+    # where the architecture has them), for a batch of one image. None for a classifier (its one
+    # output is `onnx_output`), and in bundles written before detectors had ONNX graphs.
+    onnx_outputs: list[str] | None = None
     tensors: dict[str, str]  # state_dict key -> key in weights.safetensors
 
 

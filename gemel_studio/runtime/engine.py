@@ -176,7 +176,8 @@ class OrtRunner:
     (no copy of its own), made when the model runs and dropped as soon as any of its tensors
     is evicted or reloaded, so the memory budget holds for onnxruntime too. Making a session
     is part of loading the model and is counted in its load time. CPU only: the onnxruntime
-    wheel this project installs has no CUDA provider."""
+    wheel this project installs has no CUDA provider. A detector's graph (batch of one) gives
+    its outputs as torchvision does: a list with one dict of boxes, scores and labels."""
 
     def __init__(self, bundle, scheduler: ModelScheduler, names: list[str]):
         if scheduler.device.type != "cpu":
@@ -184,13 +185,21 @@ class OrtRunner:
                              "use --device cpu, or --backend torch on a GPU")
         missing = [n for n in names if bundle.manifest.model(n).onnx is None]
         if missing:
-            raise GemelError(f"model(s) {', '.join(missing)} have no ONNX graph in the bundle (detectors are "
-                             "exported for torch only); use --backend torch")
+            raise GemelError(f"model(s) {', '.join(missing)} have no ONNX graph in the bundle (the export notes "
+                             "say why; bundles from before detectors had graphs lack them: export again); "
+                             "use --backend torch")
         self.bundle = bundle
         self.scheduler = scheduler
         self.sessions: dict[str, object] = {}
         self.sessions_made = {n: 0 for n in names}
-        self._io = {n: (bundle.manifest.model(n).onnx_input, bundle.manifest.model(n).onnx_output) for n in names}
+        self._io: dict[str, tuple[str, list[str], bool]] = {}
+        for n in names:
+            spec = bundle.manifest.model(n)
+            detector = spec.task == "detection"
+            if detector and not spec.onnx_outputs:
+                raise GemelError(f"model '{n}': the manifest names no detection outputs (onnx_outputs) for its "
+                                 "graph; export the bundle again, or use --backend torch")
+            self._io[n] = (spec.onnx_input, list(spec.onnx_outputs) if detector else [spec.onnx_output], detector)
         scheduler.on_change.append(lambda name: self.sessions.pop(name, None))
 
     def prepare(self, name: str, state: dict[str, torch.Tensor]) -> None:
@@ -201,9 +210,12 @@ class OrtRunner:
             self.scheduler.stats[name].load_seconds += time.perf_counter() - start
             self.sessions_made[name] += 1
 
-    def run(self, name: str, x: torch.Tensor) -> np.ndarray:
-        inp, out = self._io[name]
-        return self.sessions[name].run([out], {inp: x.contiguous().numpy()})[0]
+    def run(self, name: str, x: torch.Tensor) -> np.ndarray | list[dict[str, torch.Tensor]]:
+        inp, outs, detector = self._io[name]
+        values = self.sessions[name].run(outs, {inp: x.contiguous().numpy()})
+        if detector:
+            return [{k: torch.from_numpy(v) for k, v in zip(outs, values)}]
+        return values[0]
 
 
 LOADS = ("whole", "layered")
