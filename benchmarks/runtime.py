@@ -7,7 +7,8 @@ JSON object.
 
 Bundle: a bundle written by `gemel export` (e.g. of benchmarks/merge.py's merged quick-start),
 or by default one this script builds from the quick-start workload by tying every proposed
-share group without retraining (the all-shareable bound). The runtime's speed and memory do
+share group without retraining (the all-shareable bound), or only the groups a merge kept
+(`--workload` and `--plan` of a `gemel merge`: e.g. GEMEL's own heuristic's result). The runtime's speed and memory do
 not depend on what the weights' values are, only on which tensors are shared; accuracy is
 benchmarks/merge.py's business.
 
@@ -19,9 +20,10 @@ Budgets, from the per-model bytes (each model alone) of the bundle:
 - `50%` and `75%`: that far from `largest` to `all apart`, the bytes of every model held
   with its own copy of every tensor (what time-sharing needs for everything to fit).
 
-For every budget, each policy runs for `--duration` seconds on fresh sources and a fresh
-scheduler: processed-frame fraction (all streams), p99 latency (the worst stream's), swaps
-(loads, the first ones included), bytes loaded, peak resident bytes. `checks` says whether
+For every budget, each policy runs `--repeats` times (interleaved) for `--duration` seconds on
+fresh sources and a fresh scheduler; the median run is reported: processed-frame fraction
+(all streams), p99 latency (the worst stream's), swaps (loads, the first ones included),
+bytes loaded, peak resident bytes. `checks` says whether
 merged dropped fewer frames than time-sharing and space-sharing at every budget and, at the
 50% budget, processed at least 90% of what unlimited processed.
 
@@ -54,14 +56,16 @@ from gemel_studio.runtime.sources import SyntheticSource  # noqa: E402
 POLICIES = ("merged", "time-sharing", "space-sharing", "unlimited")
 
 
-def build_tied_bundle(workload_path: Path, out: Path, input_size: int | None = None) -> Path:
+def build_tied_bundle(workload_path: Path, out: Path, input_size: int | None = None,
+                      plan_path: Path | None = None) -> Path:
     """Export a bundle of `workload_path` with every proposed share group tied (no retraining),
-    optionally at another square input size."""
+    or only the groups `plan_path` kept (a plan `gemel merge` wrote), optionally at another
+    square input size."""
     import json as _json
 
     from gemel_studio.analysis import analyze_workload
     from gemel_studio.export import export_bundle
-    from gemel_studio.merging import GroupState, apply_plan, propose_plan, save_plan
+    from gemel_studio.merging import GroupState, apply_plan, load_plan, propose_plan, save_plan
     from gemel_studio.merging.pipeline import write_merged_weights
     from gemel_studio.models.build import build_model
     from gemel_studio.workload import load_workload, save_workload
@@ -71,9 +75,16 @@ def build_tied_bundle(workload_path: Path, out: Path, input_size: int | None = N
     if input_size:
         channels = workload.input_size[0]
         workload = workload.model_copy(update={"input_size": [channels, input_size, input_size]})
-    plan = propose_plan(workload, analyze_workload(workload))
-    for group in plan.groups:
-        group.state = GroupState.kept
+    analysis = analyze_workload(workload)
+    if plan_path is None:
+        plan = propose_plan(workload, analysis)
+        for group in plan.groups:
+            group.state = GroupState.kept
+    else:
+        plan = load_plan(plan_path, workload, analysis)
+        for group in plan.groups:  # only what the merge kept is tied
+            if group.state != GroupState.kept:
+                group.state = GroupState.rejected
     models = {spec.name: build_model(workload, spec, materialize=True).module.eval() for spec in workload.models}
     apply_plan(models, plan)
     merged = out / "merged"
@@ -142,10 +153,22 @@ def cold_starts(bundle, names: list[str], args, load: str, rounds: int) -> dict:
     for n in names:
         ms = sorted(times[n][1:])  # the first round warms up allocators and kernels
         m = models[n]
-        out[n] = {"median_ms": round(ms[len(ms) // 2], 2), "load_ms_per_swap": round(1000 * m["load_seconds"] / m["swaps"], 2),
+        out[n] = {"median_ms": round(ms[len(ms) // 2], 2),
+                  "load_ms_per_swap": round(1000 * m["load_seconds"] / m["swaps"], 2),
                   "waited_ms_per_swap": round(1000 * m["load_wait_seconds"] / m["swaps"], 2),
                   "swaps": m["swaps"], "load": m["load"]}
     return out
+
+
+def median_row(runs: list[dict]) -> dict:
+    """The repeats of one policy and budget as one row: the run with the median processed
+    count, plus the range of the processed fraction over the repeats."""
+    ordered = sorted(runs, key=lambda r: r["processed"])
+    row = dict(ordered[len(ordered) // 2])
+    fractions = [r["processed_fraction"] for r in runs]
+    row["repeats"] = len(runs)
+    row["processed_fraction_range"] = [min(fractions), max(fractions)]
+    return row
 
 
 def checks_for(results: dict) -> dict:
@@ -168,11 +191,15 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=4)
     parser.add_argument("--fps", type=float, default=30.0)
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per policy and budget")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each policy and budget (the median "
+                        "is reported, with the range)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"])
     parser.add_argument("--load", default="whole", choices=["whole", "layered"])
     parser.add_argument("--compare-load", action="store_true", help="run whole and layered loading both")
     parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
+    parser.add_argument("--plan", type=Path, help="with the built bundle: tie only the groups this plan kept "
+                        "(the plan.yaml of a `gemel merge` of --workload)")
     parser.add_argument("--input-size", type=int, help="with the built bundle: square input size of its models "
                         "(default: the workload's)")
     parser.add_argument("--cold-rounds", type=int, default=8, help="rounds of the cold-start latency measurement "
@@ -181,7 +208,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="gemel-bench-runtime-") as tmp:
         started = time.perf_counter()
-        path = args.bundle or build_tied_bundle(args.workload, Path(tmp), args.input_size)
+        path = args.bundle or build_tied_bundle(args.workload, Path(tmp), args.input_size, args.plan)
         build_s = time.perf_counter() - started
         with load_bundle(path) as bundle:
             names = [m.name for m in bundle.manifest.models]
@@ -193,20 +220,26 @@ def main() -> None:
             results: dict[str, dict[str, list]] = {load: {} for load in loads}
             for label, budget in sizes["budgets"].items():
                 for load in loads:
-                    rows = results[load].setdefault(label, [])
-                    for policy in args.policies:
-                        row = run_policy(bundle, names, args, policy, None if policy == "unlimited" else budget, load)
-                        row["budget_bytes"] = budget
-                        rows.append(row)
-                        print(f"{label} {load} {policy}: processed {row['processed_fraction']}, swaps {row['swaps']}",
-                              file=sys.stderr, flush=True)
+                    runs: dict[str, list] = {p: [] for p in args.policies}
+                    for _ in range(args.repeats):  # policies interleaved: a slow spell hits them alike
+                        for policy in args.policies:
+                            row = run_policy(bundle, names, args, policy, None if policy == "unlimited" else budget,
+                                             load)
+                            row["budget_bytes"] = budget
+                            runs[policy].append(row)
+                            print(f"{label} {load} {policy}: processed {row['processed_fraction']}, "
+                                  f"swaps {row['swaps']}", file=sys.stderr, flush=True)
+                    results[load][label] = [median_row(runs[p]) for p in args.policies]
     device = torch.device("cuda" if args.device.startswith("cuda") or (args.device == "auto" and
                                                                           torch.cuda.is_available()) else "cpu")
     report = {
         "benchmark": "runtime", "device": device_name() if device.type == "cpu" else torch.cuda.get_device_name(device),
-        "backend": args.backend, "bundle": str(args.bundle) if args.bundle else f"{args.workload.name}, every "
-        "proposed group tied (built here, not retrained)", "bundle_build_seconds": round(build_s, 1),
-        "models": names, "input_sizes": input_sizes, "streams": args.streams, "fps": args.fps, "duration_s": args.duration, **sizes,
+        "backend": args.backend, "load": args.load if not args.compare_load else "whole and layered",
+        "bundle": str(args.bundle) if args.bundle else f"{args.workload}, "
+        f"{'the groups of ' + str(args.plan) + ' kept' if args.plan else 'every proposed group'} tied (built "
+        "here, not retrained)", "bundle_build_seconds": round(build_s, 1),
+        "models": names, "input_sizes": input_sizes, "streams": args.streams, "fps": args.fps,
+        "duration_s": args.duration, "repeats": args.repeats, **sizes,
         "results": results if args.compare_load else results[args.load],
     }
     if cold is not None:

@@ -107,7 +107,8 @@ def test_a_shared_tensor_is_resident_once_only_when_merged():
 def test_a_model_larger_than_the_budget_is_refused_at_start():
     tensors, models = _workload(3)
     need = _nbytes(tensors, models["solo"].values())
-    with pytest.raises(GemelError, match=rf"model 'solo' needs .* MiB \({need} bytes\).*at least .* MiB \({need} bytes\)") as info:
+    pattern = rf"model 'solo' needs .* MiB \({need} bytes\).*at least .* MiB \({need} bytes\)"
+    with pytest.raises(GemelError, match=pattern) as info:
         ModelScheduler(tensors, {"solo": models["solo"]}, "merged", need - 1)
     assert "\n" not in str(info.value)
     with pytest.raises(GemelError, match="needs a memory budget"):

@@ -413,6 +413,5 @@ def load_bundle(path: Path | str, extract_to: Path | None = None) -> Bundle:
 
 
 __all__ = ["BUNDLE_VERSION", "Bundle", "BundleError", "BundleManifest", "BundleModel", "FileEntry", "MANIFEST",
-           "Preprocessing", "WEIGHTS", "build_models", "extract_archive", "load_bundle", "parse_manifest", "peek_manifest",
-           "read_manifest",
-           "safetensors_layout", "sha256_of", "verify_files"]
+           "Preprocessing", "WEIGHTS", "build_models", "extract_archive", "load_bundle", "parse_manifest",
+           "peek_manifest", "read_manifest", "safetensors_layout", "sha256_of", "verify_files"]

@@ -297,7 +297,8 @@ class Engine:
         if load == "layered":
             for m in used:
                 try:
-                    self.layer_plans[m] = LayerPlan(bundle.models[m], self.inputs[m], list(bundle.manifest.model(m).tensors))
+                    self.layer_plans[m] = LayerPlan(bundle.models[m], self.inputs[m],
+                                                    list(bundle.manifest.model(m).tensors))
                 except Exception as exc:  # noqa: BLE001 (any failure on meta: load this model whole)
                     self.load_notes[m] = f"loads whole: cannot trace its layers on the meta device ({exc})"
         names = [src.name for src, _ in self.streams]
@@ -508,4 +509,5 @@ def run(bundle, streams: list[tuple[FrameSource, list[str]]], policy: str = "mer
     return engine.run(duration_s, progress, on_update)
 
 
-__all__ = ["BACKENDS", "LOADS", "Engine", "LayerPlan", "OrtRunner", "RunSummary", "StreamStats", "describe_output", "memory_snapshot", "process_rss", "resolve_device", "run"]
+__all__ = ["BACKENDS", "LOADS", "Engine", "LayerPlan", "OrtRunner", "RunSummary", "StreamStats", "describe_output",
+           "memory_snapshot", "process_rss", "resolve_device", "run"]
