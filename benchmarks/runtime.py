@@ -61,14 +61,12 @@ def build_tied_bundle(workload_path: Path, out: Path, input_size: int | None = N
     """Export a bundle of `workload_path` with every proposed share group tied (no retraining),
     or only the groups `plan_path` kept (a plan `gemel merge` wrote), optionally at another
     square input size."""
-    import json as _json
-
     from gemel_studio.analysis import analyze_workload
     from gemel_studio.export import export_bundle
-    from gemel_studio.merging import GroupState, apply_plan, load_plan, propose_plan, save_plan
-    from gemel_studio.merging.pipeline import write_merged_weights
+    from gemel_studio.merging import GroupState, apply_plan, load_plan, propose_plan
+    from gemel_studio.merging.pipeline import write_merged_folder
     from gemel_studio.models.build import build_model
-    from gemel_studio.workload import load_workload, save_workload
+    from gemel_studio.workload import load_workload
 
     torch.manual_seed(0)
     workload = load_workload(workload_path)
@@ -88,12 +86,8 @@ def build_tied_bundle(workload_path: Path, out: Path, input_size: int | None = N
     models = {spec.name: build_model(workload, spec, materialize=True).module.eval() for spec in workload.models}
     apply_plan(models, plan)
     merged = out / "merged"
-    merged.mkdir(parents=True)
-    write_merged_weights(models, merged / "merged.safetensors")
-    save_plan(plan, merged / "plan.yaml")
-    (merged / "report.json").write_text(_json.dumps({"workload": workload.name, "models": {},
-                                                     "note": "every proposed group tied, not retrained"}))
-    save_workload(workload.model_copy(deep=True), merged / "workload.yaml")
+    write_merged_folder(merged, workload, models, plan,
+                        {"workload": workload.name, "models": {}, "note": "groups tied, not retrained"})
     result = export_bundle(merged, out / "bundle")
     if not result.ok:
         raise SystemExit(f"export failed: {[c for c in result.checks if not c.passed]}")

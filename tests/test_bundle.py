@@ -17,7 +17,7 @@ from gemel_studio.errors import GemelError
 from gemel_studio.export import export_bundle
 from gemel_studio.runtime import BundleError, load_bundle
 from gemel_studio.runtime.bundle import safetensors_layout
-from gemel_studio.workload import load_workload, save_workload
+from gemel_studio.workload import load_workload
 
 from .conftest import EDGE_BLOCKED, run_python_blocking, tv
 
@@ -32,8 +32,8 @@ def merged(tmp_path_factory):
     import yaml
 
     from gemel_studio.analysis import analyze_workload
-    from gemel_studio.merging import GroupState, apply_plan, propose_plan, save_plan
-    from gemel_studio.merging.pipeline import write_merged_weights
+    from gemel_studio.merging import GroupState, apply_plan, propose_plan
+    from gemel_studio.merging.pipeline import write_merged_folder
     from gemel_studio.models.zoo import construct
 
     torch.manual_seed(0)
@@ -56,11 +56,7 @@ def merged(tmp_path_factory):
                 mod.running_var.uniform_(0.5, 1.5)
     apply_plan(models, plan)
     out = root / "merged"
-    out.mkdir()
-    write_merged_weights(models, out / "merged.safetensors")
-    save_plan(plan, out / "plan.yaml")
-    (out / "report.json").write_text(json.dumps({"workload": workload.name, "models": {}}))
-    save_workload(workload.model_copy(deep=True), out / "workload.yaml")
+    write_merged_folder(out, workload, models, plan, {"workload": workload.name, "models": {}})
     return out, models
 
 

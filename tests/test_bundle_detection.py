@@ -19,7 +19,7 @@ from gemel_studio.runtime import load_bundle
 from gemel_studio.runtime.bundle import safetensors_layout
 from gemel_studio.runtime.engine import Engine
 from gemel_studio.runtime.sources import SyntheticSource
-from gemel_studio.workload import load_workload, save_workload
+from gemel_studio.workload import load_workload
 
 from .conftest import tv
 
@@ -58,8 +58,8 @@ def merged(tmp_path_factory):
     import yaml
 
     from gemel_studio.analysis import analyze_workload
-    from gemel_studio.merging import GroupState, apply_plan, propose_plan, save_plan
-    from gemel_studio.merging.pipeline import write_merged_weights
+    from gemel_studio.merging import GroupState, apply_plan, propose_plan
+    from gemel_studio.merging.pipeline import write_merged_folder
     from gemel_studio.models.zoo import construct
 
     torch.manual_seed(0)
@@ -83,11 +83,7 @@ def merged(tmp_path_factory):
     for m in models.values():
         _calibrate(m)
     out = root / "merged"
-    out.mkdir()
-    write_merged_weights(models, out / "merged.safetensors")
-    save_plan(plan, out / "plan.yaml")
-    (out / "report.json").write_text(json.dumps({"workload": workload.name, "models": {}}))
-    save_workload(workload.model_copy(deep=True), out / "workload.yaml")
+    write_merged_folder(out, workload, models, plan, {"workload": workload.name, "models": {}})
     return out, models
 
 
@@ -173,12 +169,11 @@ def test_the_onnxruntime_backend_runs_detectors_as_torch_does(bundle):
                 outs.append({m: engine.latest[0]["outputs"][m] for m in names})
             results[backend] = outs
             if backend == "onnxruntime":
-                state = engine.scheduler.acquire("front")
+                engine.scheduler.acquire("front")  # resident (its session was made on the first frame)
                 x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
                 raw["onnxruntime"] = engine._ort.run("front", x)
                 with torch.no_grad():
                     raw["torch"] = b.models["front"](x)
-                del state
                 assert engine._ort.sessions_made["front"] == 1
     for t, o in zip(results["torch"], results["onnxruntime"]):
         for m in DETECTORS:

@@ -90,6 +90,21 @@ def prepare_merge(workload: Workload, plan: MergePlan, *, limit: int | None = No
     return MergeContext(workload, analysis, names, base_state, data, accuracy, targets)
 
 
+def write_merged_folder(out_dir: Path, workload: Workload, models: dict[str, torch.nn.Module], plan,
+                        report: dict | None = None) -> int:
+    """What `gemel export` reads: merged.safetensors (each shared tensor once), plan.yaml, a copy
+    of the workload (beside the weights, the folder is self-contained; a copy, so the caller's
+    workload keeps standing for its own file) and, when given, report.json. Returns the bytes
+    of parameter data written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = write_merged_weights(models, out_dir / "merged.safetensors")
+    save_plan(plan, out_dir / "plan.yaml")
+    save_workload(workload.model_copy(deep=True), out_dir / "workload.yaml")
+    if report is not None:
+        _atomic_text(out_dir / "report.json", json.dumps(report, indent=2))
+    return written
+
+
 def write_merged_weights(models: dict[str, torch.nn.Module], path: Path) -> int:
     """One safetensors file with each distinct storage once; its metadata maps every model's
     tensor names to the stored key. Returns the bytes of parameter data written."""
@@ -147,11 +162,7 @@ def merge_workload(workload: Workload, plan: MergePlan, out_dir: Path, *, strate
                        for n in ctx.names}
     for m in models.values():
         m.to("cpu")
-    written = write_merged_weights(models, out_dir / "merged.safetensors")
-    save_plan(result.plan, out_dir / "plan.yaml")
-    # The workload beside the weights makes the folder self-contained for `gemel export`; a
-    # copy is saved so the caller's workload keeps standing for its own file.
-    save_workload(workload.model_copy(deep=True), out_dir / "workload.yaml")
+    written = write_merged_folder(out_dir, workload, models, result.plan)
     participants_bytes = sum(ctx.analysis.model(n).param_bytes for n in ctx.names)
     report = {
         "workload": workload.name,
@@ -218,4 +229,5 @@ def finetune_workload(workload: Workload, out_dir: Path, settings: RetrainSettin
     return summary
 
 
-__all__ = ["MergeContext", "Step", "finetune_workload", "merge_workload", "prepare_merge", "write_merged_weights"]
+__all__ = ["MergeContext", "Step", "finetune_workload", "merge_workload", "prepare_merge", "write_merged_folder",
+           "write_merged_weights"]
