@@ -355,6 +355,9 @@ def format_run(summary: dict) -> str:
         out.append(f"torch allocated {human_bytes(mem['torch_allocated_bytes'])}, reserved "
                    f"{human_bytes(mem['torch_reserved_bytes'])}; device used "
                    f"{human_bytes(mem.get('device_used_bytes'))} of {human_bytes(mem.get('device_total_bytes'))}")
+    if summary.get("last_error"):
+        dropped = sum(s.get("dropped_error", 0) for s in summary["streams"])
+        out.append(f"{dropped} frame(s) dropped because a model failed; the last error: {summary['last_error']}")
     if mem.get("static_set") is not None:
         out.append(f"space-sharing keeps {', '.join(mem['static_set']) or 'no model'} resident")
     return "\n".join(out)

@@ -256,3 +256,22 @@ def test_a_manifest_naming_files_outside_the_bundle_is_refused(bundle, tmp_path)
     with pytest.raises(BundleError, match="plan.yaml: missing from the bundle; re-export"):
         load_bundle(dest)
 
+
+
+def test_a_truncated_gzip_archive_is_a_one_line_error(bundle, tmp_path):
+    from gemel_studio.runtime.bundle import peek_manifest
+
+    _, out = bundle
+    archive = tmp_path / "b.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(out, arcname="b")
+    data = archive.read_bytes()
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(data[: len(data) // 3])
+    with pytest.raises(BundleError, match="cut.tar.gz.*re-export") as info:
+        load_bundle(cut)
+    assert "\n" not in str(info.value)
+    cut.write_bytes(data[:60])  # cut before the manifest: peeking at it fails too
+    with pytest.raises(BundleError, match="cut.tar.gz.*truncated") as info:
+        peek_manifest(cut)
+    assert "\n" not in str(info.value)

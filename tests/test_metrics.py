@@ -76,7 +76,10 @@ def test_the_endpoint_serves_what_the_runtime_counted(loaded):
         assert prom[("gemel_model_loaded_bytes_total", (("model", name),))] == m["loaded_bytes"]
     assert sum(m["swaps"] for m in summary.models.values()) >= 1  # (a busy machine may drop a stream's frames)
     assert prom[("gemel_memory_budget_bytes", ())] == 200 * 2**20
-    assert prom[("gemel_runtime_resident_bytes", ())] == summary.memory["runtime_resident_bytes"] > 0
+    # The run is over: its weights were released (the summary has what was resident at the end).
+    assert prom[("gemel_runtime_resident_bytes", ())] == snap["memory"]["runtime_resident_bytes"] == 0
+    assert summary.memory["runtime_resident_bytes"] > 0
+    assert prom[("gemel_runtime_peak_resident_bytes", ())] == summary.memory["runtime_peak_resident_bytes"] > 0
     assert prom[("gemel_process_resident_memory_bytes", ())] > 0
     assert ("gemel_device_used_bytes", ()) not in prom  # no GPU figures made up on a CPU run
     info = [k for k in prom if k[0] == "gemel_run_info"]
@@ -99,6 +102,7 @@ def test_the_endpoint_is_live_during_a_run(loaded):
             progress.cancel()
             worker.join(10)
     assert second["state"] == "running" and second["streams"][0]["frames_in"] > first >= 1
+    assert second["memory"]["runtime_resident_bytes"] > 0
     # The preview's view of the run: the last frame and what the model said about it.
     latest = engine.latest[0]
     assert latest is not None and latest["frame"].shape == (3, 16, 16)
@@ -118,12 +122,54 @@ def test_unknown_paths_are_404_and_a_busy_port_is_one_line():
         MetricsServer(lambda: {}, 70000)
 
 
+def test_a_failing_snapshot_is_a_500_and_the_server_goes_on():
+    calls = []
+
+    def snapshot():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("bad\nthing é")  # newline and non-latin-1: must not break the answer
+        return {"ok": True}
+
+    with MetricsServer(snapshot) as server:
+        with pytest.raises(urllib.error.HTTPError) as err:
+            _get(server.url + "/metrics.json")
+        assert err.value.code == 500
+        assert fetch_snapshot(server.url) == {"ok": True}
+
+
+def test_metrics_bind_ipv6_loopback_or_say_which_address_is_wrong():
+    try:
+        server = MetricsServer(lambda: {"v": 6}, 0, "::1")
+    except GemelError as exc:  # a box without IPv6: a one-line error naming the address
+        assert "::1" in str(exc)
+    else:
+        with server:
+            assert server.url.startswith("http://[::1]:") and fetch_snapshot(server.url) == {"v": 6}
+    with pytest.raises(GemelError, match="metrics address 'no-such-host.invalid'"):
+        MetricsServer(lambda: {}, 0, "no-such-host.invalid")
+
+
 def test_fetching_from_nothing_is_a_clear_error():
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(GemelError, match="cannot connect.*gemel run --metrics-port"):
         fetch_snapshot(f"127.0.0.1:{port}", timeout=1)
+    with socket.socket() as s:  # something that answers, but not in HTTP
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+
+        def babble():
+            conn, _ = s.accept()
+            conn.recv(1024)
+            conn.sendall(b"hello there\r\n")
+            conn.close()
+
+        threading.Thread(target=babble, daemon=True).start()
+        with pytest.raises(GemelError, match="not an HTTP answer"):
+            fetch_snapshot(f"127.0.0.1:{port}/metrics", timeout=2)
 
 
 def test_gemel_run_serves_metrics_on_loopback(bundle):  # noqa: F811

@@ -218,7 +218,7 @@ def loaded(bundle):  # noqa: F811
 def _check_counts(summary):
     for s in summary.streams:
         assert s["frames_in"] == s["processed"] + s["dropped"], s
-        assert s["dropped"] == s["dropped_late"] + s["dropped_refused"]
+        assert s["dropped"] == s["dropped_late"] + s["dropped_refused"] + s["dropped_error"]
 
 
 def test_a_truncated_video_ends_its_stream_while_a_synthetic_stream_goes_on(loaded, tmp_path):
@@ -505,3 +505,49 @@ def test_gemel_run_loads_layer_by_layer_on_request(bundle, capsys):  # noqa: F81
     assert summary["memory"]["runtime_peak_resident_bytes"] <= 50 * 2**20
     ran = [m for m in summary["models"].values() if m["swaps"]]
     assert ran and all(m["load_wait_seconds"] <= m["load_seconds"] + 0.05 for m in ran)
+
+
+def test_a_model_that_fails_on_a_frame_drops_that_frame_and_the_run_goes_on(loaded, monkeypatch):
+    engine = Engine(loaded, [(SyntheticSource(fps=20, size=(16, 16), frames=8), ["size"]),
+                             (SyntheticSource(fps=20, size=(16, 16), frames=8), ["color"])],
+                    "unlimited", None, "cpu")
+    real = engine._run_model
+
+    def flaky(m, frame):
+        if m == "color":
+            raise RuntimeError("kernel exploded\nsecond line")
+        return real(m, frame)
+
+    monkeypatch.setattr(engine, "_run_model", flaky)
+    summary = engine.run()
+    _check_counts(summary)
+    size, color = summary.streams
+    assert summary.stopped == "sources ended" and size["processed"] >= 1
+    assert color["dropped_error"] == color["frames_in"] == 8 and color["processed"] == 0
+    assert summary.last_error == "RuntimeError: kernel exploded"
+
+
+def test_evicted_weights_are_freed_before_the_next_model_loads(loaded):
+    """What is alive never exceeds what the scheduler counts: a model's resident tensors are
+    let go before the next model of the same frame loads."""
+    import weakref
+
+    names = ["color", "shape"]
+    budget = max(ModelScheduler.for_bundle(loaded, [n], "time-sharing", 10**12).stats[n].bytes for n in names)
+    engine = Engine(loaded, [(SyntheticSource(), names)], "time-sharing", budget, "cpu")
+    sched = engine.scheduler
+    dropped, alive_at_load = [], []
+    drop, load = sched._drop, sched._load
+
+    def tracking_drop(unit):
+        dropped.append(weakref.ref(sched._resident[unit]))
+        drop(unit)
+
+    def tracking_load(name, units=None):
+        alive_at_load.append(sum(r() is not None for r in dropped))
+        load(name, units)
+
+    sched._drop, sched._load = tracking_drop, tracking_load
+    for _ in range(2):
+        engine._process((0, time.monotonic(), time.monotonic() + 60, torch.rand(3, 16, 16)))
+    assert len(dropped) > 100 and alive_at_load and max(alive_at_load) == 0

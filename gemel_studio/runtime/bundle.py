@@ -18,6 +18,7 @@ import struct
 import tarfile
 import tempfile
 import weakref
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Literal
@@ -156,8 +157,9 @@ def extract_archive(archive: Path, dest: Path) -> Path:
                 _check_member(archive, m)
             # The "data" filter refuses the same things again, should a check above miss one.
             tar.extractall(dest, members=members, filter="data")
-    except tarfile.TarError as exc:
-        raise BundleError(f"{archive}: not a readable bundle archive ({exc}); re-export the bundle") from None
+    except (tarfile.TarError, EOFError, zlib.error) as exc:  # a truncated .tar.gz ends in EOFError
+        raise BundleError(f"{archive}: not a readable bundle archive ({exc or 'truncated'}); re-export the "
+                          "bundle") from None
     if (dest / MANIFEST).is_file():
         return dest
     tops = [p for p in dest.iterdir()]
@@ -211,8 +213,9 @@ def peek_manifest(path: Path | str) -> BundleManifest:
                     break
             else:
                 raise BundleError(f"{path}: no {MANIFEST} in the archive; is it a gemel bundle?")
-    except (tarfile.TarError, OSError):
-        raise BundleError(f"{path}: neither a bundle folder nor a .tar/.tar.gz bundle archive") from None
+    except (tarfile.TarError, EOFError, zlib.error, OSError):
+        raise BundleError(f"{path}: neither a bundle folder nor a readable .tar/.tar.gz bundle archive "
+                          "(truncated?)") from None
     return parse_manifest(raw, f"{path} ({MANIFEST})")
 
 

@@ -33,6 +33,7 @@ from .scheduler import ModelScheduler
 from .sources import FrameSource
 
 
+MAX_CONSECUTIVE_ERRORS = 50  # frames in a row whose models fail before the run stops with the error
 LATENCY_WINDOW = 100_000  # processed frames per stream that the latency percentiles cover
 
 
@@ -47,19 +48,20 @@ class StreamStats:
     processed: int = 0
     dropped_late: int = 0
     dropped_refused: int = 0
+    dropped_error: int = 0  # a model failed on the frame (the run goes on; see the run's last_error)
     end_reason: str | None = None  # why its source ended; None while it still delivers
     # Seconds, of the last LATENCY_WINDOW processed frames (a bound on memory for runs of days).
     latencies: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW), repr=False)
 
     @property
     def dropped(self) -> int:
-        return self.dropped_late + self.dropped_refused
+        return self.dropped_late + self.dropped_refused + self.dropped_error
 
     def to_dict(self, elapsed_s: float) -> dict:
         lat = np.asarray(list(self.latencies)) * 1000.0  # list(): one atomic copy under the GIL
         return {"name": self.name, "models": self.models, "fps": self.fps, "frames_in": self.frames_in,
                 "processed": self.processed, "dropped": self.dropped, "dropped_late": self.dropped_late,
-                "dropped_refused": self.dropped_refused,
+                "dropped_refused": self.dropped_refused, "dropped_error": self.dropped_error,
                 "processed_fraction": self.processed / self.frames_in if self.frames_in else None,
                 "latency_p50_ms": float(np.percentile(lat, 50)) if lat.size else None,
                 "latency_p99_ms": float(np.percentile(lat, 99)) if lat.size else None,
@@ -75,7 +77,8 @@ class RunSummary:
     policy: str
     budget_bytes: int | None
     elapsed_s: float
-    stopped: str  # duration | sources ended | cancelled | interrupted
+    stopped: str  # duration | sources ended | cancelled | interrupted | error: ...
+    last_error: str | None  # the last error a model raised on a frame (those frames are dropped)
     streams: list[dict]
     models: dict[str, dict]
     memory: dict
@@ -207,7 +210,9 @@ class OrtRunner:
         if name not in self.sessions:
             start = time.perf_counter()
             self.sessions[name] = self.bundle.session_over(name, state)
-            self.scheduler.stats[name].load_seconds += time.perf_counter() - start
+            spent = time.perf_counter() - start
+            self.scheduler.stats[name].load_seconds += spent
+            self.scheduler.stats[name].load_wait_seconds += spent  # nothing runs meanwhile
             self.sessions_made[name] += 1
 
     def run(self, name: str, x: torch.Tensor) -> np.ndarray | list[dict[str, torch.Tensor]]:
@@ -264,7 +269,8 @@ class LayerPlan:
                 if key in known:  # (path from the owner, state key)
                     self.waits.setdefault(owner, []).append((key[len(owner) + 1:] if owner else key, key))
         self.order = [key for n in called for _, key in self.waits.get(n, [])]
-        self.order += [k for k in state_keys if k not in set(self.order)]
+        planned = set(self.order)
+        self.order += [k for k in state_keys if k not in planned]
 
 
 class Engine:
@@ -284,7 +290,8 @@ class Engine:
             raise GemelError("no streams: add at least one --stream SOURCE[=MODEL,...]")
         self.bundle = bundle
         self.backend = backend
-        self.device = resolve_device(device)
+        # onnxruntime runs on the CPU here: "auto" means the CPU for it, even on a GPU box.
+        self.device = resolve_device("cpu" if backend == "onnxruntime" and device == "auto" else device)
         all_models = [m.name for m in bundle.manifest.models]
         self.streams = [(src, list(models) or list(all_models)) for src, models in streams]
         used = list(dict.fromkeys(m for _, models in self.streams for m in models))
@@ -313,6 +320,7 @@ class Engine:
         self._start = None
         self.elapsed_s = 0.0
         self.stopped = ""
+        self.last_error: str | None = None
 
     # --- producers: one thread per source ------------------------------------------------------
 
@@ -334,10 +342,10 @@ class Engine:
         i, ts, deadline, frame = item
         stats = self.stats[i]
         models = stats.models
-        refused = [m for m in models if self.scheduler.refuses(m)]
-        if refused:
-            for m in refused:
-                self.scheduler.stats[m].refused += 1
+        if any(self.scheduler.refuses(m) for m in models):
+            for m in models:
+                if self.scheduler.refuses(m):
+                    self.scheduler.stats[m].refused += 1
             stats.dropped_refused += 1
             return
         outputs = {}
@@ -345,12 +353,26 @@ class Engine:
             if time.monotonic() > deadline:
                 stats.dropped_late += 1
                 return
-            plan = self.layer_plans.get(m)
-            pending = None
-            if plan is not None:
-                state, pending = self.scheduler.acquire_deferred(m, plan.order)
-            else:
-                state = self.scheduler.acquire(m)
+            # One model at a time, in its own call: its resident tensors are let go before the
+            # next model loads, so what is alive never exceeds what the scheduler counts.
+            outputs[m] = self._run_model(m, frame)
+        done = time.monotonic()
+        if done > deadline:
+            stats.dropped_late += 1
+        else:
+            stats.processed += 1
+            stats.latencies.append(done - ts)
+            self.latest[i] = {"timestamp": ts, "frame": frame,
+                              "outputs": {m: describe_output(self.specs[m], o) for m, o in outputs.items()}}
+
+    def _run_model(self, m: str, frame: torch.Tensor):
+        plan = self.layer_plans.get(m)
+        pending = None
+        if plan is not None:
+            state, pending = self.scheduler.acquire_deferred(m, plan.order)
+        else:
+            state = self.scheduler.acquire(m)
+        try:
             if self._ort is not None:
                 self._ort.prepare(m, state)
             start = time.perf_counter()
@@ -361,57 +383,70 @@ class Engine:
                 try:
                     out = self._run_layered(m, state, pending, x)
                 except Exception as exc:  # noqa: BLE001 (the layer plan missed something: run it whole)
+                    self.scheduler.finish(pending)  # every tensor resident now
+                    pending = None
                     del self.layer_plans[m]
                     self.load_notes[m] = f"loads whole: layer-by-layer run failed ({exc})"
                     with torch.inference_mode():
-                        out = functional_call(self.bundle.models[m], self.scheduler.acquire(m), (x,), strict=False)
-                start += pending.wait_seconds  # waiting for weights is load time, not inference
+                        out = functional_call(self.bundle.models[m], self.scheduler.resident_state(m), (x,),
+                                              strict=False)
+                start += 0.0 if pending is None else pending.wait_seconds  # waiting for weights is loading
             else:
                 with torch.inference_mode():
                     out = functional_call(self.bundle.models[m], state, (x,), strict=False)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             self.infer_seconds[m] += time.perf_counter() - start
-            outputs[m] = out
-        done = time.monotonic()
-        if done > deadline:
-            stats.dropped_late += 1
-        else:
-            stats.processed += 1
-            stats.latencies.append(done - ts)
-            self.latest[i] = {"timestamp": ts, "frame": frame,
-                              "outputs": {m: describe_output(self.specs[m], o) for m, o in outputs.items()}}
+            return out
+        finally:
+            if pending is not None and not pending.finished:
+                self.scheduler.finish(pending)
 
     def _run_layered(self, m: str, state: dict, pending, x: torch.Tensor):
         """Run model `m` while its missing tensors load: each module's pre-hook waits for its
-        own tensors (placeholders on the meta device until then, so a tensor used before it is
-        there fails loudly instead of computing garbage)."""
-        model, plan, sched = self.bundle.models[m], self.layer_plans[m], self.scheduler
-        full = {k: (t if t is not None else torch.empty_like(self.bundle.tensors[self.bundle.manifest.model(m)
-                                                                               .tensors[k]], device="meta"))
-                for k, t in state.items()}
+        own tensors, which stand as placeholders on the meta device until then. Some kernels
+        (convolution, linear) compute garbage from a meta weight instead of failing, so after
+        the forward every placeholder must have been replaced; otherwise it raises and the
+        caller runs the model whole."""
+        model, plan = self.bundle.models[m], self.layer_plans[m]
+        sched, stored = self.scheduler, self.specs[m].tensors
+        placeholders: dict[str, torch.Tensor] = {}  # one per stored tensor: tied weights stay tied
+        full = {}
+        for k, t in state.items():
+            if t is None:
+                if stored[k] not in placeholders:
+                    placeholders[stored[k]] = torch.empty_like(self.bundle.tensors[stored[k]], device="meta")
+                t = placeholders[stored[k]]
+            full[k] = t
+        missing = {k for k, t in state.items() if t is None}
+        replaced: set[str] = set()
         modules = dict(model.named_modules())
         hooks = []
 
         def waiter(entries):
             def pre(mod, args):
                 for attr, key in entries:
-                    if state[key] is None:
+                    if key in missing:
                         target, _, name = attr.rpartition(".")
                         set_tensor(mod.get_submodule(target) if target else mod, name,
                                    pending.get(sched.unit_of(m, key)))
+                        replaced.add(key)
             return pre
 
         for n, entries in plan.waits.items():
-            if any(state[key] is None for _, key in entries):
+            if any(key in missing for _, key in entries):
                 hooks.append(modules[n].register_forward_pre_hook(waiter(entries)))
         try:
             with torch.inference_mode():
-                return functional_call(model, full, (x,), strict=False)
+                out = functional_call(model, full, (x,), strict=False)
         finally:
             for h in hooks:
                 h.remove()
-            sched.finish(pending)
+        if replaced != missing:
+            raise GemelError(f"{len(missing - replaced)} tensor(s) were not loaded before use, e.g. "
+                             f"{sorted(missing - replaced)[0]}")
+        sched.finish(pending)
+        return out
 
     def run(self, duration_s: float | None = None, progress=None,
             on_update: Callable[[dict], None] | None = None, update_every_s: float = 0.5) -> RunSummary:
@@ -423,6 +458,7 @@ class Engine:
             t.start()
         last_update = self._start
         stopped = None
+        errors = 0
         try:
             while stopped is None:
                 now = time.monotonic()
@@ -437,21 +473,35 @@ class Engine:
                         if not any(t.is_alive() for t in threads) and self._queue.empty():
                             stopped = "sources ended"
                         continue
-                    self._process(item)
+                    try:
+                        self._process(item)
+                        errors = 0
+                    except Exception as exc:  # noqa: BLE001 (one bad frame must not end every stream)
+                        errors += 1
+                        self.stats[item[0]].dropped_error += 1
+                        self.last_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                        if errors >= MAX_CONSECUTIVE_ERRORS:
+                            stopped = f"error: {self.last_error} ({errors} frames in a row failed)"
                 if on_update is not None and now - last_update >= update_every_s:
                     last_update = now
                     on_update(self.snapshot())
         except KeyboardInterrupt:
             stopped = "interrupted"
         finally:
-            self.stopped = stopped or "interrupted"
             self.elapsed_s = time.monotonic() - self._start
+            self.stopped = stopped or "interrupted"
             for src, _ in self.streams:
                 src.stop()
             for t in threads:
                 t.join(timeout=5.0)
             self._drain()
-        return self.summary()
+        summary = self.summary()
+        # The run is over: its resident weights (and onnxruntime sessions over them) go now,
+        # not whenever the engine object is collected. The counters stay readable.
+        if self._ort is not None:
+            self._ort.sessions.clear()
+        self.scheduler.release()
+        return summary
 
     def _drain(self) -> None:
         """Frames still queued when the run stops missed their chance: dropped, so every frame
@@ -483,7 +533,7 @@ class Engine:
         sched = self.scheduler
         state = f"stopped: {self.stopped}" if self.stopped else "running" if self._start else "not started"
         return {"bundle": str(self.bundle.path), "policy": sched.policy, "backend": self.backend,
-                "device": str(self.device), "state": state,
+                "device": str(self.device), "state": state, "last_error": self.last_error,
                 "elapsed_s": elapsed, "streams": [s.to_dict(elapsed) for s in self.stats],
                 "models": self._models(),
                 "memory": {"budget_bytes": sched.budget,
@@ -493,8 +543,8 @@ class Engine:
         sched = self.scheduler
         return RunSummary(bundle=str(self.bundle.path), backend=self.backend, device=str(self.device),
                           policy=sched.policy, budget_bytes=sched.budget, elapsed_s=self.elapsed_s,
-                          stopped=self.stopped, streams=[s.to_dict(self.elapsed_s) for s in self.stats],
-                          models=self._models(),
+                          stopped=self.stopped, last_error=self.last_error,
+                          streams=[s.to_dict(self.elapsed_s) for s in self.stats], models=self._models(),
                           memory={"budget_bytes": sched.budget, "all_models_bytes": sched.total_bytes(),
                                   "static_set": sched.static_set,
                                   **memory_snapshot(self.device, sched.resident_bytes, sched.peak_resident_bytes)})
@@ -502,10 +552,11 @@ class Engine:
 
 def run(bundle, streams: list[tuple[FrameSource, list[str]]], policy: str = "merged",
         budget_bytes: int | None = None, device: str = "cpu", duration_s: float | None = None,
-        progress=None, backend: str = "torch", on_update: Callable[[dict], None] | None = None) -> RunSummary:
+        progress=None, backend: str = "torch", on_update: Callable[[dict], None] | None = None,
+        load: str = "whole") -> RunSummary:
     """Run `streams` (each a source and the names of the models its frames go through; an empty
     list means every model of the bundle) and return what happened."""
-    engine = Engine(bundle, streams, policy, budget_bytes, device, backend)
+    engine = Engine(bundle, streams, policy, budget_bytes, device, backend, load)
     return engine.run(duration_s, progress, on_update)
 
 

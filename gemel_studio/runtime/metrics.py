@@ -13,6 +13,7 @@ families (counters for frames, swaps and loads; gauges for latency quantiles and
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
@@ -59,8 +60,9 @@ class SnapshotCollector:
             "processed": CounterMetricFamily("gemel_stream_frames_processed", "Frames processed before their "
                                              "deadline", labels=["stream"]),
         }
-        dropped = CounterMetricFamily("gemel_stream_frames_dropped", "Frames dropped: late (deadline passed) or "
-                                      "refused (no model resident for them)", labels=["stream", "reason"])
+        dropped = CounterMetricFamily("gemel_stream_frames_dropped", "Frames dropped: late (deadline passed), "
+                                      "refused (no model resident for them) or error (a model failed)",
+                                      labels=["stream", "reason"])
         latency = GaugeMetricFamily("gemel_stream_latency_seconds", "Arrival-to-result latency of processed frames",
                                     labels=["stream", "quantile"])
         fps = GaugeMetricFamily("gemel_stream_throughput_fps", "Frames processed per second", labels=["stream"])
@@ -70,6 +72,7 @@ class SnapshotCollector:
                 fam.add_metric([s["name"]], s[key])
             dropped.add_metric([s["name"], "late"], s["dropped_late"])
             dropped.add_metric([s["name"], "refused"], s["dropped_refused"])
+            dropped.add_metric([s["name"], "error"], s.get("dropped_error", 0))
             for q, key in (("0.5", "latency_p50_ms"), ("0.99", "latency_p99_ms")):
                 if s[key] is not None:
                     latency.add_metric([s["name"], q], s[key] / 1000.0)
@@ -85,13 +88,17 @@ class SnapshotCollector:
                                                 labels=["model"]),
             "loaded_bytes": CounterMetricFamily("gemel_model_loaded_bytes", "Bytes loaded for the model",
                                                 labels=["model"]),
+            "load_wait_seconds": CounterMetricFamily("gemel_model_load_wait_seconds", "Time inference waited for "
+                                                     "the model's weights to load", labels=["model"]),
+            "infer_seconds": CounterMetricFamily("gemel_model_infer_seconds", "Time spent running the model",
+                                                 labels=["model"]),
             "runs": CounterMetricFamily("gemel_model_runs", "Frames run through the model", labels=["model"]),
             "refused": CounterMetricFamily("gemel_model_refused", "Requests the policy refused", labels=["model"]),
         }
         size = GaugeMetricFamily("gemel_model_bytes", "Bytes the model alone needs resident", labels=["model"])
         for name, m in snap["models"].items():
             for key, fam in per_model.items():
-                fam.add_metric([name], m[key])
+                fam.add_metric([name], m.get(key, 0.0))
             size.add_metric([name], m["bytes"])
         yield from per_model.values()
         yield size
@@ -123,7 +130,8 @@ class MetricsServer:
                         self.send_error(404, f"not found; try {PROM_PATH} or {JSON_PATH}")
                         return
                 except Exception as exc:  # a snapshot that fails must not kill the server
-                    self.send_error(500, f"snapshot failed: {exc}")
+                    # The reason goes in the body: a status line must be one latin-1 line.
+                    self.send_error(500, "snapshot failed", explain=f"{type(exc).__name__}: {exc}")
                     return
                 self.send_response(200)
                 self.send_header("Content-Type", ctype)
@@ -137,11 +145,16 @@ class MetricsServer:
         if not 0 <= port <= 65535:
             raise GemelError(f"metrics port {port}: expected 0 (any free port) to 65535")
         try:
-            self._server = ThreadingHTTPServer((host, port), Handler)
+            family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        except (socket.gaierror, UnicodeError) as exc:
+            raise GemelError(f"metrics address '{host}': not an address of this machine ({exc}); "
+                             "use --metrics-host 127.0.0.1, ::1 or 0.0.0.0") from None
+        server_class = type("MetricsHTTPServer", (ThreadingHTTPServer,), {"address_family": family})
+        try:
+            self._server = server_class((host, port), Handler)
         except OSError as exc:
             raise GemelError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}; "
-                             "pick another --metrics-port (0 picks a free one)") from None
-        self._server.daemon_threads = True
+                             "pick another --metrics-port (0 picks a free one) or --metrics-host") from None
         self.host, self.port = self._server.server_address[:2]
         self._thread = threading.Thread(target=self._server.serve_forever, name="gemel-metrics", daemon=True)
         self._thread.start()
@@ -165,21 +178,31 @@ class MetricsServer:
 
 def fetch_snapshot(address: str, timeout: float = 2.0) -> dict:
     """The JSON snapshot of a running `gemel run` at `address` (host:port or an http URL)."""
+    import http.client
     import urllib.error
     import urllib.request
 
-    url = address if address.startswith(("http://", "https://")) else f"http://{address}"
+    url = address.strip() if address.strip().startswith(("http://", "https://")) else f"http://{address.strip()}"
     url = url.rstrip("/")
+    if url.endswith(PROM_PATH):
+        url = url[: -len(PROM_PATH)]
     if not url.endswith(JSON_PATH):
         url += JSON_PATH
+    hint = "is `gemel run --metrics-port` running there?"
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
-            return json.loads(response.read())
+            raw = response.read()
     except urllib.error.HTTPError as exc:
         raise GemelError(f"{url}: HTTP {exc.code}; is this a `gemel run --metrics-port` address?") from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise GemelError(f"{url}: cannot connect ({reason}); is `gemel run --metrics-port` running there?") from None
+        raise GemelError(f"{url}: cannot connect ({reason}); {hint}") from None
+    except http.client.InvalidURL as exc:
+        raise GemelError(f"'{address}': not an address ({exc}); write HOST:PORT, e.g. 127.0.0.1:9400") from None
+    except http.client.HTTPException as exc:  # something that does not speak HTTP, or hung up mid-answer
+        raise GemelError(f"{url}: not an HTTP answer ({type(exc).__name__}); {hint}") from None
+    try:
+        return json.loads(raw)
     except ValueError:
         raise GemelError(f"{url}: the answer is not JSON; is this a `gemel run --metrics-port` address?") from None
 

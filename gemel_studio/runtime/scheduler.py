@@ -63,10 +63,12 @@ class PendingLoad:
     blocks until that unit is there; the scheduler's `finish()` files the copies as resident."""
 
     def __init__(self, name: str, units: list[Hashable], sources: list[torch.Tensor], device: torch.device,
-                 need: int):
+                 need: int, stream=None):
         self.name = name
         self.units = units
         self.need = need  # bytes
+        self.finished = False  # set by the scheduler's finish()
+        self._stream = stream  # CUDA: the scheduler's one copy stream (one allocator pool, reused)
         self.device = device
         self.tensors: dict[Hashable, torch.Tensor] = {}
         self.error: BaseException | None = None
@@ -78,7 +80,7 @@ class PendingLoad:
 
     def _load(self, sources: list[torch.Tensor]) -> None:
         start = time.perf_counter()
-        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        stream = self._stream
         try:
             with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                 for u, src in zip(self.units, sources):
@@ -163,6 +165,7 @@ class ModelScheduler:
         # Called with each model whose resident tensors change (a tensor of it evicted or
         # loaded): whoever holds views of them (onnxruntime sessions) must let them go.
         self.on_change: list = []
+        self._load_stream = None  # CUDA, layer-by-layer loads: made on first use, then reused
         self._users: dict[Hashable, list[str]] = {}
         for name, us in self._units.items():
             for u in us:
@@ -229,13 +232,19 @@ class ModelScheduler:
             f"{self.policy}: loading {name} would hold {self.resident_bytes + need} bytes, over the budget")
         self.resident_bytes += need
         self.peak_resident_bytes = max(self.peak_resident_bytes, self.resident_bytes)
+        if self.device.type == "cuda" and self._load_stream is None:
+            self._load_stream = torch.cuda.Stream(self.device)
         pending = PendingLoad(name, missing, [self._stored[u if self.shared else u[1]] for u in missing],
-                              self.device, need)
+                              self.device, need, self._load_stream)
         state = {k: self._resident.get(self.unit_of(name, k)) for k in self._maps[name]}
         return state, pending
 
     def finish(self, pending: PendingLoad) -> None:
-        """File a deferred load's tensors as resident and count what it cost."""
+        """File a deferred load's tensors as resident and count what it cost (once; a second
+        call does nothing)."""
+        if pending.finished:
+            return
+        pending.finished = True
         pending.join()
         stats = self.stats[pending.name]
         if pending.error is not None:  # nothing of it is resident
@@ -254,6 +263,16 @@ class ModelScheduler:
         if not self.shared:
             self._models_lru[pending.name] = None
             self._models_lru.move_to_end(pending.name)
+
+    def resident_state(self, name: str) -> dict[str, torch.Tensor]:
+        """The state dict of a model whose tensors are all resident (no loading, no counting)."""
+        return {k: self._resident[self.unit_of(name, k)] for k in self._maps[name]}
+
+    def release(self) -> None:
+        """Drop every resident tensor (the run is over); the counters stay."""
+        for u in list(self._resident):
+            self._drop(u)
+        self._models_lru.clear()
 
     def unit_of(self, name: str, key: str) -> Hashable:
         stored = self._maps[name][key]
@@ -302,17 +321,26 @@ class ModelScheduler:
             f"{self.policy}: loading {name} would hold {self.resident_bytes + need} bytes, over the budget "
             f"of {self.budget}")
         start = time.perf_counter()
-        for u in units:
-            src = self._stored[u if self.shared else u[1]]
-            # A real copy even on the CPU: that is what loading costs on a box without a GPU.
-            self._resident[u] = src.to(self.device, copy=True)
-            self.resident_bytes += self._unit_bytes[u]
-            self._changed(u)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        done = []
+        try:
+            for u in units:
+                src = self._stored[u if self.shared else u[1]]
+                # A real copy even on the CPU: that is what loading costs on a box without a GPU.
+                self._resident[u] = src.to(self.device, copy=True)
+                done.append(u)
+                self.resident_bytes += self._unit_bytes[u]
+                self.peak_resident_bytes = max(self.peak_resident_bytes, self.resident_bytes)
+                self._changed(u)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        except BaseException:  # out of memory, Ctrl-C: none of this load stays half-resident
+            for u in done:
+                self._drop(u)
+            raise
+        spent = time.perf_counter() - start
         stats = self.stats[name]
-        stats.load_seconds += time.perf_counter() - start
-        stats.load_wait_seconds += time.perf_counter() - start  # nothing runs while it loads
+        stats.load_seconds += spent
+        stats.load_wait_seconds += spent  # nothing runs while it loads
         stats.loaded_bytes += need
         stats.swaps += 1
         if not self.shared:

@@ -38,7 +38,8 @@ def run_state_text(snapshot: dict) -> str:
     budget_text = f"budget {human_bytes(budget)}" if budget is not None else "no budget"
     return (f"{snapshot.get('state', '?')}, {snapshot.get('elapsed_s', 0.0):.1f} s: policy "
             f"{snapshot.get('policy', '?')}, {budget_text}, device {snapshot.get('device', '?')}, "
-            f"bundle {snapshot.get('bundle', '?')}")
+            f"bundle {snapshot.get('bundle', '?')}"
+            + (f"; last model error: {snapshot['last_error']}" if snapshot.get("last_error") else ""))
 
 
 class RunGauges(QWidget):
@@ -185,6 +186,7 @@ class StreamTableModel(SnapshotTableModel):
         ("Dropped", lambda s: str(s["dropped"])),
         ("Late", lambda s: str(s["dropped_late"])),
         ("Refused", lambda s: str(s["dropped_refused"])),
+        ("Errors", lambda s: str(s.get("dropped_error", 0))),
         ("p50 ms", lambda s: _ms(s["latency_p50_ms"])),
         ("p99 ms", lambda s: _ms(s["latency_p99_ms"])),
         ("Processed fps", lambda s: f"{s['throughput_fps']:.1f}"),
