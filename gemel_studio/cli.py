@@ -375,6 +375,9 @@ def cmd_run(args) -> int:
     if budget is None and args.policy != "unlimited":
         raise GemelError(f"--policy {args.policy} needs --memory-budget BYTES (e.g. 200MiB), "
                          "or use --policy unlimited")
+    if args.metrics_host != "127.0.0.1" and args.metrics_port is None:
+        raise GemelError(f"--metrics-host {args.metrics_host} without --metrics-port: add --metrics-port N "
+                         "(0 picks a free port) to serve metrics")
     streams = [_parse_stream(spec, args.loop) for spec in args.stream]
     with load_bundle(args.bundle) as bundle:
         engine = Engine(bundle, streams, args.policy, budget, args.device, args.backend, args.load)

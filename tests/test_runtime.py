@@ -323,6 +323,7 @@ def test_gemel_run_prints_a_table_without_json(bundle, capsys):  # noqa: F811
     (["--stream", "/no/such/video.mp4", "--policy", "unlimited"], "no such video file"),
     (["--stream", "synthetic", "--policy", "unlimited", "--duration", "0"], "--duration 0"),
     (["--stream", "synthetic=", "--policy", "unlimited", "--duration", "5"], "no model names"),
+    (["--stream", "synthetic", "--policy", "unlimited", "--metrics-host", "0.0.0.0"], "without --metrics-port"),
 ])
 def test_gemel_run_bad_input_is_one_line_and_exit_2(bundle, capsys, extra, why):  # noqa: F811
     assert main(["run", str(bundle[1]), *extra]) == 2

@@ -297,6 +297,7 @@ class Bundle:
     _scratch: Path | None = None
     _sessions: dict = field(default_factory=dict)
     _ort_values: dict = field(default_factory=dict)  # stored key -> OrtValue over the torch tensor
+    _initializer_names: dict = field(default_factory=dict)  # model -> its graph's initializer names
 
     def __post_init__(self) -> None:
         # An extraction folder goes when the bundle is closed or garbage-collected.
@@ -354,10 +355,12 @@ class Bundle:
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        graph = onnx.load(str(self.folder / spec.onnx), load_external_data=False).graph
-        for init in graph.initializer:
-            if init.name in values:  # else a constant of the graph's own
-                options.add_initializer(init.name, values[init.name])
+        if spec.name not in self._initializer_names:  # read once: sessions are remade at every load
+            graph = onnx.load(str(self.folder / spec.onnx), load_external_data=False).graph
+            self._initializer_names[spec.name] = [init.name for init in graph.initializer]
+        for name in self._initializer_names[spec.name]:
+            if name in values:  # else a constant of the graph's own
+                options.add_initializer(name, values[name])
         # The initializers must outlive the session: onnxruntime reads them in place.
         session = ort.InferenceSession(str(self.folder / spec.onnx), options,
                                        providers=providers or ["CPUExecutionProvider"])
