@@ -69,3 +69,17 @@ class SmallNet(torch.nn.Module):
 
     def forward(self, x):
         return self.fc(torch.flatten(self.pool(torch.relu(self.bn(self.conv(x)))), 1))
+
+
+def described_outputs(bundle, names: list[str], frames: list, backend: str):
+    """Each frame run at once through `names` on `backend` (merged policy, CPU): the engine and,
+    per frame, what each model said (`describe_output`'s answer)."""
+    from gemel_studio.runtime.engine import Engine
+    from gemel_studio.runtime.sources import SyntheticSource
+
+    engine = Engine(bundle, [(SyntheticSource(), names)], "merged", 200 * 2**20, "cpu", backend)
+    outs = []
+    for frame in frames:
+        engine.process_frame(frame)
+        outs.append({m: engine.latest[0]["outputs"][m] for m in names})
+    return engine, outs

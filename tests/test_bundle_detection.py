@@ -21,7 +21,7 @@ from gemel_studio.runtime.engine import Engine
 from gemel_studio.runtime.sources import SyntheticSource
 from gemel_studio.workload import load_workload
 
-from .conftest import tv
+from .conftest import described_outputs, tv
 
 DETECTORS = ("front", "back")
 ARCH = "ssdlite320_mobilenet_v3_large"
@@ -162,12 +162,7 @@ def test_the_onnxruntime_backend_runs_detectors_as_torch_does(bundle):
     results, raw = {}, {}
     with load_bundle(out) as b:
         for backend in ("torch", "onnxruntime"):
-            engine = Engine(b, [(SyntheticSource(), names)], "merged", 200 * 2**20, "cpu", backend)
-            outs = []
-            for frame in frames:
-                engine._process((0, time.monotonic(), time.monotonic() + 60, frame))
-                outs.append({m: engine.latest[0]["outputs"][m] for m in names})
-            results[backend] = outs
+            engine, results[backend] = described_outputs(b, names, frames, backend)
             if backend == "onnxruntime":
                 engine.scheduler.acquire("front")  # resident (its session was made on the first frame)
                 x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
@@ -231,7 +226,7 @@ def test_a_manifest_from_before_detector_graphs_still_loads(bundle, tmp_path):
         with pytest.raises(GemelError, match=r"model\(s\) front have no ONNX graph.*export again.*--backend torch"):
             Engine(b, [(SyntheticSource(), ["front", "spare"])], "unlimited", None, "cpu", "onnxruntime")
         engine = Engine(b, [(SyntheticSource(), ["front"])], "unlimited", None, "cpu", "torch")
-        engine._process((0, time.monotonic(), time.monotonic() + 60, _frames(1)[0]))
+        engine.process_frame(_frames(1)[0])
         assert engine.latest[0]["outputs"]["front"]["task"] == "detection"
 
 

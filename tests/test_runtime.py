@@ -20,7 +20,7 @@ from gemel_studio.runtime.scheduler import POLICIES, ModelScheduler, parse_bytes
 from gemel_studio.runtime.sources import CameraSource, SyntheticSource, VideoSource, parse_source
 
 # The small merged bundle of test_bundle (three resnet18s at 16x16 sharing layers, a mobilenet).
-from .conftest import EDGE_BLOCKED, run_python_blocking
+from .conftest import EDGE_BLOCKED, described_outputs, run_python_blocking
 from .test_bundle import bundle, merged  # noqa: F401  (fixtures)
 
 
@@ -378,14 +378,7 @@ def test_ctrl_c_stops_gemel_run_cleanly_with_the_summary(bundle):  # noqa: F811
 def test_both_backends_give_the_same_outputs_on_the_same_frames(loaded):
     frames = [f for _, f in SyntheticSource(fps=30, size=(20, 24), seed=5, frames=3, realtime=False).frames()]
     names = ["color", "shape", "size", "spare"]
-    results = {}
-    for backend in ("torch", "onnxruntime"):
-        engine = Engine(loaded, [(SyntheticSource(), names)], "merged", 200 * 2**20, "cpu", backend)
-        outs = []
-        for frame in frames:
-            engine._process((0, time.monotonic(), time.monotonic() + 60, frame))
-            outs.append({m: engine.latest[0]["outputs"][m] for m in names})
-        results[backend] = outs
+    results = {backend: described_outputs(loaded, names, frames, backend)[1] for backend in ("torch", "onnxruntime")}
     for t, o in zip(results["torch"], results["onnxruntime"]):
         for m in names:
             assert t[m]["label"] == o[m]["label"]
@@ -405,7 +398,7 @@ def test_onnxruntime_sessions_read_the_resident_weights_and_let_evicted_ones_go(
     del state
     frame = torch.rand(3, 16, 16)
     for _ in range(3):  # color, shape, color, shape, ...: every run swaps
-        engine._process((0, time.monotonic(), time.monotonic() + 60, frame))
+        engine.process_frame(frame)
         assert set(engine._ort.sessions) == {"shape"}  # color's went when shape evicted it
     gc.collect()
     assert first_color() is None  # nothing (no stale session) keeps an evicted tensor alive
@@ -440,7 +433,7 @@ def _swap_every_frame(loaded, load, names=("color", "shape", "spare")):
     frame = torch.rand(3, 20, 20, generator=torch.Generator().manual_seed(3))
     outs = []
     for _ in range(3):  # every model is evicted by the next one: each run loads it whole again
-        engine._process((0, time.monotonic(), time.monotonic() + 60, frame))
+        engine.process_frame(frame)
         outs.append(engine.latest[0]["outputs"])
     return engine, outs, budget
 
@@ -486,13 +479,13 @@ def test_a_layer_plan_that_misses_a_tensor_falls_back_to_a_whole_load(loaded):
     engine = Engine(loaded, [(SyntheticSource(), ["color", "size"])], "time-sharing", budget, "cpu", load="layered")
     engine.layer_plans["color"].waits = {}  # nobody waits: a meta placeholder reaches a convolution
     frame = torch.rand(3, 16, 16)
-    engine._process((0, time.monotonic(), time.monotonic() + 60, frame))
+    engine.process_frame(frame)
     models = engine.summary().models
     assert models["color"]["load"] == "whole" and "layer-by-layer run failed" in models["color"]["load_note"]
     assert models["size"]["load"] == "layered" and engine.stats[0].processed == 1
     with load_bundle(engine.bundle.path) as again:
         ref = Engine(again, [(SyntheticSource(), ["color"])], "unlimited", None, "cpu")
-        ref._process((0, time.monotonic(), time.monotonic() + 60, frame))
+        ref.process_frame(frame)
     assert engine.latest[0]["outputs"]["color"] == ref.latest[0]["outputs"]["color"]
     with pytest.raises(GemelError, match="needs the torch backend"):
         Engine(loaded, [(SyntheticSource(), ["color"])], "unlimited", None, "cpu", "onnxruntime", load="layered")
@@ -550,5 +543,5 @@ def test_evicted_weights_are_freed_before_the_next_model_loads(loaded):
 
     sched._drop, sched._load = tracking_drop, tracking_load
     for _ in range(2):
-        engine._process((0, time.monotonic(), time.monotonic() + 60, torch.rand(3, 16, 16)))
+        engine.process_frame(torch.rand(3, 16, 16))
     assert len(dropped) > 100 and alive_at_load and max(alive_at_load) == 0

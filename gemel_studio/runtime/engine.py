@@ -338,6 +338,14 @@ class Engine:
 
     # --- the worker --------------------------------------------------------------------------
 
+    def process_frame(self, frame: torch.Tensor, stream: int = 0, deadline_s: float = 60.0) -> None:
+        """Run one frame through stream `stream`'s models now, outside the real-time loop (tests,
+        benchmarks, one-off checks): it counts as arrived, then as processed or dropped, with
+        `deadline_s` seconds to finish."""
+        now = time.monotonic()
+        self.stats[stream].frames_in += 1
+        self._process((stream, now, now + deadline_s, frame))
+
     def _process(self, item) -> None:
         i, ts, deadline, frame = item
         stats = self.stats[i]
