@@ -12,15 +12,15 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from PySide6.QtCore import QAbstractTableModel, QModelIndex, Qt, Signal
+from PySide6.QtCore import QModelIndex, Qt, Signal
 from PySide6.QtGui import QBrush, QColor
-from PySide6.QtWidgets import (QCheckBox, QFileDialog, QFormLayout, QHBoxLayout, QHeaderView, QLabel, QLineEdit,
+from PySide6.QtWidgets import (QCheckBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QLineEdit,
                                QProgressBar, QPushButton, QSplitter, QVBoxLayout, QWidget)
 
 from ..cli import human_bytes
 from ..export import ExportResult, export_bundle
 from . import settings
-from .run_widgets import snapshot_table, titled
+from .run_widgets import SnapshotTableModel, snapshot_table, titled
 from .settings import PALETTES
 from .worker import Worker
 
@@ -30,89 +30,51 @@ def default_bundle_path(merged_dir: Path) -> Path:
     return merged_dir.with_name(f"{merged_dir.name}-bundle")
 
 
-class ChecksModel(QAbstractTableModel):
-    """The export's checks, in the order it ran them."""
+class ChecksModel(SnapshotTableModel):
+    """The export's checks, in the order it ran them; the result coloured."""
 
-    HEADERS = ("Check", "Result", "Detail")
+    COLUMNS = (
+        ("Check", lambda c: c.name),
+        ("Result", lambda c: "passed" if c.passed else "FAILED"),
+        ("Detail", lambda c: c.detail),
+    )
+    TEXT = frozenset({"Check", "Result", "Detail"})
+    STRETCH = "Detail"
 
     def __init__(self, parent=None):
         super().__init__(parent)
-        self.checks: list = []
         self._colors = PALETTES["dark"]
-
-    def set_checks(self, checks: list) -> None:
-        self.beginResetModel()
-        self.checks = list(checks)
-        self.endResetModel()
 
     def set_colors(self, colors: dict) -> None:
         self._colors = colors
-        if self.checks:
+        if self.rows:
             self.dataChanged.emit(self.index(0, 0), self.index(self.rowCount() - 1, self.columnCount() - 1))
 
-    def rowCount(self, parent=QModelIndex()) -> int:
-        return 0 if parent.isValid() else len(self.checks)
-
-    def columnCount(self, parent=QModelIndex()) -> int:
-        return 0 if parent.isValid() else len(self.HEADERS)
-
     def data(self, index: QModelIndex, role=Qt.ItemDataRole.DisplayRole):
-        if not index.isValid():
-            return None
-        check, column = self.checks[index.row()], self.HEADERS[index.column()]
-        if role in (Qt.ItemDataRole.DisplayRole, Qt.ItemDataRole.ToolTipRole):
-            return {"Check": check.name, "Result": "passed" if check.passed else "FAILED",
-                    "Detail": check.detail}[column]
-        if role == Qt.ItemDataRole.ForegroundRole and column == "Result":
-            return QBrush(QColor(self._colors["savings" if check.passed else "bound"]))
-        return None
-
-    def headerData(self, section: int, orientation, role=Qt.ItemDataRole.DisplayRole):
-        if orientation == Qt.Orientation.Horizontal and role == Qt.ItemDataRole.DisplayRole:
-            return self.HEADERS[section]
-        return None
+        if role == Qt.ItemDataRole.ForegroundRole and index.isValid() and self.COLUMNS[index.column()][0] == "Result":
+            return QBrush(QColor(self._colors["savings" if self.rows[index.row()].passed else "bound"]))
+        return super().data(index, role)
 
 
-class ModelsExportModel(QAbstractTableModel):
+def _graph(text):
+    """A column about the model's ONNX graph: '-' for a model exported without one."""
+    return lambda m: "-" if m.onnx is None else text(m)
+
+
+class ModelsExportModel(SnapshotTableModel):
     """Per model: its ONNX graph, how many initializers point into the weights file, and what
     the graph holds of its own."""
 
-    HEADERS = ("Model", "ONNX graph", "Graph bytes", "External initializers", "Copied tensors",
-               "Own constants", "Max |ort - torch|")
-
-    def __init__(self, parent=None):
-        super().__init__(parent)
-        self.rows: list = []
-
-    def set_rows(self, rows: list) -> None:
-        self.beginResetModel()
-        self.rows = list(rows)
-        self.endResetModel()
-
-    def rowCount(self, parent=QModelIndex()) -> int:
-        return 0 if parent.isValid() else len(self.rows)
-
-    def columnCount(self, parent=QModelIndex()) -> int:
-        return 0 if parent.isValid() else len(self.HEADERS)
-
-    def data(self, index: QModelIndex, role=Qt.ItemDataRole.DisplayRole):
-        if not index.isValid():
-            return None
-        m, column = self.rows[index.row()], index.column()
-        if role == Qt.ItemDataRole.DisplayRole:
-            if m.onnx is None and column > 1:
-                return "-"
-            return (m.name, m.onnx or "none (torch backend only)", human_bytes(m.onnx_bytes),
-                    str(m.external_initializers), human_bytes(m.copied_tensor_bytes), human_bytes(m.constant_bytes),
-                    "-" if m.max_abs_diff is None else f"{m.max_abs_diff:.2g}")[column]
-        if role == Qt.ItemDataRole.TextAlignmentRole and column > 1:
-            return int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
-        return None
-
-    def headerData(self, section: int, orientation, role=Qt.ItemDataRole.DisplayRole):
-        if orientation == Qt.Orientation.Horizontal and role == Qt.ItemDataRole.DisplayRole:
-            return self.HEADERS[section]
-        return None
+    COLUMNS = (
+        ("Model", lambda m: m.name),
+        ("ONNX graph", lambda m: m.onnx or "none (torch backend only)"),
+        ("Graph bytes", _graph(lambda m: human_bytes(m.onnx_bytes))),
+        ("External initializers", _graph(lambda m: str(m.external_initializers))),
+        ("Copied tensors", _graph(lambda m: human_bytes(m.copied_tensor_bytes))),
+        ("Own constants", _graph(lambda m: human_bytes(m.constant_bytes))),
+        ("Max |ort - torch|", _graph(lambda m: "-" if m.max_abs_diff is None else f"{m.max_abs_diff:.2g}")),
+    )
+    TEXT = frozenset({"Model", "ONNX graph"})
 
 
 class ExportPanel(QWidget):
@@ -179,7 +141,6 @@ class ExportPanel(QWidget):
         self.checks_model = ChecksModel(self)
         self.checks_view = snapshot_table(self.checks_model, self)
         self.checks_view.setWordWrap(True)
-        self.checks_view.horizontalHeader().setSectionResizeMode(2, QHeaderView.ResizeMode.Stretch)
         self.models_model = ModelsExportModel(self)
         self.models_view = snapshot_table(self.models_model, self)
         self.models_view.horizontalHeader().setStretchLastSection(False)
@@ -235,10 +196,8 @@ class ExportPanel(QWidget):
         self._update_enabled()
 
     def choose_merged_dir(self) -> None:
-        start = settings.studio_settings().value("export/merged", "", type=str)
-        chosen = QFileDialog.getExistingDirectory(self, "Merged folder (written by gemel merge --out)", start)
+        chosen = settings.ask_existing(self, "export/merged", "Merged folder (written by gemel merge --out)")
         if chosen:
-            settings.studio_settings().setValue("export/merged", str(Path(chosen).parent))
             self.set_merged_dir(chosen)
 
     def choose_out(self) -> None:
@@ -272,7 +231,7 @@ class ExportPanel(QWidget):
         worker.sigFailed.connect(self._on_failed)
         worker.sigCancelled.connect(self._on_failed)  # export has no cancel; never expected
         self.worker, self.result = worker, None
-        self.checks_model.set_checks([])
+        self.checks_model.set_rows([])
         self.models_model.set_rows([])
         self.summary_label.setText("Exporting…")
         self.notes_label.setText("")
@@ -286,7 +245,7 @@ class ExportPanel(QWidget):
 
     def _on_finished(self, result: ExportResult) -> None:
         self.worker, self.result = None, result
-        self.checks_model.set_checks(result.checks)
+        self.checks_model.set_rows(result.checks)
         self.models_model.set_rows(result.models)
         self.checks_view.resizeRowsToContents()
         passed = sum(c.passed for c in result.checks)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from PySide6.QtCore import QPointF, QRectF, QThreadPool, Qt, QTimer, Signal
 from PySide6.QtGui import QColor, QImage, QPainter, QPen
-from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QFrame, QGridLayout,
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QFrame, QGridLayout,
                                QHBoxLayout, QLabel, QLineEdit, QListWidget, QListWidgetItem, QPushButton, QScrollArea,
                                QSizePolicy, QSpinBox, QSplitter, QVBoxLayout, QWidget)
 
@@ -420,18 +420,14 @@ class PreviewPanel(QWidget):
         return [m.name for m in self.manifest.models] if self.manifest is not None else []
 
     def choose_bundle_folder(self) -> None:
-        start = settings.studio_settings().value("preview/folder", "", type=str)
-        chosen = QFileDialog.getExistingDirectory(self, "Bundle folder (written by gemel export)", start)
+        chosen = settings.ask_existing(self, "preview/folder", "Bundle folder (written by gemel export)")
         if chosen:
-            settings.studio_settings().setValue("preview/folder", str(Path(chosen).parent))
             self.set_bundle_path(chosen)
 
     def choose_bundle_archive(self) -> None:
-        start = settings.studio_settings().value("preview/folder", "", type=str)
-        chosen, _ = QFileDialog.getOpenFileName(self, "Bundle archive (gemel export --archive)", start,
-                                                BUNDLE_FILTER)
+        chosen = settings.ask_existing(self, "preview/folder", "Bundle archive (gemel export --archive)",
+                                       BUNDLE_FILTER)
         if chosen:
-            settings.studio_settings().setValue("preview/folder", str(Path(chosen).parent))
             self.set_bundle_path(chosen)
 
     def add_synthetic_stream(self, fps: float, models: list[str] | None = None) -> StreamChoice:
@@ -441,10 +437,8 @@ class PreviewPanel(QWidget):
         return self._add_stream(StreamChoice("video", path=Path(path), loop=loop, models=list(models or [])))
 
     def choose_video(self) -> None:
-        start = settings.studio_settings().value("preview/videos", "", type=str)
-        chosen, _ = QFileDialog.getOpenFileName(self, "Video file", start, VIDEO_FILTER)
+        chosen = settings.ask_existing(self, "preview/videos", "Video file", VIDEO_FILTER)
         if chosen:
-            settings.studio_settings().setValue("preview/videos", str(Path(chosen).parent))
             self.add_video_stream(chosen, loop=self.loop_check.isChecked())
 
     def _add_stream(self, choice: StreamChoice) -> StreamChoice:

@@ -128,8 +128,9 @@ class RunGauges(QWidget):
 
 
 class SnapshotTableModel(QAbstractTableModel):
-    """Rows of a snapshot (dicts), one column per (header, text function). Rows are replaced in
-    place when their number stays the same, so a selection survives the refreshes."""
+    """Rows (a snapshot's dicts, or any objects), one column per (header, text function). Rows
+    are replaced in place when their number stays the same, so a selection survives the
+    refreshes."""
 
     COLUMNS: tuple[tuple[str, Callable[[dict], str]], ...] = ()
     TEXT = frozenset({"Stream", "Models", "Model", "Ended"})  # left-aligned; the other columns are figures

@@ -42,6 +42,21 @@ def forget_file(path: Path) -> None:
     studio_settings().setValue("recent_files", [str(p) for p in recent_files() if p != path])
 
 
+def ask_existing(parent, key: str, title: str, file_filter: str | None = None) -> str:
+    """Ask for an existing folder (or, with `file_filter`, file), starting where the last answer
+    under `key` was; remembers the answer's parent folder. '' when cancelled."""
+    from PySide6.QtWidgets import QFileDialog
+
+    start = studio_settings().value(key, "", type=str)
+    if file_filter is None:
+        chosen = QFileDialog.getExistingDirectory(parent, title, start)
+    else:
+        chosen, _ = QFileDialog.getOpenFileName(parent, title, start, file_filter)
+    if chosen:
+        studio_settings().setValue(key, str(Path(chosen).parent))
+    return chosen
+
+
 def saved_theme() -> str:
     theme = studio_settings().value("theme", DEFAULT_THEME, type=str)
     return theme if theme in THEMES else DEFAULT_THEME

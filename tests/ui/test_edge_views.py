@@ -207,6 +207,28 @@ def test_preview_runs_the_chosen_backend_and_loading(window, preview, qtbot):
     qtbot.waitUntil(lambda: panel.worker is None)
 
 
+def test_file_dialogs_start_where_the_last_choice_was(window, preview, qtbot, tmp_path, monkeypatch):
+    from PySide6.QtWidgets import QFileDialog
+
+    (tmp_path / "clips").mkdir()
+    video = _write_video(tmp_path / "clips" / "a.avi", frames=3, fps=10)
+    starts = []
+
+    def answer(parent, title, start, file_filter):
+        starts.append(start)
+        return str(video), file_filter
+
+    monkeypatch.setattr(QFileDialog, "getOpenFileName", answer)
+    preview.choose_video()
+    preview.choose_video()  # the second dialog opens in the first answer's folder
+    assert [c.path for c in preview.streams] == [video, video]
+    assert starts[1] == str(video.parent)
+    # Export's merged-folder dialog keeps its own place.
+    monkeypatch.setattr(QFileDialog, "getExistingDirectory", lambda parent, title, start: starts.append(start) or "")
+    window.export_panel.choose_merged_dir()
+    assert starts[2] == "" and window.export_panel.merged_edit.text() == ""
+
+
 # --- Export ----------------------------------------------------------------------------------
 
 
