@@ -177,7 +177,7 @@ BACKENDS = ("torch", "onnxruntime")
 class OrtRunner:
     """The onnxruntime backend: one session per model over the scheduler's resident tensors
     (no copy of its own), made when the model runs and dropped as soon as any of its tensors
-    is evicted or reloaded, so the memory budget holds for onnxruntime too. Making a session
+    is evicted, so the memory budget holds for onnxruntime too. Making a session
     is part of loading the model and is counted in its load time. CPU only: the onnxruntime
     wheel this project installs has no CUDA provider. A detector's graph (batch of one) gives
     its outputs as torchvision does: a list with one dict of boxes, scores and labels."""
@@ -203,7 +203,7 @@ class OrtRunner:
                 raise GemelError(f"model '{n}': the manifest names no detection outputs (onnx_outputs) for its "
                                  "graph; export the bundle again, or use --backend torch")
             self._io[n] = (spec.onnx_input, list(spec.onnx_outputs) if detector else [spec.onnx_output], detector)
-        scheduler.on_change.append(lambda name: self.sessions.pop(name, None))
+        scheduler.on_evict.append(lambda name: self.sessions.pop(name, None))
 
     def prepare(self, name: str, state: dict[str, torch.Tensor]) -> None:
         """Make the model's session over `state` unless it still has one."""

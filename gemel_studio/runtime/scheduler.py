@@ -162,9 +162,10 @@ class ModelScheduler:
         self.resident_bytes = 0
         self.peak_resident_bytes = 0
         self.static_set: list[str] | None = None
-        # Called with each model whose resident tensors change (a tensor of it evicted or
-        # loaded): whoever holds views of them (onnxruntime sessions) must let them go.
-        self.on_change: list = []
+        # Called with each model one of whose tensors was evicted: whoever holds views of them
+        # (onnxruntime sessions) must let them go. (A load needs no call: nothing can hold a
+        # view of a tensor that was not resident.)
+        self.on_evict: list = []
         self._load_stream = None  # CUDA, layer-by-layer loads: made on first use, then reused
         self._users: dict[Hashable, list[str]] = {}
         for name, us in self._units.items():
@@ -252,7 +253,6 @@ class ModelScheduler:
             raise GemelError(f"loading model '{pending.name}' failed: {pending.error}")
         for u in pending.units:
             self._resident[u] = pending.tensors[u]
-            self._changed(u)
         for u in self._units[pending.name]:
             self._resident.move_to_end(u)
         stats.load_seconds += pending.load_seconds
@@ -307,10 +307,7 @@ class ModelScheduler:
     def _drop(self, unit: Hashable) -> None:
         del self._resident[unit]
         self.resident_bytes -= self._unit_bytes[unit]
-        self._changed(unit)
-
-    def _changed(self, unit: Hashable) -> None:
-        for listener in self.on_change:
+        for listener in self.on_evict:
             for name in self._users[unit]:
                 listener(name)
 
@@ -330,7 +327,6 @@ class ModelScheduler:
                 done.append(u)
                 self.resident_bytes += self._unit_bytes[u]
                 self.peak_resident_bytes = max(self.peak_resident_bytes, self.resident_bytes)
-                self._changed(u)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
         except BaseException:  # out of memory, Ctrl-C: none of this load stays half-resident
