@@ -45,7 +45,7 @@ venv_setup() {
   fi
   "$VENV/bin/python" -m pip install -q --upgrade pip
   echo "dev.sh: installing gemel-studio and its dependencies into $VENV (torch with CUDA libraries: a few GB the first time)"
-  "$VENV/bin/python" -m pip install -q -e ".[gui,test]"
+  "$VENV/bin/python" -m pip install -q -e ".[studio,merge,test]"
   echo "$want" > "$stamp"
 }
 

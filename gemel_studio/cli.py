@@ -17,7 +17,7 @@ from pathlib import Path
 from . import __version__
 from .errors import Cancelled, GemelError
 
-DEFAULT_WORKLOAD = Path(__file__).resolve().parent.parent / "sample_workloads" / "quickstart.yaml"
+from .samples import DEFAULT_WORKLOAD  # noqa: F401  (the studio's default workload; found in a wheel too)
 
 
 def human_bytes(n: int | None) -> str:
@@ -205,7 +205,22 @@ def _printer(args):
     return on_step
 
 
+def _require_merge_extra(command: str) -> None:
+    """Retraining needs the [merge] extra (detection mAP); say so in one line, before any work."""
+    import importlib.util
+
+    for module in ("torchmetrics", "pycocotools"):
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise GemelError(f"gemel {command} needs the [merge] extra ({module} is missing): "
+                             "pip install 'gemel-studio[merge]'")
+
+
 def cmd_finetune(args) -> int:
+    _require_merge_extra("finetune")
     from .merging.pipeline import finetune_workload
     from .merging.plan import RetrainSettings
     from .progress import terminal_progress
@@ -250,6 +265,7 @@ def _ctrl_c_cancels(progress, message: str):
 
 
 def cmd_merge(args) -> int:
+    _require_merge_extra("merge")
     from .merging import load_plan
     from .merging.pipeline import merge_workload
     from .progress import Progress, terminal_progress
@@ -400,6 +416,26 @@ def cmd_run(args) -> int:
     return 0
 
 
+# --- gemel samples -------------------------------------------------------------------------
+
+
+def cmd_samples(args) -> int:
+    from .samples import copy_samples, sample_description, sample_names, sample_path
+
+    if args.samples_action == "copy":
+        for path in copy_samples(args.names, args.to, overwrite=args.force):
+            print(f"wrote {path}")
+        return 0
+    names = sample_names()
+    width = max(map(len, names), default=0)
+    for name in names:
+        default = " (the studio's default)" if name == "quickstart" else ""
+        print(f"{name:{width}}  {sample_description(name)}{default}")
+    where = sample_path(names[0]).parent if names else "the package"
+    print(f"\n{len(names)} samples in {where}; copy them out with: gemel samples copy [NAME ...] [--to DIR]")
+    return 0
+
+
 # --- gemel studio --------------------------------------------------------------------------
 
 
@@ -407,8 +443,8 @@ def cmd_studio(args) -> int:
     try:
         from .ui.app import run_studio
     except ImportError as exc:
-        raise GemelError(f"the studio needs the GUI extras ({exc.name} is missing): "
-                         "pip install 'gemel-studio[gui]'") from None
+        raise GemelError(f"the studio needs the GUI extras ({exc.name or 'PySide6 or pyqtgraph'} is missing): "
+                         "pip install 'gemel-studio[studio]'") from None
     return run_studio(args.workload)
 
 
@@ -486,6 +522,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "0.0.0.0 exposes it to the network)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("samples", help="list the sample workloads that ship with the package, or copy them out",
+                       description="With no arguments: list the sample workloads. `copy`: write them into a folder.")
+    p.set_defaults(func=cmd_samples)
+    samples = p.add_subparsers(dest="samples_action", metavar="{copy}")
+    c = samples.add_parser("copy", help="write sample workloads into a folder, to analyse, edit or merge them")
+    c.add_argument("names", nargs="*", metavar="NAME", help="the samples to copy (default: all of them)")
+    c.add_argument("--to", type=Path, default=Path("."), metavar="DIR",
+                   help="the folder to write them into (default: this one; created if missing)")
+    c.add_argument("--force", action="store_true", help="overwrite files that are already there")
 
     p = sub.add_parser("studio", help="open the desktop studio")
     p.add_argument("workload", type=Path, nargs="?", default=None)

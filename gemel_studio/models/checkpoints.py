@@ -11,6 +11,7 @@ import hashlib
 import json
 import pickle
 import re
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,7 +61,11 @@ def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
 
 def _torch_load(path: Path, mmap: bool) -> dict[str, torch.Tensor]:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        # torch warns about its own unpickler (e.g. 'Detected pickle protocol 4 ... please file an
+        # issue') before the refusal below: two lines of noise in front of the one that matters.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"torch(\.|$)")
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
             raise ModelLoadError(

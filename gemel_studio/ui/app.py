@@ -15,7 +15,7 @@ import torch  # noqa: F401
 import pyqtgraph  # noqa: F401
 from PySide6.QtWidgets import QApplication
 
-from ..cli import DEFAULT_WORKLOAD
+from ..samples import DEFAULT_WORKLOAD
 from .settings import APPLICATION, ORGANIZATION
 
 NO_DISPLAY = "no display: run on a desktop, or under xvfb-run, or set QT_QPA_PLATFORM=offscreen"
