@@ -12,6 +12,8 @@ import torch
 
 _CONV = ("Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d")
 _BATCHNORM = ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm")
+_INSTANCENORM = ("InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d")
+_RNN = ("LSTM", "GRU", "RNN")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -39,6 +41,34 @@ def linear_signature(in_f: int, out_f: int, bias: bool, dtype: str) -> str:
 
 def batchnorm_signature(kind: str, n: int, eps: float, affine: bool, dtype: str) -> str:
     return f"{kind}(n={n},eps={eps:g},affine={affine},{dtype})"
+
+
+def instancenorm_signature(kind: str, n: int, eps: float, affine: bool, dtype: str,
+                           track_running_stats: bool = False) -> str:
+    stats = ",stats=True" if track_running_stats else ""
+    return f"{kind}(n={n},eps={eps:g},affine={affine}{stats},{dtype})"
+
+
+def layernorm_signature(shape, eps: float, affine: bool, bias: bool, dtype: str) -> str:
+    return f"LayerNorm(shape={_tuple(tuple(shape))},eps={eps:g},affine={affine},bias={bias},{dtype})"
+
+
+def embedding_signature(num: int, dim: int, dtype: str, max_norm=None) -> str:
+    # padding_idx only changes which row receives no gradient, so it is left out: an ONNX
+    # Gather cannot express it, and the stored table is the same.
+    extra = f",max_norm={max_norm:g}" if max_norm is not None else ""  # renormalises rows when run
+    return f"Embedding(num={num},dim={dim}{extra},{dtype})"
+
+
+def prelu_signature(n: int, dtype: str) -> str:
+    return f"PReLU(n={n},{dtype})"
+
+
+def rnn_signature(kind: str, input_size: int, hidden: int, bias: bool, bidirectional: bool, dtype: str,
+                  extra: str = "") -> str:
+    """One layer of an LSTM, GRU or RNN (an ONNX node is one layer; a torch module with
+    num_layers=1 is its twin). `extra` carries what only one side can express."""
+    return f"{kind}(in={input_size},hidden={hidden},bias={bias},bidirectional={bidirectional}{extra},{dtype})"
 
 
 def mha_signature(embed_dim: int, num_heads, kdim: int, vdim: int, batch_first, bias: bool, bias_kv: bool,
@@ -138,6 +168,48 @@ def _batchnorm(module: torch.nn.Module, kind: str, params: dict, dtype: str) -> 
                                dtype)
 
 
+def _instancenorm(module: torch.nn.Module, kind: str, params: dict, dtype: str) -> str | None:
+    stats = dict(module.named_buffers(recurse=False))
+    sized = params.get("weight") if params.get("weight") is not None else stats.get("running_mean")
+    if sized is None and getattr(module, "num_features", None) is None:
+        return None
+    # (x, w, b, mean, var, use_input_stats, momentum, eps, cudnn_enabled)
+    call = _graph_calls(module).get("aten::instance_norm")
+    eps = call[7] if call and isinstance(call[7], float) else 1e-5
+    return instancenorm_signature(kind, _attr(module, "num_features", sized.shape[0] if sized is not None else 0),
+                                  _attr(module, "eps", eps), _attr(module, "affine", params.get("weight") is not None),
+                                  dtype, _attr(module, "track_running_stats", "running_mean" in stats))
+
+
+def _layernorm(module: torch.nn.Module, params: dict, dtype: str) -> str | None:
+    weight = params.get("weight")
+    call = _graph_calls(module).get("aten::layer_norm")  # (x, normalized_shape, w, b, eps, cudnn_enable)
+    shape = tuple(weight.shape) if weight is not None else (call[1] if call and isinstance(call[1], tuple) else None)
+    shape = _attr(module, "normalized_shape", shape)
+    if shape is None:
+        return None
+    eps = call[4] if call and isinstance(call[4], float) else 1e-5
+    affine = _attr(module, "elementwise_affine", weight is not None)
+    return layernorm_signature(shape, _attr(module, "eps", eps), affine, params.get("bias") is not None, dtype)
+
+
+def _rnn(module: torch.nn.Module, kind: str, params: dict, dtype: str) -> str | None:
+    """Single-layer recurrent modules only: one ONNX LSTM/GRU/RNN node is one layer."""
+    w_ih, w_hh = params.get("weight_ih_l0"), params.get("weight_hh_l0")
+    if w_ih is None or w_hh is None:
+        return None
+    layers = _attr(module, "num_layers", sum(1 for n in params if n.startswith("weight_ih_l") and "_reverse" not in n))
+    if layers != 1 or getattr(module, "proj_size", 0) or "weight_hr_l0" in params:
+        return None
+    extra = ""
+    if kind == "RNN":
+        traced_relu = "aten::rnn_relu" in _graph_calls(module)
+        extra = f",act={getattr(module, 'nonlinearity', 'relu' if traced_relu else 'tanh')}"
+    return rnn_signature(kind, _attr(module, "input_size", w_ih.shape[1]), _attr(module, "hidden_size", w_hh.shape[1]),
+                         _attr(module, "bias", "bias_ih_l0" in params),
+                         _attr(module, "bidirectional", "weight_ih_l0_reverse" in params), dtype, extra)
+
+
 def _mha(module: torch.nn.Module, params: dict, dtype: str) -> str:
     if params.get("in_proj_weight") is not None:  # q, k and v of one size, packed
         embed = kdim = vdim = params["in_proj_weight"].shape[1]
@@ -168,6 +240,16 @@ def module_signature(module: torch.nn.Module) -> str:
         return signature
     if kind == "MultiheadAttention" and ("in_proj_weight" in params or "q_proj_weight" in params):
         return _mha(module, params, dtype)
+    if kind in _INSTANCENORM and (signature := _instancenorm(module, kind, params, dtype)) is not None:
+        return signature
+    if kind == "LayerNorm" and (signature := _layernorm(module, params, dtype)) is not None:
+        return signature
+    if kind == "Embedding" and weight is not None and weight.dim() == 2:
+        return embedding_signature(weight.shape[0], weight.shape[1], dtype, getattr(module, "max_norm", None))
+    if kind == "PReLU" and weight is not None:
+        return prelu_signature(weight.numel(), dtype)
+    if kind in _RNN and (signature := _rnn(module, kind, params, dtype)) is not None:
+        return signature
     # Anything else: its own description plus the shapes of what it holds.
     shapes = ";".join(f"{n}:{_tuple(tuple(t.shape))}" for n, t in
                       list(params.items()) + list(module.named_buffers(recurse=False)))

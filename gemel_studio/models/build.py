@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,7 +112,11 @@ def _build_torchscript(workload: Workload, spec: ModelSpec) -> BuiltModel:
     path = workload.resolve(spec.source.path)
     checkpoints._check_exists(path)
     try:
-        module = torch.jit.load(str(path), map_location="cpu")
+        # torch warns that TorchScript is deprecated on every load: noise in front of the figures
+        # of a format people still deploy (the README says so once).
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch(\.|$)")
+            module = torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:  # torch.jit raises RuntimeError and others for bad archives
         raise ModelLoadError(f"model '{spec.name}': {path}: not a readable TorchScript file "
                              f"({checkpoints._first_line(exc)})") from None
@@ -119,11 +124,35 @@ def _build_torchscript(workload: Workload, spec: ModelSpec) -> BuiltModel:
                       notes=["TorchScript is loaded on the CPU; per-layer activation bytes are not measured"])
 
 
-def _check_external_data(spec: ModelSpec, path: Path, model) -> None:
-    """Weights saved as external data live in files named relative to the .onnx file."""
+def _onnx_tensors(graph):
+    """Every tensor a graph stores: initializers (dense and sparse) and node attributes
+    (Constant values), subgraphs included."""
     import onnx
 
-    for tensor in model.graph.initializer:
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+            elif attr.type == onnx.AttributeProto.SPARSE_TENSOR:
+                yield from (attr.sparse_tensor.values, attr.sparse_tensor.indices)
+            elif attr.type == onnx.AttributeProto.TENSORS:
+                yield from attr.tensors
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                yield from _onnx_tensors(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from _onnx_tensors(sub)
+
+
+def _check_external_data(spec: ModelSpec, path: Path, model) -> None:
+    """Weights saved as external data live in files named relative to the .onnx file (only
+    their names are checked here: the analysis reads sizes from dims, never the data)."""
+    import onnx
+
+    for tensor in _onnx_tensors(model.graph):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")
