@@ -129,3 +129,160 @@ def test_onnx_export_of_string_padding_has_the_torch_signature(tmp_path):
     eager = inventory_of_module(net.to("meta"), "t", input_size=(3, 16, 16)).layers
     assert [r.signature for r in records] == [r.signature for r in eager]
     assert [r.signature.split(",p=")[1].split(",d=")[0] for r in records] == ["same", "valid", "(1,1)"]
+
+
+# --- the grouping of many models gives what aligning every model one by one gave -----------------
+#
+# `_reference_groups` is the grouping as it was before models with an identical layer sequence
+# reused an alignment (a verbatim copy, kept here only to compare against).
+
+
+def _reference_groups(inventories, alignment):
+    from difflib import SequenceMatcher
+
+    from gemel_studio.analysis import GroupMember, ShareGroup
+
+    def shareable(inv):
+        return [layer for layer in inv.layers if layer.shareable]
+
+    def similarity(a, b):
+        return 1.0 if a == b else SequenceMatcher(None, a, b, autojunk=False).ratio()
+
+    def align(columns, layers):
+        n, m = len(columns), len(layers)
+        by_sig = {}
+        for j, layer in enumerate(layers):
+            by_sig.setdefault(layer.signature, []).append(j)
+        score = [{j: 1.0 + similarity(tokens, layers[j].name.split("."))
+                  for j in by_sig.get(sig, ())} for sig, tokens, _ in columns]
+        prev, back = [0.0] * (m + 1), []
+        for i in range(1, n + 1):
+            cur, moves, row = [0.0] * (m + 1), bytearray(m + 1), score[i - 1]
+            for j in range(1, m + 1):
+                best, move = prev[j], 0
+                if cur[j - 1] > best:
+                    best, move = cur[j - 1], 1
+                s = row.get(j - 1)
+                if s is not None and prev[j - 1] + s > best:
+                    best, move = prev[j - 1] + s, 2
+                cur[j], moves[j] = best, move
+            back.append(moves)
+            prev = cur
+        pairs, i, j = {}, n, m
+        while i > 0 and j > 0:
+            move = back[i - 1][j]
+            if move == 2:
+                pairs[j - 1] = i - 1
+                i, j = i - 1, j - 1
+            elif move == 1:
+                j -= 1
+            else:
+                i -= 1
+        return pairs
+
+    if alignment == "order":
+        cols = {}
+        for inv in inventories:
+            count = {}
+            for layer in shareable(inv):
+                k = count.get(layer.signature, 0)
+                count[layer.signature] = k + 1
+                cols.setdefault((layer.signature, k), []).append((inv.name, layer))
+        raw = list(cols.values())
+    else:
+        columns = []  # (signature, tokens, members)
+        for inv in inventories:
+            layers = shareable(inv)
+            pairs = align(columns, layers)
+            merged, col_index = [], 0
+            for j, layer in enumerate(layers):
+                if j in pairs:
+                    target = pairs[j]
+                    merged.extend(columns[col_index:target])
+                    columns[target][2].append((inv.name, layer))
+                    merged.append(columns[target])
+                    col_index = target + 1
+                else:
+                    merged.append((layer.signature, layer.name.split("."), [(inv.name, layer)]))
+            merged.extend(columns[col_index:])
+            columns = merged
+        raw = [c[2] for c in columns]
+    groups = [ShareGroup(signature=m[0][1].signature, kind=m[0][1].kind,
+                         members=[GroupMember(model, layer.name) for model, layer in m],
+                         bytes_per_copy=m[0][1].param_bytes) for m in raw if len(m) >= 2]
+    groups.sort(key=lambda g: (-g.savings_bytes, -len(g.members), g.signature))
+    return groups
+
+
+def _dicts(groups):
+    return [g.to_dict() for g in groups]
+
+
+_SAMPLE_GROUPS = {"quickstart": (41, 41), "low": (203, 209), "medium": (125, 121), "high": (106, 106),
+                  "fashion": (105, 105)}  # (structure, order), as computed before fleets were deduplicated
+
+
+@pytest.fixture(scope="module")
+def sample_inventories():
+    from gemel_studio.errors import ModelLoadError
+
+    out = {}
+    for name in _SAMPLE_GROUPS:
+        try:
+            out[name] = analyze_workload(load_workload(SAMPLES / f"{name}.yaml")).models
+        except ModelLoadError:  # fashion needs torchvision's MobileNetV2 weights in the hub cache
+            pass
+    return out
+
+
+@pytest.mark.parametrize("alignment", ["structure", "order"])
+@pytest.mark.parametrize("sample", list(_SAMPLE_GROUPS))
+def test_sample_groups_are_those_of_the_one_by_one_alignment(sample_inventories, sample, alignment):
+    if sample not in sample_inventories:
+        pytest.skip(f"{sample}.yaml cannot be analysed here (pretrained weights missing)")
+    inventories = sample_inventories[sample]
+    groups = find_share_groups(inventories, alignment)
+    assert _dicts(groups) == _dicts(_reference_groups(inventories, alignment))
+    assert len(groups) == _SAMPLE_GROUPS[sample][alignment == "order"]
+
+
+def _fleet(inventories, copies: int, seed: int):
+    """`copies` renamed copies of each inventory, shuffled."""
+    import dataclasses
+    import random
+
+    fleet = [dataclasses.replace(inv, name=f"{inv.name}#{k}") for k in range(copies) for inv in inventories]
+    random.Random(seed).shuffle(fleet)
+    return fleet
+
+
+@pytest.mark.parametrize("alignment", ["structure", "order"])
+def test_fleets_of_copies_group_as_one_by_one_alignment_does(sample_inventories, alignment, monkeypatch):
+    from gemel_studio.analysis import groups as groups_module
+
+    aligned = []
+    real_align = groups_module._align
+    monkeypatch.setattr(groups_module, "_align",
+                        lambda columns, layers: aligned.append(1) or real_align(columns, layers))
+    mixed = sample_inventories["low"] + sample_inventories["quickstart"]  # 12 models, many architectures
+    for inventories in (_fleet(mixed, 6, seed=1), _fleet(mixed, 6, seed=2), _fleet(_decoy_models(), 20, seed=3),
+                        _fleet(_decoy_models()[::-1], 20, seed=4)):
+        aligned.clear()
+        groups = find_share_groups(inventories, alignment)
+        assert _dicts(groups) == _dicts(_reference_groups(inventories, alignment))
+        assert sum(len(g.members) for g in groups) <= sum(len(inv.layers) for inv in inventories)
+    if alignment == "structure":  # copies reuse an alignment: the count stops growing with the copies
+        aligned.clear()
+        find_share_groups(_fleet(mixed, 30, seed=5), alignment)
+        assert 0 < len(aligned) < 30 * len(mixed) / 4
+
+
+def test_layer_of_follows_the_members():
+    from gemel_studio.analysis import GroupMember, ShareGroup
+
+    group = ShareGroup("sig", "Conv2d", [GroupMember("a", "x"), GroupMember("b", "y")], 10)
+    assert (group.layer_of("a"), group.layer_of("b"), group.layer_of("c")) == ("x", "y", None)
+    group.members.append(GroupMember("c", "z"))
+    assert group.layer_of("c") == "z"
+    group.members = [GroupMember("d", "w")]
+    assert group.layer_of("a") is None and group.layer_of("d") == "w"

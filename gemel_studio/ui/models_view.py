@@ -33,11 +33,13 @@ class ModelTableModel(QAbstractTableModel):
         super().__init__(parent)
         self._specs: list[ModelSpec] = []
         self._inventories: dict[str, ModelInventory] = {}
+        self._param_counts: dict[str, int] = {}
 
     def set_data(self, workload: Workload | None, analysis: WorkloadAnalysis | None) -> None:
         self.beginResetModel()
         self._specs = list(workload.models) if workload else []
         self._inventories = {m.name: m for m in analysis.models} if analysis else {}
+        self._param_counts = {m.name: m.param_count for m in analysis.models} if analysis else {}  # O(layers) each
         self.endResetModel()
 
     def spec(self, row: int) -> ModelSpec:
@@ -62,7 +64,9 @@ class ModelTableModel(QAbstractTableModel):
             return spec.source.kind
         if inv is None:
             return None
-        return {"parameters": inv.param_count, "param bytes": inv.param_bytes, "buffer bytes": inv.buffer_bytes,
+        if column == "parameters":  # asked for every cell a view sizes or sorts: no per-call work
+            return self._param_counts[spec.name]
+        return {"param bytes": inv.param_bytes, "buffer bytes": inv.buffer_bytes,
                 "peak activations": inv.activation_bytes, "layers": len(inv.layers)}[column]
 
     def data(self, index: QModelIndex, role=Qt.ItemDataRole.DisplayRole):
@@ -125,6 +129,7 @@ class ModelsPanel(QWidget):
         self.table.verticalHeader().setVisible(False)
         header = self.table.horizontalHeader()
         header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        header.setResizeContentsPrecision(100)  # widths from the visible rows and 100 more, not 1,000 per column
         header.setStretchLastSection(False)
         header.setMinimumSectionSize(70)
 

@@ -3,6 +3,13 @@
 A filled cell means the model holds a layer of that group; its tooltip names the signature,
 the layer and the bytes. Selecting a group highlights its layer in every model's layer list
 shown below the matrix, side by side, so the models can be compared like a diff.
+
+Workloads of any size: the matrix is a QTableView over a QAbstractTableModel, so Qt draws
+only the visible cells and no cell owns a widget. What the tab draws is capped: at most
+MAX_MODELS models as columns (the first, in workload order), MAX_GROUPS groups as rows (the
+heaviest), and the layer lists of the first MAX_LAYER_LISTS models (each list is a widget).
+When a cap cuts something, a one-line note above the matrix says what and points to
+`gemel analyze WORKLOAD --json`, which lists everything.
 """
 
 from __future__ import annotations
@@ -20,18 +27,27 @@ MEMBER_ROLE = Qt.ItemDataRole.UserRole + 1  # bool: the model holds a layer of t
 LAYER_ROLE = Qt.ItemDataRole.UserRole + 2  # str | None: that layer's name
 HIGHLIGHT_ROLE = Qt.ItemDataRole.UserRole + 3  # bool: the layer belongs to the selected group
 
+MAX_MODELS = 200  # models drawn as matrix columns
+MAX_GROUPS = 2000  # groups drawn as matrix rows, heaviest first
+MAX_LAYER_LISTS = 12  # models whose layer list is shown below the matrix
+
 
 class ShareMatrixModel(QAbstractTableModel):
-    def __init__(self, parent=None):
+    def __init__(self, parent=None, max_models: int = MAX_MODELS, max_groups: int = MAX_GROUPS):
         super().__init__(parent)
-        self.groups: list[ShareGroup] = []
-        self.model_names: list[str] = []
+        self.max_models, self.max_groups = max_models, max_groups
+        self.groups: list[ShareGroup] = []  # the groups drawn: the first max_groups
+        self.model_names: list[str] = []  # the models drawn: the first max_models
+        self.total_groups = 0
+        self.total_models = 0
         self._colors = PALETTES["dark"]
 
     def set_analysis(self, analysis: WorkloadAnalysis | None) -> None:
         self.beginResetModel()
-        self.groups = list(analysis.groups) if analysis else []
-        self.model_names = [m.name for m in analysis.models] if analysis else []
+        self.groups = list(analysis.groups[:self.max_groups]) if analysis else []
+        self.model_names = [m.name for m in analysis.models[:self.max_models]] if analysis else []
+        self.total_groups = len(analysis.groups) if analysis else 0
+        self.total_models = len(analysis.models) if analysis else 0
         self.endResetModel()
 
     def set_colors(self, colors: dict) -> None:
@@ -78,9 +94,11 @@ class ShareMatrixModel(QAbstractTableModel):
             return None
         group = self.groups[section]
         if role == Qt.ItemDataRole.DisplayRole:
-            return f"{section + 1}. {group.kind} · saves {human_bytes(group.savings_bytes)}"
+            first = group.members[0].layer
+            return f"{section + 1}. {first} · {group.kind} · saves {human_bytes(group.savings_bytes)}"
         if role == Qt.ItemDataRole.ToolTipRole:
-            return f"{group.signature}\n{len(group.members)} members, {human_bytes(group.bytes_per_copy)} per copy"
+            return (f"{group.members[0].layer} ({group.members[0].model}) and its counterparts\n{group.signature}\n"
+                    f"{len(group.members)} members, {human_bytes(group.bytes_per_copy)} per copy")
         return None
 
 
@@ -217,6 +235,12 @@ class SharingPanel(QWidget):
             lambda _i: self.sigAlignmentChanged.emit(self.alignment.currentData()))
         self.detail = QLabel("Select a group to see its layer in every model.", self)
         self.detail.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.max_layer_lists = MAX_LAYER_LISTS
+        self.limit_note = QLabel("", self, objectName="limitNote")  # what the caps left out, if anything
+        self.limit_note.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.limit_note.setWordWrap(True)
+        self.limit_note.setTextFormat(Qt.TextFormat.RichText)
+        self.limit_note.hide()
 
         top = QHBoxLayout()
         top.addWidget(QLabel("Align layers", self))
@@ -240,6 +264,7 @@ class SharingPanel(QWidget):
         splitter.setSizes([480, 320])
         layout = QVBoxLayout(self)
         layout.addLayout(top)
+        layout.addWidget(self.limit_note)
         layout.addWidget(splitter, 1)
         self._colors = PALETTES["dark"]
 
@@ -259,24 +284,47 @@ class SharingPanel(QWidget):
         self.matrix.set_analysis(analysis)
         for panel in self.layer_lists.values():
             self.lists_layout.removeWidget(panel)
+            panel.setParent(None)  # gone from the widget tree now, freed at the next event loop turn
             panel.deleteLater()
         self.layer_lists = {}
         if analysis is not None:
             self.set_alignment(analysis.alignment)
-            for inventory in analysis.models:
+            for inventory in analysis.models[:self.max_layer_lists]:
                 panel = LayerListPanel(inventory, self.lists_host)
                 panel.layers.set_colors(self._colors)
                 self.lists_layout.addWidget(panel)
                 self.layer_lists[inventory.name] = panel
+        self._update_limit_note(analysis)
         header = self.view.horizontalHeader()
         if self.matrix.columnCount() <= 8:  # few models: use the width; many: fixed columns and scroll
             header.setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
         else:
+            # One width for every column from the names alone: measuring the cells
+            # (resizeColumnsToContents) would visit every cell of every column.
             header.setSectionResizeMode(QHeaderView.ResizeMode.Fixed)
-            self.view.resizeColumnsToContents()
-            for column in range(self.matrix.columnCount()):
-                self.view.setColumnWidth(column, max(90, self.view.columnWidth(column)))
+            metrics = header.fontMetrics()
+            widest = max(metrics.horizontalAdvance(name) for name in self.matrix.model_names)
+            header.setDefaultSectionSize(max(90, min(220, widest + 24)))
         self._selection_changed()
+
+    def _update_limit_note(self, analysis: WorkloadAnalysis | None) -> None:
+        parts = []
+        if analysis is not None:
+            shown_models, models = self.matrix.columnCount(), self.matrix.total_models
+            shown_groups, groups = self.matrix.rowCount(), self.matrix.total_groups
+            if shown_models < models:
+                parts.append(f"the first {shown_models:,} of {models:,} models")
+            if shown_groups < groups:
+                parts.append(f"the heaviest {shown_groups:,} of {groups:,} groups")
+            if len(self.layer_lists) < models:
+                parts.append(f"layer lists of the first {len(self.layer_lists):,}")
+        if parts:
+            self.limit_note.setText(f"Showing {', '.join(parts)}. "
+                                    "<code>gemel analyze WORKLOAD --json</code> lists every model and group.")
+            self.limit_note.show()
+        else:
+            self.limit_note.clear()
+            self.limit_note.hide()
 
     def select_group(self, row: int) -> None:
         if 0 <= row < self.matrix.rowCount():

@@ -111,8 +111,9 @@ def test_selecting_a_group_highlights_its_layer_in_each_model(window, open_and_w
 
 def _long_workload(tmp_path, models=150):
     data = {"version": 1, "name": "long", "input_size": [3, 64, 64],
-            "models": [{"name": f"cam{i}", "source": {"kind": "torchvision", "architecture": "resnet18"}}
-                       for i in range(models)]}
+            # Distinct class counts: identical models would share one inventory and finish at once.
+            "models": [{"name": f"cam{i}", "source": {"kind": "torchvision", "architecture": "resnet18"},
+                        "num_classes": 2 + i} for i in range(models)]}
     path = tmp_path / "long.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
