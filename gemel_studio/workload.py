@@ -83,6 +83,9 @@ class _DatasetBase(_Strict):
     """
 
     labels: Literal["truth", "distill"] = "truth"
+    # Detectors with labels: distill only: the unmerged detector's boxes scored at least this
+    # become the labels; absent, DISTILL_SCORE_THRESHOLD (0.5).
+    score_threshold: float | None = Field(None, ge=0, le=1)
 
 
 class SyntheticDataset(_DatasetBase):
@@ -108,8 +111,93 @@ class FashionMnistDataset(_DatasetBase):
     classes: list[int] | None = None  # a subset of the ten classes, relabelled 0..n-1
 
 
+# How box annotations name their classes, mapped to the model's class indices (0 is background):
+# a list of names (the i-th is class i + 1), or {category name or COCO category id: class index}.
+# Given, it also says which categories to keep: annotations of categories it leaves out are
+# dropped. Absent, names are looked up in the model's class_names, else numbered 1.. in the
+# file's order (COCO: by category id; VOC: alphabetical).
+ClassMapping = list[str] | dict[str | int, int]
+
+
+class _BoxDataset(_DatasetBase):
+    """Images with boxes for detectors (read by merging/annotations.py)."""
+
+    @field_validator("classes", check_fields=False)
+    @classmethod
+    def _classes_fit(cls, value: ClassMapping | None) -> ClassMapping | None:
+        if isinstance(value, list):
+            if not value or len(set(value)) != len(value):
+                raise ValueError("list each category name once (class 1 first)")
+        elif isinstance(value, dict):
+            bad = [f"{k}: {v}" for k, v in value.items() if v < 1]
+            if not value or bad:
+                raise ValueError(f"map categories to class indices from 1 (0 is background): {', '.join(bad)}")
+        return value
+
+
+class CocoDataset(_BoxDataset):
+    """A COCO-style instances file (images, annotations with bbox [x, y, width, height] in
+    pixels, categories with id and name) and the folder its file_names are relative to.
+    Crowd annotations (iscrowd: 1) are skipped."""
+
+    kind: Literal["coco"]
+    images: Path
+    annotations: Path
+    classes: ClassMapping | None = None
+
+
+class VocDataset(_BoxDataset):
+    """A Pascal VOC folder: Annotations/*.xml and JPEGImages/; `split` names a list in
+    ImageSets/Main/ (e.g. trainval), absent, every Annotations/*.xml is read. Objects marked
+    difficult are skipped unless keep_difficult is true (VOC's own evaluation ignores them)."""
+
+    kind: Literal["voc"]
+    path: Path
+    split: str | None = None
+    keep_difficult: bool = False
+    classes: ClassMapping | None = None
+
+
+class YoloDataset(_BoxDataset):
+    """YOLO text labels (one `class cx cy width height` line per box, normalised to [0, 1];
+    class k becomes label k + 1). Either `images`, `names` and optionally `label_dir`
+    (default: the images path with its last `images` folder replaced by `labels`, as
+    Ultralytics does), or `data`: an Ultralytics data.yaml and the `split` to read from it."""
+
+    kind: Literal["yolo"]
+    images: Path | None = None
+    label_dir: Path | None = None
+    names: list[str] | None = None
+    data: Path | None = None
+    split: str = "train"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _labels_is_not_a_folder(cls, data: Any) -> Any:
+        # 'labels' is every dataset's truth|distill; a folder there is the YOLO habit.
+        if isinstance(data, dict) and data.get("labels") not in (None, "truth", "distill"):
+            raise ValueError(f"'labels' is truth or distill; name the folder of YOLO label files "
+                             f"'label_dir' (found labels: {data['labels']})")
+        return data
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "YoloDataset":
+        if self.data is not None:
+            if self.images is not None or self.label_dir is not None or self.names is not None:
+                raise ValueError("give either 'data' (a data.yaml) or 'images' and 'names', not both")
+        elif self.images is None or (not self.names and self.labels == "truth"):  # distill needs no names
+            raise ValueError("give 'images' and 'names' (and 'label_dir' unless it is the images path with "
+                             "'images' replaced by 'labels'), or 'data': a data.yaml")
+        return self
+
+
+BOX_DATASETS = (CocoDataset, VocDataset, YoloDataset)
+# The fields of a dataset or model source that hold a path (relative ones are rebased on save).
+PATH_FIELDS = ("path", "images", "annotations", "label_dir", "data")
+
 Dataset = Annotated[
-    Union[SyntheticDataset, ImageFolderDataset, FashionMnistDataset], Field(discriminator="kind")
+    Union[SyntheticDataset, ImageFolderDataset, FashionMnistDataset, CocoDataset, VocDataset, YoloDataset],
+    Field(discriminator="kind"),
 ]
 
 
@@ -131,14 +219,62 @@ class AccuracyTarget(_Strict):
 InputSize = tuple[int, int, int]
 
 
+class PreprocessingSpec(_Strict):
+    """How an image becomes the model's input tensor, as torchvision's weights describe it.
+
+    The tensor the model sees always has the model's input size. `resize` is the length the
+    image's shorter side is scaled to before a centre crop of the input size (torchvision's
+    Resize(int) then CenterCrop); absent, the image is scaled straight to the input size.
+    `crop`, when given, must equal the input size's height and width (it is what the model
+    sees). `mean` and `std` normalise each channel of the [0, 1] image; absent, the model
+    takes [0, 1] images as they are. A torchvision model with named pretrained weights takes
+    every field the workload leaves out from the weights (the resize scaled to the input size);
+    see gemel_studio/preprocessing.py."""
+
+    resize: int | None = Field(None, gt=0)
+    crop: tuple[int, int] | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    interpolation: Literal["bilinear", "bicubic", "nearest"] | None = None  # default: bilinear
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PreprocessingSpec":
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("give both 'mean' and 'std', or neither")
+        if self.mean is not None:
+            if len(self.mean) != len(self.std):
+                raise ValueError(f"'mean' has {len(self.mean)} values but 'std' has {len(self.std)}; "
+                                 "give one of each per channel")
+            if any(s <= 0 for s in self.std):
+                raise ValueError("every 'std' value must be positive")
+        if self.crop is not None and min(self.crop) <= 0:
+            raise ValueError("'crop' is [height, width], both positive")
+        return self
+
+
 class ModelSpec(_Strict):
     name: str = Field(min_length=1)
     source: ModelSource
     task: Literal["classification", "detection"] = "classification"
     num_classes: int = Field(1000, gt=0)
     input_size: InputSize | None = None  # channels, height, width; default: the workload's
+    # What the image goes through on its way in; default: the pretrained weights' own, else none.
+    preprocessing: PreprocessingSpec | None = None
+    # Class names, in class-index order; default: the dataset's, else the pretrained weights'.
+    class_names: list[str] | None = None
     dataset: Dataset | None = None
     target: AccuracyTarget = Field(default_factory=lambda: AccuracyTarget(relative=0.95))
+
+    @model_validator(mode="after")
+    def _names_fit(self) -> "ModelSpec":
+        if self.class_names is not None and len(self.class_names) != self.num_classes:
+            raise ValueError(f"class_names lists {len(self.class_names)} names but num_classes is "
+                             f"{self.num_classes}; give one name per class")
+        if self.preprocessing is not None and self.preprocessing.crop is not None and self.input_size is not None \
+                and tuple(self.preprocessing.crop) != tuple(self.input_size[1:]):
+            raise ValueError(f"preprocessing.crop {list(self.preprocessing.crop)} differs from input_size "
+                             f"{list(self.input_size[1:])}; the crop is what the model sees, so make them agree")
+        return self
 
     @field_validator("input_size")
     @classmethod
@@ -206,13 +342,13 @@ def _describe(error: dict[str, Any], data: Any) -> str:
         loc = loc[2:]
     # Drop discriminator tags that pydantic inserts into the location (e.g. 'torchvision').
     loc = [str(p) for p in loc if p not in ("torchvision", "checkpoint", "torchscript", "onnx",
-                                             "synthetic", "image_folder", "fashion_mnist")]
+                                             "synthetic", "image_folder", "fashion_mnist", "coco", "voc", "yolo")]
     field = ".".join(loc)
     msg = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         msg = "unknown key (remove it or check its spelling)"
     elif error["type"] == "union_tag_invalid":
-        msg = f"{msg}; expected one of torchvision, checkpoint, torchscript, onnx (or for a dataset: synthetic, image_folder, fashion_mnist)"
+        msg = f"{msg}; expected one of torchvision, checkpoint, torchscript, onnx (or for a dataset: synthetic, image_folder, fashion_mnist, coco, voc, yolo)"
     parts = [p for p in (where, f"field '{field}'" if field else "") if p]
     return f"{', '.join(parts)}: {msg}" if parts else msg
 
@@ -271,14 +407,15 @@ def _rebase_paths(workload: Workload, new_file: Path) -> Workload:
     copy = workload.model_copy(deep=True)
     for spec in copy.models:
         for part in (spec.source, spec.dataset):
-            path = getattr(part, "path", None)
-            if path is None or Path(path).is_absolute():
-                continue
-            target = workload.resolve(path)
-            try:
-                part.path = Path(os.path.relpath(target, new_file.parent))
-            except ValueError:  # another drive on Windows
-                part.path = target
+            for name in PATH_FIELDS:
+                path = getattr(part, name, None)
+                if path is None or Path(path).is_absolute():
+                    continue
+                target = workload.resolve(path)
+                try:
+                    setattr(part, name, Path(os.path.relpath(target, new_file.parent)))
+                except ValueError:  # another drive on Windows
+                    setattr(part, name, target)
     return copy
 
 

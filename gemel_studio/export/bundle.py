@@ -39,6 +39,7 @@ import torch
 from .. import __version__
 from ..errors import GemelError
 from ..models import build_model
+from ..preprocessing import resolve_preprocessing, weights_class_names
 from ..runtime.bundle import (MANIFEST, WEIGHTS, BundleManifest, BundleModel, FileEntry, Preprocessing, build_models,
                               safetensors_layout, sha256_of)
 from ..workload import CheckpointSource, ModelSpec, TorchvisionSource, Workload, load_workload
@@ -116,7 +117,10 @@ class ExportResult:
 
 
 def labels_of(workload: Workload, spec: ModelSpec) -> list[str]:
-    """Class names where the dataset says them, else the class indices as text."""
+    """Class names: the workload's `class_names`, else the dataset's, else the pretrained
+    weights' categories (when their head was kept), else the class indices as text."""
+    if spec.class_names:
+        return list(spec.class_names)
     names: list[str] = []
     ds = spec.dataset
     if ds is not None and ds.labels == "truth":
@@ -130,15 +134,33 @@ def labels_of(workload: Workload, spec: ModelSpec) -> list[str]:
         elif ds.kind == "image_folder":
             folder = workload.resolve(ds.path)
             names = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+        elif ds.kind in ("coco", "voc", "yolo"):
+            from ..merging.annotations import class_names
+            from ..merging.datasets import DatasetError
+
+            try:  # background, then the categories as the loader maps them
+                names = class_names(workload, spec)
+            except DatasetError:  # annotations not on this machine: as for a missing image folder
+                names = []
+    if not names:
+        names = weights_class_names(spec) or []
     names = names[: spec.num_classes]
     return names + [str(i) for i in range(len(names), spec.num_classes)]
+
+
+def _manifest_preprocessing(workload: Workload, spec: ModelSpec) -> Preprocessing:
+    prep = resolve_preprocessing(workload, spec)
+    return Preprocessing(color="GRAY" if prep.channels == 1 else "RGB", channels=prep.channels, size=prep.size,
+                         resize=prep.resize, interpolation=prep.interpolation,
+                         mean=list(prep.mean) if prep.mean is not None else None,
+                         std=list(prep.std) if prep.std is not None else None)
 
 
 def _bundle_model(workload: Workload, spec: ModelSpec, tensors: dict[str, str], onnx_file: str | None) -> BundleModel:
     c, h, w = workload.input_size_of(spec)
     return BundleModel(name=spec.name, task=spec.task, architecture=spec.source.architecture,
                        num_classes=spec.num_classes, input_size=(c, h, w),
-                       preprocessing=Preprocessing(color="GRAY" if c == 1 else "RGB", channels=c, size=(h, w)),
+                       preprocessing=_manifest_preprocessing(workload, spec),
                        labels=labels_of(workload, spec), onnx=onnx_file, tensors=tensors)
 
 

@@ -2,31 +2,34 @@
 
 Every dataset comes out as tensors at the model's input size (channels, height, width),
 split deterministically into train and validation parts. The synthetic scenes need no
-download: the quick-start workload retrains on them anywhere.
+download: the quick-start workload retrains on them anywhere. Detectors' boxes from COCO,
+VOC and YOLO files are read in annotations.py.
 
 Distillation (`labels: distill` in the workload) is for models with no ground truth: the
 unmerged model labels the images itself (`distill`: its argmax predictions over the train
-and validation parts), so the merged model is retrained to agree with it, and its accuracy
-is agreement with the unmerged model (1.0 before merging, by construction). Any images
-will do, such as a flat folder of unlabelled frames from the model's camera.
+and validation parts; a detector's boxes scored at least a threshold), so the merged model
+is retrained to agree with it, and its accuracy is agreement with the unmerged model (1.0
+before merging, by construction). Any images will do, such as a flat folder of unlabelled
+frames from the model's camera.
 """
 
 from __future__ import annotations
 
 import gzip
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from ..errors import GemelError
-from ..workload import FashionMnistDataset, ImageFolderDataset, ModelSpec, SyntheticDataset, Workload
+from ..preprocessing import ImagePreprocessing, resolve_preprocessing
+from ..workload import BOX_DATASETS, FashionMnistDataset, ImageFolderDataset, ModelSpec, SyntheticDataset, Workload
 
 UNLABELLED = -1  # the label of an image that has none until the model distils one
+DISTILL_SCORE_THRESHOLD = 0.5  # a detector's boxes scored at least this become its distilled labels
 
 
 class DatasetError(GemelError):
@@ -148,8 +151,16 @@ def _find(folder: Path, stem: str) -> Path:
     raise DatasetError(f"{folder}: no {stem}[.gz]; install Debian's dataset-fashion-mnist or fix the path")
 
 
-def fashion_mnist(folder: Path, classes: list[int] | None, size: tuple[int, int, int], split: str = "train",
-                  limit: int | None = None) -> TensorDataset:
+def as_preprocessing(size: "tuple[int, int, int] | ImagePreprocessing") -> ImagePreprocessing:
+    """A bare (channels, height, width) means a straight resize and no normalisation."""
+    if isinstance(size, ImagePreprocessing):
+        return size
+    c, h, w = size
+    return ImagePreprocessing(channels=c, size=(h, w))
+
+
+def fashion_mnist(folder: Path, classes: list[int] | None, size: "tuple[int, int, int] | ImagePreprocessing",
+                  split: str = "train", limit: int | None = None) -> TensorDataset:
     prefix = "train" if split == "train" else "t10k"
     images = _read_idx(_find(folder, f"{prefix}-images-idx3-ubyte"))
     labels = _read_idx(_find(folder, f"{prefix}-labels-idx1-ubyte")).astype(np.int64)
@@ -161,27 +172,22 @@ def fashion_mnist(folder: Path, classes: list[int] | None, size: tuple[int, int,
     if limit:
         images, labels = images[:limit], labels[:limit]
     x = torch.from_numpy(images.copy()).float().div_(255.0).unsqueeze(1)
-    return TensorDataset(_fit(x, size), torch.from_numpy(np.ascontiguousarray(labels)))
+    return TensorDataset(as_preprocessing(size).apply(x).contiguous(), torch.from_numpy(np.ascontiguousarray(labels)))
 
 
-def _fit(x: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
-    """Resize (N, C, H, W) images to `size`, repeating a grey channel to three if needed."""
-    channels, h, w = size
-    if x.shape[-2:] != (h, w):
-        x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
-    if x.shape[1] == 1 and channels == 3:
-        x = x.expand(-1, 3, -1, -1).contiguous()
-    return x
+def _image_transform(size: "tuple[int, int, int] | ImagePreprocessing"):
+    """PIL image -> the model's input tensor: the same tensor path the runtime takes for a frame."""
+    from torchvision.transforms.v2 import functional as TF
+
+    prep = as_preprocessing(size)
+
+    def transform(image):
+        return prep.apply(TF.to_dtype(TF.pil_to_tensor(image.convert("RGB")), torch.float32, scale=True))
+
+    return transform
 
 
-def _image_transform(size: tuple[int, int, int]):
-    from torchvision import transforms
-
-    return transforms.Compose([transforms.Resize(size[1:]), transforms.ToTensor()]
-                              + ([transforms.Grayscale(1)] if size[0] == 1 else []))
-
-
-def image_folder(path: Path, size: tuple[int, int, int]) -> Dataset:
+def image_folder(path: Path, size: "tuple[int, int, int] | ImagePreprocessing") -> Dataset:
     from torchvision import datasets
 
     if not path.is_dir():
@@ -199,7 +205,7 @@ class UnlabelledImages(Dataset):
     """Every image in a folder and its sub-folders, sorted by path, at the model's input
     size; each comes with the label UNLABELLED until `distill` gives it one."""
 
-    def __init__(self, path: Path, size: tuple[int, int, int], limit: int | None = None):
+    def __init__(self, path: Path, size: "tuple[int, int, int] | ImagePreprocessing", limit: int | None = None):
         from torchvision.datasets.folder import IMG_EXTENSIONS
 
         if not path.is_dir():
@@ -249,10 +255,19 @@ def load_model_data(workload: Workload, spec: ModelSpec, val_fraction: float = 0
     """Train and held-out validation data for one model, at its input size."""
     source = spec.dataset
     size = workload.input_size_of(spec)
+    prep = resolve_preprocessing(workload, spec)
     if source is None:
         raise DatasetError(f"model '{spec.name}' has no dataset; add one to the workload to retrain it")
-    if isinstance(source, ImageFolderDataset) and source.labels == "distill":
-        ds = UnlabelledImages(workload.resolve(source.path), size, limit)
+    _check_task_fits(spec)
+    if spec.task == "detection" and not isinstance(source, SyntheticDataset):
+        # Boxes from COCO, VOC or YOLO files, or (distill) a detector's images in a flat folder.
+        from .annotations import flat_images, load_boxes
+
+        ds, classes = (load_boxes(workload, spec, size, limit) if isinstance(source, BOX_DATASETS)
+                       else (flat_images(workload.resolve(source.path), size, limit), spec.num_classes))
+        seed = 0
+    elif isinstance(source, ImageFolderDataset) and source.labels == "distill":
+        ds = UnlabelledImages(workload.resolve(source.path), prep, limit)
         classes = spec.num_classes
         seed = 0
     elif isinstance(source, SyntheticDataset):
@@ -266,23 +281,20 @@ def load_model_data(workload: Workload, spec: ModelSpec, val_fraction: float = 0
         samples = min(limit or source.samples, source.samples)
         ds = (DetectionScenes(samples, source.seed, size) if source.task in DETECTION_TASKS
               else synthetic_scenes(source.task, samples, source.seed, size))
+        if prep.normalises and isinstance(ds, TensorDataset):  # drawn at the input size: normalise only
+            ds = TensorDataset(prep.normalise(ds.tensors[0]), ds.tensors[1])
         classes = SYNTHETIC_TASKS[source.task] + (1 if spec.task == "detection" else 0)  # + background
         seed = source.seed
     elif isinstance(source, FashionMnistDataset):
-        ds = fashion_mnist(workload.resolve(source.path), source.classes, size, limit=limit)
+        ds = fashion_mnist(workload.resolve(source.path), source.classes, prep, limit=limit)
         classes = len(source.classes) if source.classes else 10
         seed = 0
     elif isinstance(source, ImageFolderDataset):
-        ds = image_folder(workload.resolve(source.path), size)
+        ds = image_folder(workload.resolve(source.path), prep)
         classes = len(ds.classes)
         seed = 0
     else:  # pragma: no cover - the schema admits no other kind
         raise DatasetError(f"model '{spec.name}': unsupported dataset kind")
-    if spec.task == "detection" and not isinstance(source, SyntheticDataset):
-        raise DatasetError(f"model '{spec.name}': detectors retrain on synthetic 'detect' scenes only (no box "
-                           f"annotation format is read yet); use dataset kind synthetic, task detect")
-    if spec.task == "detection" and source.labels == "distill":
-        raise DatasetError(f"model '{spec.name}': labels: distill is for classifiers; a detector needs boxes")
     if source.labels == "distill":
         classes = spec.num_classes  # the labels will be the model's own predictions
     elif classes > spec.num_classes:
@@ -290,6 +302,51 @@ def load_model_data(workload: Workload, spec: ModelSpec, val_fraction: float = 0
                            f"{spec.num_classes}; make them agree")
     train, val = _split(ds, val_fraction, seed)
     return ModelData(train, val, classes, spec.task)
+
+
+def _check_task_fits(spec: ModelSpec) -> None:
+    """Refuse, before reading anything, a dataset kind that cannot label this model's task."""
+    source = spec.dataset
+    if spec.task == "detection" and not (isinstance(source, (SyntheticDataset, *BOX_DATASETS))
+                                         or (isinstance(source, ImageFolderDataset) and source.labels == "distill")):
+        raise DatasetError(f"model '{spec.name}': a detector needs images with boxes, and dataset kind {source.kind} "
+                           f"has none; use kind coco, voc, yolo or synthetic (task detect), or an image_folder "
+                           f"with labels: distill")
+    if spec.task != "detection" and isinstance(source, BOX_DATASETS):
+        raise DatasetError(f"model '{spec.name}': dataset kind {source.kind} holds boxes, for detectors; set the "
+                           f"model's task: detection or give it an image_folder, fashion_mnist or synthetic dataset")
+    if source.score_threshold is not None and (spec.task != "detection" or source.labels != "distill"):
+        raise DatasetError(f"model '{spec.name}': score_threshold picks a detector's own boxes for labels: distill "
+                           f"and means nothing here; remove it from the dataset")
+
+
+class _Relabelled(Dataset):
+    """`base`'s images with new targets (a detector's own boxes): the images are not copied."""
+
+    def __init__(self, base: Dataset, targets: list[dict[str, torch.Tensor]]):
+        self.base, self.targets = base, targets
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        return self.base[index][0], self.targets[index]
+
+
+def _predict_boxes(model: torch.nn.Module, data: Dataset, device: torch.device, batch_size: int,
+                   score_threshold: float) -> Dataset:
+    targets = []
+    for images, _ in DataLoader(data, batch_size=batch_size, collate_fn=detection_collate):
+        # The same precision as retrain.mean_average_precision, so the model agrees with its own boxes.
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out = model([x.to(device) for x in images])
+        for o in out:
+            keep = o["scores"] >= score_threshold
+            boxes, labels = o["boxes"][keep].float().cpu().reshape(-1, 4), o["labels"][keep].cpu().to(torch.int64)
+            # Detectors refuse to train on boxes without area; a box clipped to the image's edge can be one.
+            solid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+            targets.append({"boxes": boxes[solid], "labels": labels[solid]})
+    return _Relabelled(data, targets)
 
 
 def _predict(model: torch.nn.Module, data: Dataset, device: torch.device, batch_size: int) -> TensorDataset:
@@ -304,16 +361,26 @@ def _predict(model: torch.nn.Module, data: Dataset, device: torch.device, batch_
 
 
 @torch.no_grad()
-def distill(model: torch.nn.Module, data: ModelData, device: torch.device, batch_size: int = 256) -> ModelData:
+def distill(model: torch.nn.Module, data: ModelData, device: torch.device, batch_size: int = 256,
+            score_threshold: float | None = None) -> ModelData:
     """The same images labelled by `model` (the unmerged one, moved to `device`, in eval
-    mode): its argmax predictions replace whatever labels `data` had."""
+    mode), replacing whatever labels `data` had: a classifier's argmax predictions; for a
+    detector, its boxes scored at least `score_threshold` (default DISTILL_SCORE_THRESHOLD)
+    with their labels, an image with none keeping an empty target. Boxes without area are
+    left out: torchvision's detectors refuse to train on them."""
     device = torch.device(device)
     model.to(device)
     was_training = model.training
     model.eval()
     try:
-        train = _predict(model, data.train, device, batch_size)
-        val = _predict(model, data.val, device, batch_size)
+        if data.task == "detection":
+            threshold = DISTILL_SCORE_THRESHOLD if score_threshold is None else score_threshold
+            size = min(batch_size, 16)  # detectors hold far more activations per image
+            train = _predict_boxes(model, data.train, device, size, threshold)
+            val = _predict_boxes(model, data.val, device, size, threshold)
+        else:
+            train = _predict(model, data.train, device, batch_size)
+            val = _predict(model, data.val, device, batch_size)
     finally:
         model.train(was_training)
-    return ModelData(train, val, data.num_classes)
+    return replace(data, train=train, val=val)

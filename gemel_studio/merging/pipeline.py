@@ -24,8 +24,9 @@ from ..analysis import WorkloadAnalysis, analyze_workload
 from ..errors import GemelError
 from ..models import build_model
 from ..models.zoo import construct
+from ..preprocessing import pinned
 from ..progress import Progress
-from ..workload import CheckpointSource, TorchvisionSource, Workload, save_workload
+from ..workload import PATH_FIELDS, CheckpointSource, TorchvisionSource, Workload, save_workload
 from .datasets import ModelData, distill, load_model_data
 from .heuristic import STRATEGIES, SearchResult, Step, search
 from .plan import GroupState, MergePlan, RetrainSettings, save_plan, validate_plan
@@ -82,7 +83,7 @@ def prepare_merge(workload: Workload, plan: MergePlan, *, limit: int | None = No
         base_state[name] = {k: v.detach().clone() for k, v in module.state_dict().items()}
         data[name] = load_model_data(workload, spec, limit=limit)
         if spec.dataset.labels == "distill":
-            data[name] = distill(module, data[name], device)
+            data[name] = distill(module, data[name], device, score_threshold=spec.dataset.score_threshold)
         accuracy[name] = evaluate(module.to(device), data[name].val, device, task=data[name].task)
         targets[name] = (spec.target.absolute if spec.target.absolute is not None
                          else spec.target.relative * accuracy[name])
@@ -200,9 +201,11 @@ def finetune_workload(workload: Workload, out_dir: Path, settings: RetrainSettin
     # model's source is replaced below; synthetic datasets have no files).
     for spec, orig in zip(new.models, workload.models):
         for part, orig_part in ((spec.source, orig.source), (spec.dataset, orig.dataset)):
-            path = getattr(part, "path", None)
-            if path is not None and not Path(path).is_absolute():
-                part.path = Path(os.path.relpath(workload.resolve(orig_part.path), out_dir.resolve()))
+            for field in PATH_FIELDS:  # path, and a box dataset's images, annotations, label_dir, data
+                path = getattr(part, field, None)
+                if path is not None and not Path(path).is_absolute():
+                    setattr(part, field, Path(os.path.relpath(workload.resolve(getattr(orig_part, field)),
+                                                              out_dir.resolve())))
     summary = {}
     for spec in new.models:
         if spec.dataset is not None and spec.dataset.labels == "distill":
@@ -219,6 +222,9 @@ def finetune_workload(workload: Workload, out_dir: Path, settings: RetrainSettin
         state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
         save_file(state, str(path.with_name(path.name + ".tmp")))
         os.replace(path.with_name(path.name + ".tmp"), path)
+        # The checkpoint no longer names the pretrained weights: keep what they prescribed.
+        kept = pinned(workload, workload.model(spec.name))
+        spec.preprocessing, spec.class_names = kept.preprocessing, kept.class_names
         spec.source = CheckpointSource(kind="checkpoint", architecture=spec.source.architecture, path=Path(path.name))
         summary[spec.name] = {"metric": metric_name(data.task), "accuracy": result.accuracy[spec.name],
                               "initial_accuracy": result.initial_accuracy[spec.name],

@@ -27,6 +27,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import GemelError
+from ..preprocessing import ImagePreprocessing
 
 BUNDLE_VERSION = 1
 MANIFEST = "manifest.json"
@@ -45,8 +46,11 @@ class _Strict(BaseModel):
 
 
 class Preprocessing(_Strict):
-    """What a model expects as input: float32 RGB (or grey) in [0, 1], laid out NCHW, at `size`.
-    `mean`/`std` are absent: the models were trained on unnormalised [0, 1] images."""
+    """What a model expects as input: float32 RGB (or grey) laid out NCHW at `size`, made from
+    an image in [0, 1] by scaling its shorter side to `resize` and cropping the centre `size`
+    (or, with no `resize`, scaling straight to `size`), then subtracting `mean` and dividing
+    by `std` per channel where they are given (absent: the model takes [0, 1] as it is).
+    Bundles written before `resize` and `interpolation` existed load as a straight resize."""
 
     layout: Literal["NCHW"] = "NCHW"
     dtype: Literal["float32"] = "float32"
@@ -54,8 +58,16 @@ class Preprocessing(_Strict):
     value_range: tuple[float, float] = (0.0, 1.0)
     channels: int = Field(gt=0)
     size: tuple[int, int]  # height, width
+    resize: int | None = Field(None, gt=0)
+    interpolation: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
     mean: list[float] | None = None
     std: list[float] | None = None
+
+    def image_preprocessing(self) -> ImagePreprocessing:
+        return ImagePreprocessing(channels=self.channels, size=tuple(self.size), resize=self.resize,
+                                  mean=tuple(self.mean) if self.mean is not None else None,
+                                  std=tuple(self.std) if self.std is not None else None,
+                                  interpolation=self.interpolation)
 
 
 class BundleModel(_Strict):

@@ -23,12 +23,12 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.func import functional_call
 from torch.nn.utils._named_member_accessor import set_tensor
 
 from ..devices import resolve_device
 from ..errors import GemelError
+from ..preprocessing import ImagePreprocessing
 from .scheduler import ModelScheduler
 from .sources import FrameSource
 
@@ -159,16 +159,10 @@ def describe_output(spec, output, max_boxes: int = 10, min_score: float = 0.3) -
     return {"task": "classification", "label": name(top), "score": float(probs[top])}
 
 
-def _prepare_input(frame: torch.Tensor, input_size: tuple[int, int, int], device: torch.device) -> torch.Tensor:
-    """A CHW [0, 1] frame as a 1xCxHxW batch of the model's channels and size."""
-    c, h, w = input_size
-    x = frame.to(device, non_blocking=True)
-    if x.shape[0] != c:
-        x = x.mean(0, keepdim=True) if c == 1 else x[:1].expand(c, -1, -1) if x.shape[0] == 1 else x[:c]
-    x = x.unsqueeze(0)
-    if tuple(x.shape[-2:]) != (h, w):
-        x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
-    return x
+def _prepare_input(frame: torch.Tensor, prep: ImagePreprocessing, device: torch.device) -> torch.Tensor:
+    """A CHW [0, 1] frame as a 1xCxHxW batch, through the model's own preprocessing (the
+    bundle manifest's: resize and centre crop or a straight resize, then mean and std)."""
+    return prep.apply(frame.to(device, non_blocking=True)).unsqueeze(0)
 
 
 BACKENDS = ("torch", "onnxruntime")
@@ -297,6 +291,7 @@ class Engine:
         used = list(dict.fromkeys(m for _, models in self.streams for m in models))
         self.scheduler = ModelScheduler.for_bundle(bundle, used, policy, budget_bytes, self.device)
         self.inputs = {m: tuple(bundle.manifest.model(m).input_size) for m in used}
+        self.preprocessing = {m: bundle.manifest.model(m).preprocessing.image_preprocessing() for m in used}
         self._ort = OrtRunner(bundle, self.scheduler, used) if backend == "onnxruntime" else None
         self.load = load
         self.layer_plans: dict[str, LayerPlan] = {}
@@ -384,7 +379,7 @@ class Engine:
             if self._ort is not None:
                 self._ort.prepare(m, state)
             start = time.perf_counter()
-            x = _prepare_input(frame, self.inputs[m], self.device)
+            x = _prepare_input(frame, self.preprocessing[m], self.device)
             if self._ort is not None:
                 out = self._ort.run(m, x)
             elif pending is not None:

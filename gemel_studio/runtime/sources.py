@@ -1,4 +1,5 @@
-"""Frame sources for the edge runtime: synthetic frames, video files (OpenCV) and cameras.
+"""Frame sources for the edge runtime: synthetic frames, video files (OpenCV), image folders,
+image sequences (`frames/%04d.png`, as OpenCV names them) and cameras.
 
 A source yields `(timestamp, frame)` pairs at its own frame rate in real time: `timestamp` is
 the `time.monotonic()` at which the frame arrived, `frame` a float32 CHW tensor in [0, 1] (RGB).
@@ -10,6 +11,7 @@ run go on. `stop()` (from any thread) ends it at once, even while it waits for t
 from __future__ import annotations
 
 import math
+import re
 import threading
 import time
 from pathlib import Path
@@ -163,6 +165,71 @@ class VideoSource(FrameSource):
             self._cap.release()
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+_PRINTF_INT = re.compile(r"%(0?)(\d*)d")
+
+
+def sequence_files(pattern: str) -> list[Path]:
+    """The files an image-sequence pattern names, in frame order: `frames/%04d.png` matches
+    frames/0000.png, frames/0001.png, ... (any start index; sorted by the number)."""
+    path = Path(pattern)
+    match = _PRINTF_INT.search(path.name)
+    if match is None or len(_PRINTF_INT.findall(path.name)) != 1 or "%" in str(path.parent):
+        raise GemelError(f"stream '{pattern}': an image sequence names its frame number once, in the file "
+                         "name, as %d or %04d (e.g. frames/%04d.png)")
+    digits = rf"\d{{{int(match.group(2))}}}" if match.group(1) and match.group(2) else r"\d+"
+    regex = re.compile(re.escape(path.name[:match.start()]) + f"({digits})" + re.escape(path.name[match.end():]) + "$")
+    folder = path.parent
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := regex.match(p.name)) and p.is_file()]
+    return [p for _, p in sorted(found)]
+
+
+class ImageFilesSource(FrameSource):
+    """Still images as frames, in order, at `fps` (30 by default): every image in a folder
+    (sorted by name) or the files of a sequence pattern. An image that cannot be decoded ends
+    the source as "unreadable", naming the file. With `loop`, the sequence starts over."""
+
+    def __init__(self, files: list[Path], name: str, fps: float = 30.0, loop: bool = False,
+                 realtime: bool = True):
+        self.name = name
+        self.files = list(files)
+        self.loop = loop
+        super().__init__(fps, realtime)
+        self._next = 0
+
+    @classmethod
+    def from_folder(cls, folder: Path | str, **kwargs) -> "ImageFilesSource":
+        folder = Path(folder)
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        return cls(files, str(folder), **kwargs)
+
+    @classmethod
+    def from_pattern(cls, pattern: str, **kwargs) -> "ImageFilesSource":
+        return cls(sequence_files(pattern), pattern, **kwargs)
+
+    def _open(self) -> str | None:
+        if not self.files:
+            return f"unreadable: no images ({', '.join(IMAGE_SUFFIXES)}) in {self.name}"
+        return None
+
+    def _read(self) -> torch.Tensor | None:
+        import cv2
+
+        if self._next >= len(self.files):
+            if not self.loop:
+                return None
+            self._next = 0
+        path = self.files[self._next]
+        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if image is None:
+            self.end_reason = f"unreadable: OpenCV cannot decode {path} (damaged, or not an image)"
+            return None
+        self._next += 1
+        return _to_tensor(image)
+
+
 class CameraSource(FrameSource):
     """A camera by index (cv2.VideoCapture(N)); a camera that cannot be opened or stops giving
     frames ends the source as "gone"."""
@@ -198,7 +265,8 @@ class CameraSource(FrameSource):
 
 
 def parse_source(spec: str, size: tuple[int, int] = (64, 64), seed: int = 0, loop: bool = False) -> FrameSource:
-    """A source from its command-line form: `synthetic[:FPS]`, `camera:N`, or a video path."""
+    """A source from its command-line form: `synthetic[:FPS]`, `camera:N`, a video file, a folder
+    of images, or an image sequence pattern such as `frames/%04d.png`."""
     if spec == "synthetic" or spec.startswith("synthetic:"):
         rate = spec.partition(":")[2] or "30"
         try:
@@ -212,9 +280,19 @@ def parse_source(spec: str, size: tuple[int, int] = (64, 64), seed: int = 0, loo
             raise GemelError(f"stream '{spec}': '{index}' is not a camera index; write e.g. camera:0")
         return CameraSource(int(index))
     path = Path(spec)
+    if path.is_dir():
+        return ImageFilesSource.from_folder(path, loop=loop)
+    if not path.exists() and _PRINTF_INT.search(path.name):
+        source = ImageFilesSource.from_pattern(spec, loop=loop)
+        if not source.files:
+            raise GemelError(f"stream '{spec}': no files match this image sequence; check the folder and the "
+                             "number's width (%04d matches 0000.png)")
+        return source
     if not path.is_file():
-        raise GemelError(f"stream '{spec}': no such video file (or write synthetic[:FPS] or camera:N)")
+        raise GemelError(f"stream '{spec}': no such video file, image folder or image sequence (or write "
+                         "synthetic[:FPS] or camera:N)")
     return VideoSource(path, loop=loop)
 
 
-__all__ = ["CameraSource", "Frame", "FrameSource", "SyntheticSource", "VideoSource", "parse_source"]
+__all__ = ["CameraSource", "Frame", "FrameSource", "ImageFilesSource", "SyntheticSource", "VideoSource", "parse_source",
+           "sequence_files"]

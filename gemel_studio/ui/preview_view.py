@@ -55,15 +55,19 @@ class StreamChoice:
 
     def describe(self) -> str:
         source = f"synthetic, {self.fps:g} fps" if self.kind == "synthetic" else \
-            f"{self.path.name}{' (loop)' if self.loop else ''}"
+            f"{self.path.name}{'/' if self.path.is_dir() else ''}{' (loop)' if self.loop else ''}"
         return f"{source} → {', '.join(self.models) if self.models else 'all models'}"
 
     def source(self, seed: int):
         """A fresh frame source (a source runs once)."""
-        from ..runtime.sources import SyntheticSource, VideoSource
+        from ..runtime.sources import ImageFilesSource, SyntheticSource, VideoSource
 
         if self.kind == "synthetic":
             return SyntheticSource(fps=self.fps, size=SYNTHETIC_SIZE, seed=seed)
+        if self.path.is_dir():  # a folder of still images, played as frames
+            return ImageFilesSource.from_folder(self.path, loop=self.loop)
+        if not self.path.exists() and "%" in self.path.name:  # an image sequence, frames/%04d.png
+            return ImageFilesSource.from_pattern(str(self.path), loop=self.loop)
         return VideoSource(self.path, loop=self.loop)
 
 
@@ -258,6 +262,9 @@ class PreviewPanel(QWidget):
         self.add_synthetic_button.clicked.connect(lambda: self.add_synthetic_stream(self.fps_spin.value()))
         self.add_video_button = QPushButton("Add video…", self)
         self.add_video_button.clicked.connect(self.choose_video)
+        self.add_images_button = QPushButton("Add images…", self)
+        self.add_images_button.setToolTip("A folder of still images, played in name order at 30 fps")
+        self.add_images_button.clicked.connect(self.choose_image_folder)
         self.loop_check = QCheckBox("Loop", self)
         self.loop_check.setToolTip("Start a new video stream over at its end")
         self.remove_button = QPushButton("Remove", self)
@@ -267,6 +274,7 @@ class PreviewPanel(QWidget):
         synthetic_row.addWidget(self.add_synthetic_button)
         video_row = QHBoxLayout()
         video_row.addWidget(self.add_video_button)
+        video_row.addWidget(self.add_images_button)
         video_row.addWidget(self.loop_check)
         video_row.addStretch(1)
         video_row.addWidget(self.remove_button)
@@ -438,6 +446,11 @@ class PreviewPanel(QWidget):
 
     def choose_video(self) -> None:
         chosen = settings.ask_existing(self, "preview/videos", "Video file", VIDEO_FILTER)
+        if chosen:
+            self.add_video_stream(chosen, loop=self.loop_check.isChecked())
+
+    def choose_image_folder(self) -> None:
+        chosen = settings.ask_existing(self, "preview/images", "Folder of images")
         if chosen:
             self.add_video_stream(chosen, loop=self.loop_check.isChecked())
 
@@ -649,7 +662,7 @@ class PreviewPanel(QWidget):
         self.start_button.setEnabled(not running and self.manifest is not None and bool(self.streams))
         self.stop_button.setEnabled(running and not self._stopping)
         for w in (self.bundle_edit, self.folder_button, self.archive_button, self.add_synthetic_button,
-                  self.add_video_button, self.remove_button, self.fps_spin, self.loop_check, self.models_list,
+                  self.add_video_button, self.add_images_button, self.remove_button, self.fps_spin, self.loop_check, self.models_list,
                   self.policy_combo, self.device_combo, self.backend_combo):
             w.setEnabled(not running)
         self.load_combo.setEnabled(not running and self.backend_combo.currentText() == "torch")

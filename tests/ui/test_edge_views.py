@@ -229,6 +229,28 @@ def test_file_dialogs_start_where_the_last_choice_was(window, preview, qtbot, tm
     assert starts[2] == "" and window.export_panel.merged_edit.text() == ""
 
 
+def test_a_folder_of_images_plays_as_a_stream_to_its_end(window, preview, qtbot, tmp_path, monkeypatch):
+    from PIL import Image
+    from PySide6.QtWidgets import QFileDialog
+
+    folder = tmp_path / "stills"
+    folder.mkdir()
+    for i in range(6):
+        Image.fromarray(np.full((24, 32, 3), 40 * i, np.uint8)).save(folder / f"{i:02d}.png")
+    monkeypatch.setattr(QFileDialog, "getExistingDirectory", lambda parent, title, start: str(folder))
+    _click(qtbot, preview.add_images_button)
+    assert preview.streams[0].path == folder
+    assert preview.streams_list.item(0).text() == "1. stills/ → all models"
+    with qtbot.waitSignal(preview.sigWorkerStarted):
+        _click(qtbot, preview.start_button)
+    assert not preview.add_images_button.isEnabled()
+    with qtbot.waitSignal(preview.sigRunEnded, timeout=30_000) as ended:
+        pass
+    stream = ended.args[0]["streams"][0]
+    assert stream["frames_in"] == 6 == stream["processed"] + stream["dropped"]
+    assert preview.add_images_button.isEnabled()
+
+
 # --- Export ----------------------------------------------------------------------------------
 
 
