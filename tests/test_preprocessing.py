@@ -162,7 +162,7 @@ def test_a_pretrained_classifier_gives_torchvisions_own_top1_through_the_bundle_
     on both backends, give the answer torchvision's weights.transforms() give on the same files."""
     import yaml
     from PIL import Image
-    from torchvision.io import decode_image
+    from torchvision.transforms.v2.functional import pil_to_tensor
     from torchvision.models import MobileNet_V2_Weights
 
     from gemel_studio.analysis import analyze_workload
@@ -207,6 +207,10 @@ def test_a_pretrained_classifier_gives_torchvisions_own_top1_through_the_bundle_
     files = sorted(frames_dir.glob("*.png"))
     # torchvision's transforms on the decoded image as floats in [0, 1] (on uint8 they round
     # once more after resizing, which moves scores by about 0.01 on these images).
+    def decode_image(path: str) -> torch.Tensor:
+        with Image.open(path) as image:
+            return pil_to_tensor(image.convert("RGB"))
+
     with torch.no_grad():
         ref = [torch.softmax(model(transform(decode_image(str(f)).float() / 255)[None]), 1)[0] for f in files]
         raw = [torch.softmax(model(decode_image(str(f)).float()[None] / 255), 1)[0] for f in files]
