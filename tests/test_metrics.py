@@ -88,16 +88,27 @@ def test_the_endpoint_serves_what_the_runtime_counted(loaded):
 
 def test_the_endpoint_is_live_during_a_run(loaded):
     """Counters move between two scrapes while the run goes on."""
-    engine = Engine(loaded, [(SyntheticSource(fps=30, size=(16, 16)), ["size"])], "unlimited", None, "cpu")
+    # A long deadline: frames are processed however busy the machine is; the batch profile runs
+    # before the thread starts, and the scrapes wait for counts rather than for a set time.
+    engine = Engine(loaded, [(SyntheticSource(fps=30, size=(16, 16)), ["size"])], "unlimited", None, "cpu",
+                    deadline_s=30.0)
+    engine.profile_batches()
     progress = Progress()
     worker = threading.Thread(target=engine.run, kwargs={"progress": progress})
+
+    def scrape_until(ok):
+        for _ in range(200):
+            snap = fetch_snapshot(server.url)
+            if ok(snap):
+                return snap
+            time.sleep(0.05)
+        raise AssertionError(f"the counters did not move: {snap['streams']}")
+
     with MetricsServer(engine.snapshot) as server:
         worker.start()
         try:
-            time.sleep(0.5)
-            first = fetch_snapshot(server.url)["streams"][0]["frames_in"]
-            time.sleep(0.5)
-            second = fetch_snapshot(server.url)
+            first = scrape_until(lambda s: s["streams"][0]["frames_in"] >= 1)["streams"][0]["frames_in"]
+            second = scrape_until(lambda s: s["streams"][0]["frames_in"] > first and s["streams"][0]["processed"] >= 1)
         finally:
             progress.cancel()
             worker.join(10)

@@ -94,14 +94,21 @@ class SnapshotCollector:
                                                  labels=["model"]),
             "runs": CounterMetricFamily("gemel_model_runs", "Frames run through the model", labels=["model"]),
             "refused": CounterMetricFamily("gemel_model_refused", "Requests the policy refused", labels=["model"]),
+            "batches": CounterMetricFamily("gemel_model_batches", "Batches run through the model (runs / batches "
+                                           "is the mean batch size)", labels=["model"]),
         }
         size = GaugeMetricFamily("gemel_model_bytes", "Bytes the model alone needs resident", labels=["model"])
+        largest = GaugeMetricFamily("gemel_model_max_batch", "Largest batch the start's profile allows",
+                                    labels=["model"])
         for name, m in snap["models"].items():
             for key, fam in per_model.items():
-                fam.add_metric([name], m.get(key, 0.0))
+                fam.add_metric([name], m.get(key, 0.0) or 0.0)
             size.add_metric([name], m["bytes"])
+            if m.get("max_batch") is not None:
+                largest.add_metric([name], m["max_batch"])
         yield from per_model.values()
         yield size
+        yield largest
 
         for key, (metric, doc) in _MEMORY.items():
             value = snap["memory"].get(key)

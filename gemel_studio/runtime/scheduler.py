@@ -6,13 +6,20 @@ the device (`.to(device)` on a GPU; on a CPU-only box a fresh copy, which costs 
 memory), and evicting it drops the copy. Policies:
 
 - `merged`: a tensor shared by several models is resident once; a model loads only the tensors
-  not resident yet, and eviction drops the least-recently-used tensors the running model does
-  not need.
-- `time-sharing`: the usual baseline: whole models are swapped in and out (least recently used
-  first), each with its own copy of every tensor, shared or not.
-- `space-sharing`: a static set of models that fits (each with its own copies), chosen in the
-  order the models are named; frames for the other models are dropped.
+  not resident yet, and eviction drops tensors the running model does not need (per tensor).
+- `time-sharing`: the usual baseline: whole models are swapped in and out (per model), each
+  with its own copy of every tensor, shared or not.
+- `space-sharing`: a static set of models that fits (each with its own copies), chosen to
+  serve the most frames per second (`demand`: each stream's rate and models; see
+  `choose_static_set`); frames for the other models are dropped.
 - `unlimited`: every tensor resident once, budget ignored: the bound.
+
+Eviction (`eviction`): `belady` (default) evicts what is needed furthest in the future, from
+the `future` the caller passes to `acquire` (the models its queued frames need next, in the
+order it expects to run them); among what the future does not name, the most recently used
+goes first (MRU: under round robin, the model just used is the one needed last). `lru` evicts
+the least recently used, the classic choice, kept for comparison: under round robin it evicts
+exactly the model needed next.
 
 Resident bytes never exceed the budget: every load checks it. A model whose own bytes exceed
 the budget is refused when the scheduler is made.
@@ -21,6 +28,7 @@ the budget is refused when the scheduler is made.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -32,6 +40,7 @@ import torch
 from ..errors import GemelError
 
 POLICIES = ("merged", "time-sharing", "space-sharing", "unlimited")
+EVICTIONS = ("belady", "lru")
 
 
 @dataclass
@@ -123,9 +132,15 @@ class ModelScheduler:
     returns its state dict of resident tensors, or None when the policy refuses the model."""
 
     def __init__(self, tensors: dict[str, torch.Tensor], models: dict[str, dict[str, str]], policy: str,
-                 budget_bytes: int | None, device: str | torch.device = "cpu"):
+                 budget_bytes: int | None, device: str | torch.device = "cpu", eviction: str = "belady",
+                 demand: list[tuple[float, list[str]]] | None = None):
         if policy not in POLICIES:
             raise GemelError(f"policy '{policy}': expected one of {', '.join(POLICIES)}")
+        if eviction not in EVICTIONS:
+            raise GemelError(f"eviction '{eviction}': expected one of {', '.join(EVICTIONS)} (--eviction)")
+        self.eviction = eviction
+        # Space-sharing's choice: per stream, its frame rate and the models its frames need.
+        self.demand = demand if demand is not None else [(1.0, [n]) for n in models]
         if policy != "unlimited" and budget_bytes is None:
             raise GemelError(f"policy '{policy}' needs a memory budget (--memory-budget), or use --policy unlimited")
         if budget_bytes is not None and budget_bytes <= 0:
@@ -156,7 +171,8 @@ class ModelScheduler:
                 worst = max(too_big, key=lambda s: s.bytes)
                 need = f"{worst.bytes / 2**20:.1f} MiB ({worst.bytes} bytes)"
                 raise GemelError(f"model '{worst.name}' needs {need} resident, more than the memory budget of "
-                                 f"{self.budget / 2**20:.1f} MiB; raise the memory budget to at least {need}")
+                                 f"{self.budget / 2**20:.1f} MiB; raise the memory budget to at least {need} "
+                                 "(--memory-budget)")
         self._resident: OrderedDict[Hashable, torch.Tensor] = OrderedDict()  # least recently used first
         self._models_lru: OrderedDict[str, None] = OrderedDict()  # time-sharing: resident models, LRU first
         self.resident_bytes = 0
@@ -181,14 +197,58 @@ class ModelScheduler:
                 self._load(name)
         elif self.policy == "space-sharing":
             self.static_set = []
-            for name in self._units:  # in the order named, each if it still fits
-                if self.resident_bytes + self.stats[name].bytes <= self.budget:
-                    self._load(name)
-                    self.static_set.append(name)
+            for name in self.choose_static_set(self.budget):
+                self._load(name)
+                self.static_set.append(name)
 
-    def acquire(self, name: str) -> dict[str, torch.Tensor] | None:
+    def choose_static_set(self, budget: int) -> list[str]:
+        """Space-sharing's resident set: the models that serve the most frames per second
+        within `budget` (a stream's frames are served when all its models are in the set).
+        Every subset when there are at most 12 models; else the best of greedy choices (the
+        stream with the most frames per second per byte it still needs, or the most frames
+        per second) and the naming order. Ties go to the set found first."""
+        names = list(self._units)
+        demand = [(fps, set(ms) & set(names)) for fps, ms in self.demand]
+        demand = [(fps, ms) for fps, ms in demand if ms]
+
+        def served(chosen) -> float:
+            return sum(fps for fps, ms in demand if ms <= chosen)
+
+        def size(chosen) -> int:
+            return sum(self.stats[m].bytes for m in chosen)
+
+        def greedy(score) -> list[str]:
+            chosen: list[str] = []
+            left = list(demand)
+            while left:
+                best = None
+                for i, (fps, ms) in enumerate(left):
+                    extra = size(ms - set(chosen))
+                    if size(chosen) + extra <= budget and (best is None or score(fps, extra) > best[0]):
+                        best = (score(fps, extra), i)
+                if best is None:
+                    break
+                picked = left.pop(best[1])[1]
+                chosen.extend(m for m in names if m in picked and m not in chosen)
+            return chosen
+
+        naming: list[str] = []
+        for m in names:  # in the order named, each if it still fits
+            if size(naming) + self.stats[m].bytes <= budget:
+                naming.append(m)
+        options = [greedy(lambda fps, extra: fps / extra if extra else float("inf")),
+                   greedy(lambda fps, extra: (fps, -extra)), naming]
+        if len(names) <= 12:
+            for mask in range(1, 1 << len(names)):
+                subset = [m for i, m in enumerate(names) if mask >> i & 1]
+                if size(subset) <= budget:
+                    options.append(subset)
+        return max(options, key=lambda c: (served(set(c)), -size(c)))
+
+    def acquire(self, name: str, future: list[str] | None = None) -> dict[str, torch.Tensor] | None:
         """The resident state dict of model `name`, loading what it lacks; None when the policy
-        refuses it (space-sharing: not in the static set)."""
+        refuses it (space-sharing: not in the static set). `future`: the models expected to
+        run next, soonest first (Belady eviction reads it)."""
         stats = self.stats[name]
         if self.policy == "space-sharing" and name not in self.static_set:
             stats.refused += 1
@@ -196,7 +256,7 @@ class ModelScheduler:
         units = self._units[name]
         missing = [u for u in units if u not in self._resident]
         if missing:
-            self._make_room(name, missing)
+            self._make_room(name, missing, future)
             self._load(name, missing)
         for u in units:
             self._resident.move_to_end(u)
@@ -206,7 +266,7 @@ class ModelScheduler:
         mapping = self._maps[name]
         return {k: self._resident[s if self.shared else (name, s)] for k, s in mapping.items()}
 
-    def acquire_deferred(self, name: str, order: list[str] | None = None
+    def acquire_deferred(self, name: str, order: list[str] | None = None, future: list[str] | None = None
                          ) -> tuple[dict[str, torch.Tensor | None] | None, PendingLoad | None]:
         """Like `acquire`, but what the model lacks is copied on a loader thread, in the order
         of `order` (state-dict keys in the order the model uses them), while the caller runs.
@@ -221,14 +281,14 @@ class ModelScheduler:
         units = self._units[name]
         missing = [u for u in units if u not in self._resident]
         if not missing:
-            return self.acquire(name), None
+            return self.acquire(name, future), None
         if order is not None:
             rank = {}
             for key in order:
                 u = self.unit_of(name, key)
                 rank.setdefault(u, len(rank))
             missing.sort(key=lambda u: rank.get(u, len(rank)))
-        need = self._make_room(name, missing)
+        need = self._make_room(name, missing, future)
         assert self.budget is None or self.resident_bytes + need <= self.budget, (
             f"{self.policy}: loading {name} would hold {self.resident_bytes + need} bytes, over the budget")
         self.resident_bytes += need
@@ -278,31 +338,56 @@ class ModelScheduler:
         stored = self._maps[name][key]
         return stored if self.shared else (name, stored)
 
-    def _make_room(self, name: str, missing: list[Hashable]) -> int:
+    def _make_room(self, name: str, missing: list[Hashable], future: list[str] | None = None) -> int:
         """Evict, as the policy says, until `missing` fits; returns its bytes."""
         need = sum(self._unit_bytes[u] for u in missing)
         if self.policy == "time-sharing":
-            self._evict_models(keep=name, need=need)
+            self._evict_models(keep=name, need=need, future=future)
         elif self.policy == "merged":
-            self._evict_tensors(keep=set(self._units[name]), need=need)
+            self._evict_tensors(keep=set(self._units[name]), need=need, future=future)
         return need
 
-    def _evict_tensors(self, keep: set, need: int) -> None:
-        for u in list(self._resident):  # oldest first
-            if self.resident_bytes + need <= self.budget:
-                return
-            if u not in keep:
-                self._drop(u)
+    def _next_use(self, future: list[str] | None) -> dict[str, int]:
+        """Model -> position of its first use in `future`."""
+        out: dict[str, int] = {}
+        for i, m in enumerate(future or ()):
+            out.setdefault(m, i)
+        return out
 
-    def _evict_models(self, keep: str, need: int) -> None:
-        for other in list(self._models_lru):
+    def _victims(self, candidates: list, uses, future: list[str] | None) -> list:
+        """`candidates` (least recently used first) in the order to evict them. LRU: as they
+        are. Belady: needed furthest in the future first; never needed, most recent first."""
+        if self.eviction == "lru":
+            return candidates
+        nxt = self._next_use(future)
+        never = len(future or ()) + 1
+
+        def key(item):
+            i, c = item
+            when = min((nxt.get(m, never) for m in uses(c)), default=never)
+            return (-when, -i)  # furthest first; ties (never needed): most recently used first
+        return [c for _, c in sorted(enumerate(candidates), key=key)]
+
+    def _evict_tensors(self, keep: set, need: int, future: list[str] | None = None) -> None:
+        if self.resident_bytes + need <= self.budget:
+            return
+        candidates = [u for u in self._resident if u not in keep]  # least recently used first
+        for u in self._victims(candidates, lambda u: self._users[u], future):
             if self.resident_bytes + need <= self.budget:
                 return
-            if other != keep:
-                for u in self._units[other]:
-                    if u in self._resident:
-                        self._drop(u)
-                del self._models_lru[other]
+            self._drop(u)
+
+    def _evict_models(self, keep: str, need: int, future: list[str] | None = None) -> None:
+        if self.resident_bytes + need <= self.budget:
+            return
+        candidates = [m for m in self._models_lru if m != keep]
+        for other in self._victims(candidates, lambda m: (m,), future):
+            if self.resident_bytes + need <= self.budget:
+                return
+            for u in self._units[other]:
+                if u in self._resident:
+                    self._drop(u)
+            del self._models_lru[other]
 
     def _drop(self, unit: Hashable) -> None:
         del self._resident[unit]
@@ -350,6 +435,10 @@ class ModelScheduler:
         """True when the policy will never run `name` (space-sharing: outside the static set)."""
         return self.static_set is not None and name not in self.static_set
 
+    def missing_bytes(self, name: str) -> int:
+        """Bytes model `name` would load now (0 when it is resident)."""
+        return sum(self._unit_bytes[u] for u in self._units[name] if u not in self._resident)
+
     def is_resident(self, name: str) -> bool:
         return all(u in self._resident for u in self._units[name])
 
@@ -365,7 +454,8 @@ class ModelScheduler:
 
     @classmethod
     def for_bundle(cls, bundle, names: list[str], policy: str, budget_bytes: int | None,
-                   device: str | torch.device = "cpu") -> "ModelScheduler":
+                   device: str | torch.device = "cpu", eviction: str = "belady",
+                   demand: list[tuple[float, list[str]]] | None = None) -> "ModelScheduler":
         """A scheduler for the named models of a loaded bundle."""
         maps = {}
         for n in names:
@@ -374,7 +464,23 @@ class ModelScheduler:
             except KeyError:
                 known = ", ".join(m.name for m in bundle.manifest.models)
                 raise GemelError(f"model '{n}' is not in the bundle {bundle.path} (it has {known})") from None
-        return cls(bundle.tensors, maps, policy, budget_bytes, device)
+        return cls(bundle.tensors, maps, policy, budget_bytes, device, eviction, demand)
+
+
+def device_capacity(device: str | torch.device) -> tuple[int, str]:
+    """The default memory budget: what `device` can hold now, and what that is in words (free
+    GPU memory on CUDA, the system's available memory on a CPU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free), f"free GPU memory on {device}"
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available), "available memory"
+    except ImportError:  # psutil is a dependency; a stripped install still gets a figure
+        pages = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return int(pages), "available memory"
 
 
 def parse_bytes(text: str | int) -> int:
@@ -397,4 +503,5 @@ def parse_bytes(text: str | int) -> int:
     return int(value * units[unit])
 
 
-__all__ = ["ModelResidency", "ModelScheduler", "PendingLoad", "POLICIES", "parse_bytes"]
+__all__ = ["EVICTIONS", "ModelResidency", "ModelScheduler", "PendingLoad", "POLICIES", "device_capacity",
+           "parse_bytes"]
