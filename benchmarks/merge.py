@@ -1,8 +1,15 @@
-"""GEMEL's merge heuristic against ours (bisection), side by side in one run, on the
-quick-start workload (synthetic scenes) and the Fashion-MNIST workload. Prints one JSON object.
+"""GEMEL's merge heuristic, bisection and the risk-guided search (predict), side by side in
+one run, on the quick-start workload (synthetic scenes) and the Fashion-MNIST workload. Prints
+one JSON object.
 
     .venv/bin/python benchmarks/merge.py [--workloads quickstart fashion] [--limit 3000]
                                          [--epochs 10] [--device auto] [--out out/bench-merge]
+
+gemel and bisect run as the reference does (first member's weights, statistics kept, no check
+before training); predict runs with the plan's init (default mean, batch-norm statistics
+recomputed), the check before training and the merge risk `gemel propose` measures (its
+seconds are reported and counted in predict's retraining seconds). Also reported: every
+model's accuracy with every group tied and no retraining, for each init method.
 
 For each workload: fine-tune the unmerged models (once; reused on later runs), measure their
 accuracy on the held-out split, propose every share group, then run each strategy from the
@@ -32,9 +39,15 @@ from prepare_fashion import prepare as prepare_fashion  # noqa: E402
 
 from gemel_studio.analysis import analyze_workload  # noqa: E402
 from gemel_studio.merging import load_plan, propose_plan, save_plan  # noqa: E402
-from gemel_studio.merging.heuristic import STRATEGIES  # noqa: E402
-from gemel_studio.merging.pipeline import finetune_workload, merge_workload  # noqa: E402
-from gemel_studio.merging.plan import RetrainSettings  # noqa: E402
+from gemel_studio.merging.heuristic import STRATEGIES, group_risk  # noqa: E402
+from gemel_studio.merging.initialise import after_tying, initialise_groups, load_base  # noqa: E402
+from gemel_studio.merging.pipeline import finetune_workload, merge_workload, prepare_merge  # noqa: E402
+from gemel_studio.merging.plan import GroupState, InitSettings, PretrainedBase, RetrainSettings  # noqa: E402
+from gemel_studio.merging.retrain import evaluate  # noqa: E402
+from gemel_studio.merging.risk import measure_risk  # noqa: E402
+from gemel_studio.merging.tying import apply_plan  # noqa: E402
+
+REFERENCE = {"init": InitSettings(method="first", recompute_bn=False), "check_before_training": False}
 from gemel_studio.merging.retrain import resolve_device  # noqa: E402
 from gemel_studio.workload import load_workload  # noqa: E402
 
@@ -63,11 +76,64 @@ def seconds_to_reach(steps: list[dict], saved_bytes: int) -> float | None:
     return None if saved_bytes > 0 else 0.0
 
 
+def spearman(xs: list[float], ys: list[float]) -> float | None:
+    """Rank correlation (ties get their mean rank)."""
+    def ranks(v):
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+
+    if len(xs) < 2:
+        return None
+    rx, ry = ranks(xs), ranks(ys)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    num = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    den = (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
+    return round(num / den, 3) if den else None
+
+
+def zero_retraining(workload_path: Path, plan_path: Path, limit: int | None, methods: list[str],
+                    base=None) -> dict:
+    """Each model's held-out accuracy with every group tied and no retraining, per init method."""
+    workload = load_workload(workload_path)
+    plan = load_plan(plan_path)
+    ctx = prepare_merge(workload, plan, limit=limit)
+    out = {"unmerged": {n: round(a, 4) for n, a in ctx.unmerged_accuracy.items()}}
+    for method in methods:
+        init = InitSettings(method=method, recompute_bn=method != "first", base=base)
+        if method == "ties" and init.base is None:
+            continue
+        started = time.perf_counter()
+        models = ctx.build_models()
+        for n, m in models.items():
+            m.load_state_dict(ctx.base_state[n])
+        groups = [g.model_copy(update={"state": GroupState.accepted}) for g in plan.groups]
+        base = load_base(workload, ctx.names, init) if method == "ties" else None
+        initialise_groups(models, groups, init, ctx.data, base)
+        apply_plan(models, plan.model_copy(update={"groups": groups}))
+        after_tying(models, ctx.names, init, ctx.data)
+        out[method] = {n: round(evaluate(models[n], ctx.data[n].val, torch.device("cpu"), task=ctx.data[n].task), 4)
+                       for n in ctx.names}
+        out[method]["seconds"] = round(time.perf_counter() - started, 1)
+    return out
+
+
 def run_strategy(workload_path: Path, plan_path: Path, out: Path, strategy: str, settings: dict,
-                 limit: int | None, time_budget: float | None) -> dict:
+                 limit: int | None, time_budget: float | None, plan_update: dict | None = None) -> dict:
     shutil.rmtree(out, ignore_errors=True)  # a benchmark starts afresh; `gemel merge` resumes instead
     plan = load_plan(plan_path)
-    plan = plan.model_copy(update={"retraining": plan.retraining.model_copy(update=settings)})
+    update = dict(plan_update or {})
+    retraining = {**settings, **({"check_before_training": update.pop("check_before_training")}
+                                 if "check_before_training" in update else {})}
+    plan = plan.model_copy(update={"retraining": plan.retraining.model_copy(update=retraining), **update})
     started = time.perf_counter()
     report = merge_workload(load_workload(workload_path), plan, out, strategy=strategy, limit=limit,
                             time_budget_s=time_budget)
@@ -84,9 +150,24 @@ def run_strategy(workload_path: Path, plan_path: Path, out: Path, strategy: str,
         "rounds_kept": sum(1 for s in report["steps"] if s["outcome"] == "kept"),
         "stopped": report["stopped"],
         "wall_seconds": round(time.perf_counter() - started, 1),
-        "steps": [{k: s[k] for k in ("round", "savings_bytes", "outcome", "next_action", "retrain_seconds",
-                                     "saved_bytes_after")} for s in report["steps"]],
+        "steps": [{k: s.get(k) for k in ("round", "savings_bytes", "outcome", "next_action", "retrain_seconds",
+                                         "saved_bytes_after", "epochs")} for s in report["steps"]],
+        "init": plan.init.method,
+        "risk_vs_outcome": _risk_vs_outcome(plan, out),
     }
+
+
+def _risk_vs_outcome(plan, out: Path) -> dict | None:
+    """Rank correlation, over the groups tried, between predicted risk and failure (backed off)."""
+    if not any(g.risk is not None for g in plan.groups):
+        return None
+    final = {g.id: g.state for g in load_plan(out / "plan.yaml").groups}
+    tried = [g for g in plan.groups if final[g.id] in (GroupState.kept, GroupState.backed_off) and g.risk is not None]
+    risk = [group_risk(g) for g in tried]
+    failed = [1.0 if final[g.id] is GroupState.backed_off else 0.0 for g in tried]
+    cka = [-(g.risk.cka if g.risk.cka is not None else 0.0) for g in tried]
+    return {"groups_tried": len(tried), "failed": int(sum(failed)),
+            "spearman_drop_vs_failed": spearman(risk, failed), "spearman_low_cka_vs_failed": spearman(cka, failed)}
 
 
 def main() -> None:
@@ -104,6 +185,10 @@ def main() -> None:
                         help="candidates saving less than this fraction of the all-shareable bound are not tried "
                              "(the same for every strategy; 0 tries everything)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--init", default="mean", choices=["mean", "fisher", "first", "ties"],
+                        help="predict's init method")
+    parser.add_argument("--skip-zero-retraining", action="store_true",
+                        help="do not measure every init's accuracy with all groups tied and no retraining")
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "bench-merge")
     args = parser.parse_args()
     limit = args.limit or None
@@ -126,15 +211,39 @@ def main() -> None:
         row = {"total_param_bytes": analysis.total_param_bytes, "all_shareable_bytes": analysis.max_savings_bytes,
                "groups": len(analysis.groups), "min_savings_bytes": floor, "unmerged": prepared["models"],
                "strategies": {}}
+        if not args.skip_zero_retraining:
+            tv_base = PretrainedBase(architecture="mobilenet_v2", weights="IMAGENET1K_V1") if name == "fashion" else None
+            row["zero_retraining"] = zero_retraining(workload_path, plan_path, limit, ["first", "mean", "fisher", "ties"],
+                                                     tv_base)
+            print(f"merge.py: {name} zero retraining: {json.dumps(row['zero_retraining'])}", file=sys.stderr)
+        risk_plan = base / "finetuned" / "plan-risk.yaml"
+        if "predict" in args.strategies:
+            started = time.perf_counter()
+            plan = load_plan(plan_path)
+            plan = plan.model_copy(update={"retraining": plan.retraining.model_copy(update={"device": args.device}),
+                                           "init": InitSettings(method=args.init)})
+            measured, notes = measure_risk(load_workload(workload_path), plan, limit=limit, drop_min_savings=floor)
+            save_plan(measured, risk_plan)
+            row["risk_seconds"] = round(time.perf_counter() - started, 1)
+            row["risk_notes"] = notes
         for strategy in args.strategies:
-            row["strategies"][strategy] = run_strategy(workload_path, plan_path, base / strategy, strategy,
+            predict = strategy == "predict"
+            row["strategies"][strategy] = run_strategy(workload_path, risk_plan if predict else plan_path,
+                                                       base / strategy, strategy,
                                                        {**settings, "min_savings_bytes": floor}, limit,
-                                                       args.time_budget)
+                                                       args.time_budget, None if predict else dict(REFERENCE))
+            if predict:  # the risk was measured for this search: count it as its cost
+                row["strategies"][strategy]["retrain_seconds_with_risk"] = round(
+                    row["strategies"][strategy]["retrain_seconds"] + row["risk_seconds"], 1)
         # Same savings, less retraining? Each run's retraining time until it banked the others' final savings.
         for strategy, run in row["strategies"].items():
             run["retrain_seconds_to_reach"] = {
                 other: seconds_to_reach(run["steps"], o["saved_bytes"])
                 for other, o in row["strategies"].items() if other != strategy}
+            if strategy == "predict":
+                run["retrain_seconds_to_reach_with_risk"] = {
+                    k: (None if v is None else round(v + row["risk_seconds"], 1))
+                    for k, v in run["retrain_seconds_to_reach"].items()}
             print(f"merge.py: {name} {strategy}: {json.dumps(row['strategies'][strategy])}", file=sys.stderr)
         result["workloads"][name] = row
     print(json.dumps(result, indent=2))

@@ -171,14 +171,53 @@ def cmd_propose(args) -> int:
     from .merging import propose_plan, save_plan
     from .workload import load_workload
 
+    from .merging.plan import InitSettings, PretrainedBase
+
     _check_output_file(args.output)  # before the analysis, not after it
     workload = load_workload(args.workload)
     analysis = analyze_workload(workload, alignment=args.alignment)
     plan = propose_plan(workload, analysis)
+    base = None
+    if args.base:
+        arch, sep, weights = args.base.partition(":")
+        if not sep or not arch or not weights:
+            raise GemelError(f"--base {args.base}: expected ARCHITECTURE:WEIGHTS, e.g. mobilenet_v2:IMAGENET1K_V1")
+        base = PretrainedBase(architecture=arch, weights=weights)
+    elif args.init == "ties":
+        base = _common_base(workload)
+        if base is None:
+            raise GemelError("--init ties needs the models' common pretrained weights: name them with "
+                             "--base ARCHITECTURE:WEIGHTS (the workload's models do not name one set)")
+    plan.init = InitSettings(method=args.init, base=base)
+    notes: list[str] = []
+    if not args.no_risk and plan.groups:
+        from .merging.risk import measure_risk
+        from .progress import terminal_progress
+
+        floor = int(args.risk_min_fraction * analysis.max_savings_bytes)
+        plan, notes = measure_risk(workload, plan, limit=args.limit, drop_min_savings=floor,
+                                   progress=terminal_progress())
     save_plan(plan, args.output)
+    measured = sum(1 for g in plan.groups if g.risk is not None)
     print(f"wrote {len(plan.groups)} proposals to {args.output} (all 'proposed'; the bound is "
-          f"{human_bytes(analysis.max_savings_bytes)}, {analysis.max_savings_fraction:.1%} of the workload)")
+          f"{human_bytes(analysis.max_savings_bytes)}, {analysis.max_savings_fraction:.1%} of the workload; "
+          f"init {plan.init.method}; merge risk for {measured} group(s))")
+    for note in notes:
+        print(f"note: {note}")
     return 0
+
+
+def _common_base(workload):
+    """The torchvision weights every torchvision model of the workload names, if one set."""
+    from .merging.plan import PretrainedBase
+    from .workload import TorchvisionSource
+
+    named = {(s.source.architecture, s.source.weights) for s in workload.models
+             if isinstance(s.source, TorchvisionSource) and s.source.weights}
+    if len(named) == 1:
+        arch, weights = named.pop()
+        return PretrainedBase(architecture=arch, weights=weights)
+    return None
 
 
 # --- gemel finetune / merge ---------------------------------------------------------------
@@ -288,8 +327,11 @@ def cmd_merge(args) -> int:
         print(json.dumps({"event": "done", **{k: v for k, v in report.items() if k != "steps"}}))
         return 0
     for name, row in report["models"].items():
+        unseen = (f"  | unseen split: unmerged {row['unmerged_test_accuracy']:.3f}  merged "
+                  f"{row['merged_test_accuracy']:.3f}" if row.get("merged_test_accuracy") is not None else "")
         print(f"{name:16} {row['metric']:9} unmerged {row['unmerged_accuracy']:.3f}  merged "
-              f"{row['merged_accuracy']:.3f}  target {row['target']:.3f}  {'pass' if row['passed'] else 'FAIL'}")
+              f"{row['merged_accuracy']:.3f}  target {row['target']:.3f}  {'pass' if row['passed'] else 'FAIL'}"
+              f"{unseen}")
     print(f"parameter bytes {human_bytes(report['bytes_before'])} -> {human_bytes(report['bytes_after'])} "
           f"(saved {human_bytes(report['saved_bytes'])}, {report['fraction_of_bound']:.1%} of the all-shareable "
           f"bound) in {report['rounds']} round(s), {report['retrain_seconds']:.0f} s of retraining")
@@ -343,7 +385,9 @@ def _parse_stream(spec: str, loop: bool) -> tuple:
 
 
 def format_run(summary: dict) -> str:
-    out = [f"{summary['bundle']}: policy {summary['policy']}, budget {human_bytes(summary['budget_bytes'])}, "
+    out = [f"{summary['bundle']}: policy {summary['policy']} (eviction {summary.get('eviction', 'belady')}"
+           f"{', no batching' if summary.get('batching') is False else ''}), "
+           f"budget {human_bytes(summary['budget_bytes'])}, "
            f"device {summary['device']}, backend {summary['backend']}; ran {summary['elapsed_s']:.1f} s, "
            f"stopped: {summary['stopped']}", ""]
 
@@ -358,9 +402,11 @@ def format_run(summary: dict) -> str:
     out.append("")
     rows = [[n, human_bytes(m["bytes"]), str(m["runs"]), str(m["swaps"]), f"{m['load_seconds']:.3f}",
              f"{m['load_wait_seconds']:.3f}", human_bytes(m["loaded_bytes"]), ms(m["mean_infer_ms"]),
-             str(m["refused"]), m["load"]] for n, m in summary["models"].items()]
+             str(m["refused"]), m["load"],
+             f"{m['mean_batch_size']:.1f}/{m['max_batch']}" if m.get("mean_batch_size") else "-"]
+            for n, m in summary["models"].items()]
     out.append(_table(rows, ["model", "bytes", "runs", "swaps", "load s", "waited s", "loaded", "infer ms",
-                             "refused", "load"]))
+                             "refused", "load", "batch mean/max"]))
     out.extend(f"note: {n} {m['load_note']}" for n, m in summary["models"].items() if "load_note" in m)
     out.append("")
     mem = summary["memory"]
@@ -380,39 +426,60 @@ def format_run(summary: dict) -> str:
 
 
 def cmd_run(args) -> int:
+    from .devices import resolve_device
     from .runtime import load_bundle
     from .runtime.engine import Engine
-    from .runtime.scheduler import parse_bytes
+    from .runtime.scheduler import device_capacity, parse_bytes
     from .progress import Progress
 
     if args.duration is not None and not args.duration > 0:
         raise GemelError(f"--duration {args.duration}: must be a positive number of seconds")
+    if args.deadline is not None and not args.deadline > 0:
+        raise GemelError(f"--deadline {args.deadline:g}: must be a positive number of milliseconds")
     budget = parse_bytes(args.memory_budget) if args.memory_budget is not None else None
-    if budget is None and args.policy != "unlimited":
-        raise GemelError(f"--policy {args.policy} needs --memory-budget BYTES (e.g. 200MiB), "
-                         "or use --policy unlimited")
     if args.metrics_host != "127.0.0.1" and args.metrics_port is None:
         raise GemelError(f"--metrics-host {args.metrics_host} without --metrics-port: add --metrics-port N "
                          "(0 picks a free port) to serve metrics")
+    rotate = parse_bytes(args.results_max_bytes) if args.results_max_bytes is not None else 100 * 2**20
+    if budget is None and args.policy != "unlimited":
+        # onnxruntime runs on the CPU here: "auto" means the CPU for it (as the engine decides).
+        where = resolve_device("cpu" if args.backend == "onnxruntime" and args.device == "auto" else args.device)
+        budget, chosen = device_capacity(where)
+        chosen = f"memory budget: {human_bytes(budget)} ({chosen}; --memory-budget sets another)"
+    else:
+        chosen = None
     streams = [_parse_stream(spec, args.loop) for spec in args.stream]
-    with load_bundle(args.bundle) as bundle:
-        engine = Engine(bundle, streams, args.policy, budget, args.device, args.backend, args.load)
-        progress = Progress()
-        until = f"for {args.duration:g} s" if args.duration else "until the sources end"
-        print(f"running {len(streams)} stream(s) {until}; Ctrl-C stops and prints the summary",
-              file=sys.stderr, flush=True)
-        with contextlib.ExitStack() as stack:
-            if args.metrics_port is not None:
-                from .runtime.metrics import MetricsServer
+    with contextlib.ExitStack() as stack:
+        sinks = []
+        if args.results is not None:
+            from .runtime.sinks import JsonlSink
 
-                server = stack.enter_context(MetricsServer(engine.snapshot, args.metrics_port, args.metrics_host))
-                print(f"metrics: {server.url}/metrics (Prometheus), {server.url}/metrics.json (JSON)",
-                      file=sys.stderr, flush=True)
-            with _ctrl_c_cancels(progress, "stopping the streams"):  # the summary is still printed
-                summary = engine.run(args.duration, progress).to_dict()
+            sinks.append(stack.enter_context(JsonlSink(args.results, max_bytes=rotate)))
+        bundle = stack.enter_context(load_bundle(args.bundle))
+        engine = Engine(bundle, streams, args.policy, budget, args.device, args.backend, args.load,
+                        deadline_s=args.deadline / 1000.0 if args.deadline is not None else None,
+                        eviction=args.eviction, batching=not args.no_batching, sinks=sinks)
+        if chosen:
+            print(chosen, file=sys.stderr, flush=True)
+        progress = Progress()
+        engine.profile_batches()  # before Ctrl-C is handed to the run: it takes a moment
+        until = f"for {args.duration:g} s" if args.duration else "until the sources end"
+        batches = ", ".join(f"{m} {b}" for m, b in engine.max_batch.items())
+        print(f"running {len(streams)} stream(s) {until}; largest batch per model: {batches}; "
+              "Ctrl-C stops and prints the summary", file=sys.stderr, flush=True)
+        if args.metrics_port is not None:
+            from .runtime.metrics import MetricsServer
+
+            server = stack.enter_context(MetricsServer(engine.snapshot, args.metrics_port, args.metrics_host))
+            print(f"metrics: {server.url}/metrics (Prometheus), {server.url}/metrics.json (JSON)",
+                  file=sys.stderr, flush=True)
+        with _ctrl_c_cancels(progress, "stopping the streams"):  # the summary is still printed
+            summary = engine.run(args.duration, progress).to_dict()
     if summary["stopped"] == "cancelled":
         summary["stopped"] = "interrupted"  # Ctrl-C is what cancels from a terminal
-    print(json.dumps(summary) if args.json else format_run(summary))
+    # With results on standard output, the summary goes to standard error.
+    print(json.dumps(summary) if args.json else format_run(summary),
+          file=sys.stderr if args.results == "-" else sys.stdout)
     return 0
 
 
@@ -471,7 +538,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("propose", help="write a merge plan: every share group, heaviest first")
     p.add_argument("workload", type=Path)
     p.add_argument("-o", "--output", type=Path, required=True, help="the plan file to write (YAML)")
-    p.add_argument("--alignment", choices=["structure", "order"], default="structure")
+    p.add_argument("--alignment", choices=["structure", "order", "combined"], default="structure",
+                   help="combined: structure's pairs, then what it left unpaired by GEMEL's order rule")
+    p.add_argument("--init", choices=["mean", "first", "fisher", "ties"], default="mean",
+                   help="how a shared tensor starts: members' mean (default), first member's (GEMEL), "
+                        "Fisher-weighted mean, or TIES against the common pretrained base")
+    p.add_argument("--base", metavar="ARCH:WEIGHTS",
+                   help="the pretrained weights the models were fine-tuned from, for --init ties")
+    p.add_argument("--no-risk", action="store_true",
+                   help="skip the merge risk per group (CKA and accuracy drop, measured without retraining)")
+    p.add_argument("--limit", type=int, help="at most this many samples per model for the risk measurement")
+    p.add_argument("--risk-min-fraction", type=float, default=0.01, metavar="F",
+                   help="measure the accuracy drop only for groups saving at least this fraction of the "
+                        "bound (default 0.01; every group gets its CKA)")
     p.set_defaults(func=cmd_propose)
 
     p = sub.add_parser("finetune", help="train each model alone (the unmerged baseline) and write a workload of them")
@@ -484,8 +563,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("workload", type=Path)
     p.add_argument("--plan", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--strategy", choices=["bisect", "gemel"], default="bisect",
-                   help="bisect: all candidates first, split on failure (default); gemel: the reference loop")
+    p.add_argument("--strategy", choices=["bisect", "gemel", "predict"], default="bisect",
+                   help="bisect: all candidates first, split on failure (default); gemel: the reference loop; "
+                        "predict: low-risk groups first by the plan's merge risk, split safer-first")
     p.add_argument("--time-budget", type=float, help="seconds; stop the search when they run out")
     p.add_argument("--min-savings", type=float, metavar="MIB",
                    help="do not try candidates (or halves of failed ones) that save less than this many MiB")
@@ -521,6 +601,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the address the metrics port binds (default 127.0.0.1, this machine only; "
                         "0.0.0.0 exposes it to the network)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    p.add_argument("--deadline", type=float, metavar="MS", help="milliseconds each frame has from its arrival "
+                   "(default: its stream's frame interval)")
+    p.add_argument("--eviction", choices=["belady", "lru"], default="belady",
+                   help="what to evict: belady (default: what the queued frames need furthest in the future; "
+                        "most recently used otherwise) or lru (least recently used, for comparison)")
+    p.add_argument("--no-batching", action="store_true", help="run every frame alone (for comparison)")
+    p.add_argument("--results", metavar="FILE.jsonl", help="write one JSON line per processed frame to FILE "
+                   "(appended, rotated by size) or to - (standard output; the summary then goes to standard error)")
+    p.add_argument("--results-max-bytes", metavar="SIZE", help="rotate the results file past this size "
+                   "(default 100MiB; FILE.1 ... FILE.5 are kept)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("samples", help="list the sample workloads that ship with the package, or copy them out",

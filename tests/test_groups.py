@@ -286,3 +286,40 @@ def test_layer_of_follows_the_members():
     assert group.layer_of("c") == "z"
     group.members = [GroupMember("d", "w")]
     assert group.layer_of("a") is None and group.layer_of("d") == "w"
+
+
+@pytest.mark.parametrize("sample", list(_SAMPLE_GROUPS))
+def test_combined_alignment_keeps_structures_pairs_and_never_finds_less_than_order(sample_inventories, sample):
+    if sample not in sample_inventories:
+        pytest.skip(f"{sample}.yaml cannot be analysed here (pretrained weights missing)")
+    inventories = sample_inventories[sample]
+
+    def bound(alignment):
+        return sum(g.savings_bytes for g in find_share_groups(inventories, alignment))
+
+    assert bound("combined") >= bound("order") >= 0 and bound("combined") >= bound("structure")
+    combined = find_share_groups(inventories, "combined")
+    with_model = {(m.model, m.layer): g.signature + str(id(g)) for g in combined for m in g.members}
+    for g in find_share_groups(inventories, "structure"):  # every structural pair is still paired
+        tags = {with_model.get((m.model, m.layer)) for m in g.members}
+        if len(tags) > 1:  # only where order's groups were taken for this signature
+            assert bound("combined") == bound("order")
+    for g in combined:
+        assert len(set(g.models)) == len(g.models) >= 2
+
+
+def test_combined_alignment_adds_the_pairs_structure_refuses():
+    """A's first layer and B's last are twins that only a crossing pair can join: structure
+    leaves both unpaired, combined keeps structure's pairs and adds that one as order would."""
+    with torch.device("meta"):
+        a = torch.nn.Sequential()
+        a.add_module("enc", torch.nn.Linear(8, 8))
+        a.add_module("mid", torch.nn.Linear(8, 16))
+        a.add_module("dec", torch.nn.Linear(16, 8))
+        b = torch.nn.Sequential()
+        b.add_module("mid", torch.nn.Linear(8, 16))
+        b.add_module("dec", torch.nn.Linear(16, 8))
+        b.add_module("out", torch.nn.Linear(8, 8))
+    inventories = [inventory_of_module(a, "A", input_size=(1, 1, 8)), inventory_of_module(b, "B", input_size=(1, 1, 8))]
+    assert _pairs(find_share_groups(inventories, "structure")) == [("dec", "dec"), ("mid", "mid")]
+    assert _pairs(find_share_groups(inventories, "combined")) == [("dec", "dec"), ("enc", "out"), ("mid", "mid")]

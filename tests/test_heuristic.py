@@ -73,6 +73,7 @@ def test_gemel_halves_a_candidate_that_misses_its_target(write_workload):
 def test_merge_writes_weights_once_plan_and_report_and_resumes(tmp_path, write_workload):
     w = _workload(write_workload, {"relative": 0.5})
     plan, _ = _context(w)
+    plan.retraining.check_before_training = False  # every round trains: the cancel below lands in one
     plan_path = tmp_path / "plan.yaml"
     save_plan(plan, plan_path)
     out = tmp_path / "merged"
@@ -124,6 +125,24 @@ def test_merge_writes_weights_once_plan_and_report_and_resumes(tmp_path, write_w
     assert result.weights_data_bytes < result.sum_model_bytes
 
 
+def test_a_candidate_that_already_meets_its_targets_is_banked_without_a_step(write_workload):
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    w = _workload(write_workload, {"absolute": 0.001})
+    plan, ctx = _context(w)
+    steps = []
+    handle = register_optimizer_step_pre_hook(lambda opt, args, kwargs: steps.append(1))
+    try:
+        run = search(ctx.build_models, ctx.base_state, plan, ctx.data, ctx.targets, "bisect")
+    finally:
+        handle.remove()
+    assert steps == []
+    assert run.saved_bytes == sum(g.savings_bytes for g in plan.groups)
+    assert [s.next_action for s in run.steps] == ["banked with zero retraining"]
+    assert run.steps[0].epochs == 0 and run.steps[0].init == "mean"
+    assert run.steps[0].accuracy == run.steps[0].initial_accuracy
+
+
 def test_candidates_below_the_minimum_savings_stay_untried_and_unmerged(tmp_path, write_workload):
     w = _workload(write_workload, {"absolute": 0.01})
     plan, _ = _context(w)
@@ -133,8 +152,39 @@ def test_candidates_below_the_minimum_savings_stay_untried_and_unmerged(tmp_path
     assert report["rounds"] == 1 and report["steps"][0]["groups"] == [g.id for g in heavy.groups]
     assert report["saved_bytes"] == heavy.savings_bytes
     assert f"{len(light.groups)} groups below the minimum savings" in report["stopped"]
+    # Every model is also scored on the split the search never saw, unmerged and merged.
+    for row in report["models"].values():
+        assert 0.0 <= row["unmerged_test_accuracy"] <= 1.0 and 0.0 <= row["merged_test_accuracy"] <= 1.0
     final = load_plan(tmp_path / "merged" / "plan.yaml")
     assert {g.id for g in final.groups if g.state is GroupState.accepted} == {g.id for g in light.groups}
     # The untried groups are not tied: the weights on disk are what the report predicts.
     assert report["bytes_after"] == report["predicted_bytes_after"] == report["bytes_before"] - heavy.savings_bytes
 
+
+
+def test_the_unseen_split_is_fresh_data_and_leaves_the_deciding_split_as_it_was(write_workload):
+    import torch
+
+    from gemel_studio.merging.datasets import load_model_data
+
+    w = _workload(write_workload, {"absolute": 0.5})
+    spec = w.models[0]
+    data = load_model_data(w, spec)
+    without = load_model_data(w, spec, test_fraction=0.0)
+    assert without.test is None and len(data.test) == int(48 * 0.2)
+    assert torch.equal(torch.stack([x for x, _ in data.val]), torch.stack([x for x, _ in without.val]))
+    train = torch.stack([x for x, _ in data.train])
+    assert not any(torch.equal(x, t) for x, _ in data.test for t in train)
+
+
+def test_predict_tries_the_low_risk_groups_together_first_and_the_risky_ones_last(write_workload):
+    from gemel_studio.merging.plan import GroupRisk
+
+    w = _workload(write_workload, {"absolute": 0.001})
+    plan, ctx = _context(w)
+    risky = plan.groups[0]
+    for g in plan.groups:
+        g.risk = GroupRisk(cka=0.9, drop={m.model: (0.4 if g is risky else 0.01) for m in g.members})
+    run = search(ctx.build_models, ctx.base_state, plan, ctx.data, ctx.targets, "predict")
+    assert [sorted(s.groups) for s in run.steps] == [sorted(g.id for g in plan.groups[1:]), [risky.id]]
+    assert run.saved_bytes == sum(g.savings_bytes for g in plan.groups)

@@ -8,6 +8,13 @@ A group has members with one signature, at most one layer per model. Two alignme
   sequence alignment over execution order: a dynamic programme keeps the matching monotone
   (no crossing pairs) and, among equal-signature candidates, prefers layers whose qualified
   names correspond. A layer is thus not paired with an unrelated twin further down.
+- `combined`: `structure`'s groups first; then every layer it left unpaired, in execution
+  order, joins the next structure group of its signature that lacks its model, and the rest
+  are grouped by GEMEL's order rule among themselves. Per signature, order's bound is the
+  most any grouping can save (all layers less the most any one model has), and this reaches
+  it unless structure opened more groups of a signature than one model has layers of it; for
+  such a signature `order`'s groups are taken, so the bound is never below GEMEL's on any
+  workload.
 
 Only parameters are shared; each model keeps its own buffers (batch-norm statistics), so a
 group's savings are its parameter bytes times (members - 1).
@@ -30,8 +37,8 @@ from typing import Literal
 
 from .inventory import LayerRecord, ModelInventory
 
-Alignment = Literal["order", "structure"]
-ALIGNMENTS: tuple[Alignment, ...] = ("structure", "order")
+Alignment = Literal["order", "structure", "combined"]
+ALIGNMENTS: tuple[Alignment, ...] = ("structure", "order", "combined")
 
 
 @dataclass(frozen=True)
@@ -78,15 +85,69 @@ def _shareable(inv: ModelInventory) -> list[LayerRecord]:
     return [layer for layer in inv.layers if layer.shareable]
 
 
-def _order_groups(inventories: list[ModelInventory]) -> list[list[tuple[str, LayerRecord]]]:
+def _order_columns(sequences) -> list[list[tuple[str, LayerRecord]]]:
+    """GEMEL's rule over (model name, layers in execution order) pairs."""
     columns: dict[tuple[str, int], list[tuple[str, LayerRecord]]] = {}
-    for inv in inventories:
+    for name, layers in sequences:
         count: dict[str, int] = {}
-        for layer in _shareable(inv):
+        for layer in layers:
             k = count.get(layer.signature, 0)
             count[layer.signature] = k + 1
-            columns.setdefault((layer.signature, k), []).append((inv.name, layer))
+            columns.setdefault((layer.signature, k), []).append((name, layer))
     return list(columns.values())
+
+
+def _order_groups(inventories: list[ModelInventory]) -> list[list[tuple[str, LayerRecord]]]:
+    return _order_columns((inv.name, _shareable(inv)) for inv in inventories)
+
+
+def _combined_groups(inventories: list[ModelInventory]) -> list[list[tuple[str, LayerRecord]]]:
+    """Structure's groups first; then each layer it left unpaired, in execution order, joins
+    the next structure group of its signature that lacks its model (GEMEL's order rule over
+    those groups), and what is still unpaired is grouped by the order rule among itself."""
+    columns = _structure_groups(inventories)
+    groups = [list(c) for c in columns if len(c) >= 2]
+    present = [{m for m, _ in g} for g in groups]
+    unpaired = {(c[0][0], c[0][1].name) for c in columns if len(c) == 1}
+    by_sig: dict[str, list[int]] = {}
+    for gi, g in enumerate(groups):
+        by_sig.setdefault(g[0][1].signature, []).append(gi)
+    rest = []
+    for inv in inventories:
+        cursor: dict[str, int] = {}
+        remain = []
+        for layer in _shareable(inv):
+            if (inv.name, layer.name) not in unpaired:
+                continue
+            cands, pos = by_sig.get(layer.signature, ()), cursor.get(layer.signature, 0)
+            while pos < len(cands) and inv.name in present[cands[pos]]:
+                pos += 1
+            if pos < len(cands):
+                groups[cands[pos]].append((inv.name, layer))
+                present[cands[pos]].add(inv.name)
+                pos += 1
+            else:
+                remain.append(layer)
+            cursor[layer.signature] = pos
+        rest.append((inv.name, remain))
+    return groups + _order_columns(rest)
+
+
+def _per_signature_best(combined, order):
+    """Per signature, the combined groups unless order's save more for that signature."""
+    def by_sig(raw):
+        out: dict[str, list] = {}
+        for members in raw:
+            out.setdefault(members[0][1].signature, []).append(members)
+        return out
+
+    mine, theirs = by_sig(combined), by_sig(order)
+    return [members for sig, cols in mine.items()
+            for members in (theirs[sig] if _savings(theirs.get(sig, [])) > _savings(cols) else cols)]
+
+
+def _savings(raw: list[list[tuple[str, LayerRecord]]]) -> int:
+    return sum(members[0][1].param_bytes * (len(members) - 1) for members in raw if len(members) >= 2)
 
 
 @dataclass
@@ -199,7 +260,12 @@ def find_share_groups(inventories: list[ModelInventory], alignment: Alignment = 
     """Groups of two or more interchangeable layers, heaviest savings first."""
     if alignment not in ALIGNMENTS:
         raise ValueError(f"unknown alignment '{alignment}'; expected one of {', '.join(ALIGNMENTS)}")
-    raw = _order_groups(inventories) if alignment == "order" else _structure_groups(inventories)
+    if alignment == "order":
+        raw = _order_groups(inventories)
+    elif alignment == "combined":
+        raw = _per_signature_best(_combined_groups(inventories), _order_groups(inventories))
+    else:
+        raw = _structure_groups(inventories)
     groups = []
     for members in raw:
         if len(members) < 2:

@@ -241,21 +241,35 @@ class ModelData:
     val: Dataset
     num_classes: int
     task: str = "classification"  # or 'detection': (image, {boxes, labels}) samples, scored by mAP
+    # A third split the search never sees (neither training nor the pass/fail decision), for an
+    # honest report: fresh scenes for synthetic data, Fashion-MNIST's own t10k test set, else a
+    # seeded part of the dataset (none below MIN_TEST_SPLIT samples).
+    test: Dataset | None = None
 
 
-def _split(ds: Dataset, val_fraction: float, seed: int) -> tuple[Subset, Subset]:
+MIN_TEST_SPLIT = 50  # a dataset this small keeps every sample for training and the deciding split
+TEST_SEED_OFFSET = 7919  # synthetic unseen scenes are drawn from seed + this
+
+
+def _split(ds: Dataset, val_fraction: float, seed: int, test_fraction: float = 0.0) -> tuple[Subset, Subset, Subset | None]:
+    """Train, validation and (with test_fraction, and enough samples) unseen test parts. The
+    validation part is the same with or without a test part; the test part comes out of training."""
     n = len(ds)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     n_val = max(1, int(n * val_fraction))
-    return Subset(ds, order[n_val:]), Subset(ds, order[:n_val])
+    n_test = int(n * test_fraction) if n >= MIN_TEST_SPLIT else 0
+    test = Subset(ds, order[n_val:n_val + n_test]) if n_test else None
+    return Subset(ds, order[n_val + n_test:]), Subset(ds, order[:n_val]), test
 
 
 def load_model_data(workload: Workload, spec: ModelSpec, val_fraction: float = 0.2,
-                    limit: int | None = None) -> ModelData:
-    """Train and held-out validation data for one model, at its input size."""
+                    limit: int | None = None, test_fraction: float = 0.2) -> ModelData:
+    """Train and held-out validation data for one model, at its input size, and an unseen
+    test split (see ModelData.test)."""
     source = spec.dataset
     size = workload.input_size_of(spec)
     prep = resolve_preprocessing(workload, spec)
+    test: Dataset | None = None
     if source is None:
         raise DatasetError(f"model '{spec.name}' has no dataset; add one to the workload to retrain it")
     _check_task_fits(spec)
@@ -279,15 +293,25 @@ def load_model_data(workload: Workload, spec: ModelSpec, val_fraction: float = 0
                                f"model; use task 'detect' for detectors and shape, count, color or size for "
                                f"classifiers")
         samples = min(limit or source.samples, source.samples)
-        ds = (DetectionScenes(samples, source.seed, size) if source.task in DETECTION_TASKS
-              else synthetic_scenes(source.task, samples, source.seed, size))
-        if prep.normalises and isinstance(ds, TensorDataset):  # drawn at the input size: normalise only
-            ds = TensorDataset(prep.normalise(ds.tensors[0]), ds.tensors[1])
+        n_test = max(1, int(samples * test_fraction)) if test_fraction > 0 else 0
+
+        def draw(count: int, seed: int):
+            out = (DetectionScenes(count, seed, size) if source.task in DETECTION_TASKS
+                   else synthetic_scenes(source.task, count, seed, size))
+            if prep.normalises and isinstance(out, TensorDataset):  # drawn at the input size: normalise only
+                out = TensorDataset(prep.normalise(out.tensors[0]), out.tensors[1])
+            return out
+
+        ds = draw(samples, source.seed)
+        test = draw(n_test, source.seed + TEST_SEED_OFFSET) if n_test else None
         classes = SYNTHETIC_TASKS[source.task] + (1 if spec.task == "detection" else 0)  # + background
         seed = source.seed
     elif isinstance(source, FashionMnistDataset):
         ds = fashion_mnist(workload.resolve(source.path), source.classes, prep, limit=limit)
         classes = len(source.classes) if source.classes else 10
+        if test_fraction > 0:  # its own test set, as many images as the validation split
+            test = fashion_mnist(workload.resolve(source.path), source.classes, prep, split="t10k",
+                                 limit=max(1, int(len(ds) * val_fraction)))
         seed = 0
     elif isinstance(source, ImageFolderDataset):
         ds = image_folder(workload.resolve(source.path), prep)
@@ -300,8 +324,11 @@ def load_model_data(workload: Workload, spec: ModelSpec, val_fraction: float = 0
     elif classes > spec.num_classes:
         raise DatasetError(f"model '{spec.name}': its dataset has {classes} classes but num_classes is "
                            f"{spec.num_classes}; make them agree")
-    train, val = _split(ds, val_fraction, seed)
-    return ModelData(train, val, classes, spec.task)
+    if test is not None:
+        train, val, _ = _split(ds, val_fraction, seed)
+    else:
+        train, val, test = _split(ds, val_fraction, seed, test_fraction)
+    return ModelData(train, val, classes, spec.task, test)
 
 
 def _check_task_fits(spec: ModelSpec) -> None:
@@ -378,9 +405,11 @@ def distill(model: torch.nn.Module, data: ModelData, device: torch.device, batch
             size = min(batch_size, 16)  # detectors hold far more activations per image
             train = _predict_boxes(model, data.train, device, size, threshold)
             val = _predict_boxes(model, data.val, device, size, threshold)
+            test = _predict_boxes(model, data.test, device, size, threshold) if data.test is not None else None
         else:
             train = _predict(model, data.train, device, batch_size)
             val = _predict(model, data.val, device, batch_size)
+            test = _predict(model, data.test, device, batch_size) if data.test is not None else None
     finally:
         model.train(was_training)
-    return replace(data, train=train, val=val)
+    return replace(data, train=train, val=val, test=test)

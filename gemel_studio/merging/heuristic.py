@@ -10,6 +10,10 @@ Two strategies over the same candidates, retraining and bookkeeping:
 - `bisect`: try every candidate at once first (the all-shareable merge); on failure split
   the block into two halves by savings and recurse, heavier half first. When most merges
   succeed, as GEMEL observed, this needs far fewer retraining rounds for the same savings.
+- `predict`: uses the merge risk `gemel propose` measured (plan.groups[].risk). The low-risk
+  groups (largest zero-retraining drop at most LOW_RISK) are tried together first, then the
+  rest; a failed block is split by risk, the safer half first, so risky groups end up alone
+  and last. Without risk figures it is bisection with the risk-ordered split.
 
 Retraining always starts from the last banked weights; a failed round is thrown away.
 """
@@ -27,15 +31,31 @@ import torch
 
 from ..errors import GemelError
 from ..progress import Progress
+from ..devices import resolve_device
 from .datasets import ModelData
+from .initialise import after_tying, initialise_groups
 from .plan import GroupState, MergePlan, PlannedGroup
 from .retrain import EpochRecord, RetrainResult, joint_retrain
 from .tying import apply_plan
 
 __all__ = ["Candidate", "STRATEGIES", "SearchResult", "Step", "Strategy", "candidates", "search"]
 
-Strategy = Literal["gemel", "bisect"]
-STRATEGIES: tuple[Strategy, ...] = ("gemel", "bisect")
+Strategy = Literal["gemel", "bisect", "predict"]
+STRATEGIES: tuple[Strategy, ...] = ("gemel", "bisect", "predict")
+LOW_RISK = 0.05  # predict: a group whose largest zero-retraining drop is at most this is low-risk
+
+
+def group_risk(g: PlannedGroup) -> float:
+    """How risky a group is to merge, from its measured risk (plan.groups[].risk): the largest
+    accuracy drop when tied alone, else 1 - CKA; 0.5 (unknown) without a measurement."""
+    r = g.risk
+    if r is None:
+        return 0.5
+    if r.drop:
+        return max(0.0, max(r.drop.values()))
+    if r.cka is not None:
+        return max(0.0, 1.0 - r.cka)
+    return 0.5
 
 
 @dataclass
@@ -50,9 +70,11 @@ class Candidate:
     def models(self) -> frozenset[str]:
         return frozenset(m.model for g in self.groups for m in g.members)
 
-    def halves(self) -> tuple["Candidate", "Candidate"]:
-        """Split by savings: the heavier groups first, about half the bytes in each."""
-        ordered = sorted(self.groups, key=lambda g: -g.savings_bytes)
+    def halves(self, by_risk: bool = False) -> tuple["Candidate", "Candidate"]:
+        """Split by savings: the heavier groups first, about half the bytes in each (by_risk:
+        the safer groups first)."""
+        ordered = sorted(self.groups, key=(lambda g: (group_risk(g), -g.savings_bytes)) if by_risk
+                         else (lambda g: -g.savings_bytes))
         total, running, cut = self.savings_bytes, 0, 0
         for cut, g in enumerate(ordered, start=1):
             running += g.savings_bytes
@@ -74,6 +96,9 @@ class Step:
     retrain_seconds: float
     saved_bytes_after: int
     elapsed_seconds: float
+    epochs: int = 0  # epochs trained this round (0: banked or dropped on the check before training)
+    initial_accuracy: dict[str, float] = field(default_factory=dict)  # tied and initialised, before training
+    init: str = "first"  # how the candidate's shared tensors started
 
 
 @dataclass
@@ -130,12 +155,18 @@ def search(build_models: Builder, base_state: Mapping[str, Mapping[str, torch.Te
            data: Mapping[str, ModelData], targets: Mapping[str, float], strategy: Strategy = "gemel", *,
            progress: Progress | None = None, time_budget_s: float | None = None,
            on_step: Callable[[Step], None] | None = None, seed: int = 0,
-           state_path: Path | None = None, on_epoch: Callable[[EpochRecord], None] | None = None) -> SearchResult:
+           state_path: Path | None = None, on_epoch: Callable[[EpochRecord], None] | None = None,
+           init_base: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> SearchResult:
     """Run the merge search. `build_models()` returns fresh, untied models; `base_state` holds
     the unmerged weights. Returns the plan with kept/backed-off states and the banked weights.
 
     With `state_path`, the search is saved after every round (and the round in progress at
     every epoch, or at the exact step on a cancel); calling again with the same path resumes.
+
+    Each candidate's shared tensors start as `plan.init` says (merging/initialise.py; `init_base`
+    holds each model's pretrained state for `ties`), batch-norm statistics are recomputed after
+    tying, and with `plan.retraining.check_before_training` a candidate whose models all meet
+    their targets before the first step is banked with zero retraining.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy '{strategy}'; expected one of {', '.join(STRATEGIES)}")
@@ -151,6 +182,11 @@ def search(build_models: Builder, base_state: Mapping[str, Mapping[str, torch.Te
             g.state = GroupState.accepted
     if strategy == "bisect" and len(queue) > 1:
         queue = [Candidate([g for c in queue for g in c.groups])]
+    elif strategy == "predict":
+        every = [g for c in queue for g in c.groups]
+        low = [g for g in every if group_risk(g) <= LOW_RISK]
+        high = sorted((g for g in every if group_risk(g) > LOW_RISK), key=lambda g: (group_risk(g), -g.savings_bytes))
+        queue = [Candidate(part) for part in (low, high) if part]
     kept: list[PlannedGroup] = []
     state = {n: dict(s) for n, s in base_state.items()}
     result = SearchResult(strategy=strategy, plan=plan, state=state)
@@ -194,14 +230,21 @@ def search(build_models: Builder, base_state: Mapping[str, Mapping[str, torch.Te
         models = build_models()
         for name, m in models.items():
             m.load_state_dict(state[name])
+        device = resolve_device(plan.retraining.device)
+        for m in models.values():
+            m.to(device)
+        # Only the candidate's groups start afresh: kept groups hold their retrained values.
+        initialise_groups(models, cand.groups, plan.init, data, init_base, device=device)
         trial_plan = plan.model_copy(update={"groups": [g.model_copy(update={"state": GroupState.accepted})
                                                         for g in trial]})
         apply_plan(models, trial_plan)
+        after_tying(models, sorted(cand.models), plan.init, data, device=device)
         names = _affected(cand.models, trial)
         retrain: RetrainResult = joint_retrain({n: models[n] for n in names}, {n: data[n] for n in names},
                                                {n: targets[n] for n in names}, plan.retraining,
                                                progress=progress, deadline=deadline, seed=seed + round_no + 1,
-                                               checkpoint=round_ckpt, on_epoch=on_epoch)
+                                               checkpoint=round_ckpt, on_epoch=on_epoch,
+                                               check_first=plan.retraining.check_before_training)
         if retrain.stopped == "time budget" and not retrain.all_passed:
             result.stopped = "time budget"  # undecided: the candidate stays in the queue
             break
@@ -214,14 +257,15 @@ def search(build_models: Builder, base_state: Mapping[str, Mapping[str, torch.Te
                 g.state = GroupState.kept
             for n in names:
                 state[n] = {k: v.detach().to("cpu").clone() for k, v in models[n].state_dict().items()}
-            action = "banked"
+            action = "banked with zero retraining" if not retrain.history else "banked"
         else:
             action = _back_off(cand, queue, strategy)
         result.steps.append(Step(round=round_no, groups=[g.id for g in cand.groups], models=names,
                                  savings_bytes=cand.savings_bytes, outcome="kept" if retrain.all_passed else "failed",
                                  next_action=action, accuracy=dict(retrain.accuracy), retrain_seconds=retrain.seconds,
                                  saved_bytes_after=sum(g.savings_bytes for g in kept),
-                                 elapsed_seconds=time.monotonic() - started))
+                                 elapsed_seconds=time.monotonic() - started, epochs=len(retrain.history),
+                                 initial_accuracy=dict(retrain.initial_accuracy), init=plan.init.method))
         persist()
         if round_ckpt is not None and round_ckpt.exists():
             round_ckpt.unlink()
@@ -238,10 +282,11 @@ def _back_off(cand: Candidate, queue: list[Candidate], strategy: Strategy) -> st
     if len(cand.groups) == 1:
         cand.groups[0].state = GroupState.backed_off
         return "dropped (single group failed)"
-    heavy, light = cand.halves()
-    if strategy == "bisect":
+    heavy, light = cand.halves(by_risk=strategy == "predict")
+    if strategy in ("bisect", "predict"):
         queue[:0] = [heavy, light]
-        return f"split into {len(heavy.groups)} + {len(light.groups)} groups"
+        return f"split into {len(heavy.groups)} + {len(light.groups)} groups" + \
+            (" (safer first)" if strategy == "predict" else "")
     nxt = queue[0].savings_bytes if queue else 0
     if heavy.savings_bytes > nxt:
         queue.insert(0, heavy)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,7 +29,9 @@ from ..preprocessing import pinned
 from ..progress import Progress
 from ..workload import PATH_FIELDS, CheckpointSource, TorchvisionSource, Workload, save_workload
 from .datasets import ModelData, distill, load_model_data
+from .folder import MergedFolder
 from .heuristic import STRATEGIES, SearchResult, Step, search
+from .initialise import load_base
 from .plan import GroupState, MergePlan, RetrainSettings, save_plan, validate_plan
 from .retrain import evaluate, joint_retrain, metric_name, resolve_device
 from .tying import apply_plan, unique_param_bytes
@@ -64,9 +67,28 @@ def _participants(plan: MergePlan) -> list[str]:
     return names
 
 
+def model_seed(name: str) -> int:
+    """The seed a model's random initial weights are drawn from: the same for a name every time
+    (Python's own hash is salted per process), so that every measurement of a random-init
+    model's unmerged baseline sees the same weights."""
+    return zlib.crc32(name.encode("utf-8"))
+
+
+def build_seeded(workload: Workload, spec):
+    """`build_model(materialize=True)` with any random initialisation drawn from `model_seed`,
+    leaving torch's global random state as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(model_seed(spec.name))
+        return build_model(workload, spec, materialize=True)
+
+
 def prepare_merge(workload: Workload, plan: MergePlan, *, limit: int | None = None,
-                  progress: Progress | None = None) -> MergeContext:
+                  progress: Progress | None = None, baseline: dict | None = None) -> MergeContext:
+    """Build, load data and measure each participant's unmerged accuracy. With `baseline` (a
+    merged folder's `baseline.json`, which names every participant), the stored accuracies and
+    targets are used instead of measuring again: a resumed merge keeps its targets."""
     progress = progress or Progress()
+    stored = (baseline or {}).get("models", {})
     analysis = analyze_workload(workload, alignment=plan.alignment)
     validate_plan(plan, workload, analysis, origin="plan")
     names = _participants(plan)
@@ -79,11 +101,15 @@ def prepare_merge(workload: Workload, plan: MergePlan, *, limit: int | None = No
     base_state, data, accuracy, targets = {}, {}, {}, {}
     for name in names:
         spec = workload.model(name)
-        module = build_model(workload, spec, materialize=True).module
+        module = build_seeded(workload, spec).module
         base_state[name] = {k: v.detach().clone() for k, v in module.state_dict().items()}
         data[name] = load_model_data(workload, spec, limit=limit)
         if spec.dataset.labels == "distill":
             data[name] = distill(module, data[name], device, score_threshold=spec.dataset.score_threshold)
+        if set(names) <= set(stored):
+            accuracy[name], targets[name] = stored[name]["unmerged_accuracy"], stored[name]["target"]
+            progress.step(f"{name}: unmerged accuracy {accuracy[name]:.3f} (measured when this merge began)")
+            continue
         accuracy[name] = evaluate(module.to(device), data[name].val, device, task=data[name].task)
         targets[name] = (spec.target.absolute if spec.target.absolute is not None
                          else spec.target.relative * accuracy[name])
@@ -144,12 +170,19 @@ def merge_workload(workload: Workload, plan: MergePlan, out_dir: Path, *, strate
         raise GemelError(f"strategy '{strategy}' is unknown; use one of {', '.join(STRATEGIES)}")
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    ctx = prepare_merge(workload, plan, limit=limit, progress=progress)
+    folder = MergedFolder(out_dir)
+    # The baseline is measured once per merge: a resume (a checkpoint is there) reuses it.
+    baseline = folder.baseline() if folder.has_checkpoint else None
+    ctx = prepare_merge(workload, plan, limit=limit, progress=progress, baseline=baseline)
+    if baseline is None or not set(ctx.names) <= set(baseline["models"]):
+        folder.write_baseline(ctx.unmerged_accuracy, ctx.targets)
     if on_targets:
         on_targets({n: (ctx.unmerged_accuracy[n], ctx.targets[n]) for n in ctx.names})
     result: SearchResult = search(ctx.build_models, ctx.base_state, plan, ctx.data, ctx.targets, strategy,
                                   progress=progress, time_budget_s=time_budget_s or plan.retraining.time_budget_s,
-                                  on_step=on_step, state_path=out_dir / "search.state", on_epoch=on_epoch)
+                                  on_step=on_step, state_path=out_dir / "search.state", on_epoch=on_epoch,
+                                  init_base=load_base(workload, ctx.names, plan.init)
+                                  if plan.init.method == "ties" else None)
     if progress is not None:
         progress.check()  # a pause or cancel during the last round: the search state is saved, resume writes
     models = ctx.build_models()
@@ -161,6 +194,7 @@ def merge_workload(workload: Workload, plan: MergePlan, out_dir: Path, *, strate
     device = resolve_device(plan.retraining.device)
     merged_accuracy = {n: evaluate(models[n].to(device), ctx.data[n].val, device, task=ctx.data[n].task)
                        for n in ctx.names}
+    unmerged_test, merged_test = unseen_accuracy(ctx, models, device)
     for m in models.values():
         m.to("cpu")
     written = write_merged_folder(out_dir, workload, models, result.plan)
@@ -173,7 +207,9 @@ def merge_workload(workload: Workload, plan: MergePlan, out_dir: Path, *, strate
         "models": {n: {"labels": ctx.workload.model(n).dataset.labels,  # distill: accuracy = agreement
                        "metric": metric_name(ctx.data[n].task),
                        "unmerged_accuracy": ctx.unmerged_accuracy[n], "merged_accuracy": merged_accuracy[n],
-                       "target": ctx.targets[n], "passed": merged_accuracy[n] >= ctx.targets[n] - 1e-9}
+                       "target": ctx.targets[n], "passed": merged_accuracy[n] >= ctx.targets[n] - 1e-9,
+                       # on the split the search never saw (None: the dataset is too small for one)
+                       "unmerged_test_accuracy": unmerged_test.get(n), "merged_test_accuracy": merged_test.get(n)}
                    for n in ctx.names},
         "bytes_before": ctx.analysis.total_param_bytes,
         "bytes_after": ctx.analysis.total_param_bytes - participants_bytes + written,
@@ -188,6 +224,23 @@ def merge_workload(workload: Workload, plan: MergePlan, out_dir: Path, *, strate
     }
     _atomic_text(out_dir / "report.json", json.dumps(report, indent=2))
     return report
+
+
+def unseen_accuracy(ctx: MergeContext, merged: dict[str, torch.nn.Module],
+                    device) -> tuple[dict[str, float], dict[str, float]]:
+    """Each model's unmerged and merged accuracy on its unseen test split (ModelData.test),
+    which neither retraining nor the pass/fail decision used."""
+    names = [n for n in ctx.names if ctx.data[n].test is not None]
+    if not names:
+        return {}, {}
+    base = ctx.build_models()
+    unmerged, after = {}, {}
+    for n in names:
+        base[n].load_state_dict(ctx.base_state[n])
+        unmerged[n] = evaluate(base[n].to(device), ctx.data[n].test, device, task=ctx.data[n].task)
+        after[n] = evaluate(merged[n].to(device), ctx.data[n].test, device, task=ctx.data[n].task)
+        base[n].to("cpu")
+    return unmerged, after
 
 
 def finetune_workload(workload: Workload, out_dir: Path, settings: RetrainSettings, *, limit: int | None = None,
@@ -214,7 +267,7 @@ def finetune_workload(workload: Workload, out_dir: Path, settings: RetrainSettin
         if spec.dataset is None or not isinstance(spec.source, (TorchvisionSource, CheckpointSource)):
             summary[spec.name] = {"skipped": "no dataset or not a torchvision/checkpoint source"}
             continue
-        module = build_model(workload, workload.model(spec.name), materialize=True).module
+        module = build_seeded(workload, workload.model(spec.name)).module
         data = load_model_data(workload, workload.model(spec.name), limit=limit)
         result = joint_retrain({spec.name: module}, {spec.name: data}, {spec.name: 1.0}, settings,
                                progress=progress, early_stop=False)

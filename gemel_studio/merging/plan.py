@@ -12,6 +12,7 @@ import hashlib
 import json
 from enum import Enum
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -20,7 +21,8 @@ from ..analysis import WorkloadAnalysis
 from ..errors import GemelError
 from ..workload import Workload, workload_to_dict
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)  # version 1: no init (first member's weights, statistics kept), no risk
 
 
 class PlanError(GemelError):
@@ -43,6 +45,17 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class GroupRisk(_Strict):
+    """How likely a group is to merge, measured without retraining (merging/risk.py)."""
+    cka: float | None = None  # lowest linear CKA between two members' activations at the layer (1 = same)
+    drop: dict[str, float] = Field(default_factory=dict)  # accuracy each member loses, the group alone tied
+    init: str | None = None  # the init method the drop was measured with
+
+    @property
+    def max_drop(self) -> float | None:
+        return max(self.drop.values()) if self.drop else None
+
+
 class PlannedMember(_Strict):
     model: str
     layer: str
@@ -54,10 +67,27 @@ class PlannedGroup(_Strict):
     members: list[PlannedMember] = Field(min_length=2)
     bytes_per_copy: int = Field(ge=0)
     state: GroupState = GroupState.proposed
+    risk: GroupRisk | None = None  # measured by `gemel propose` without retraining (optional)
 
     @property
     def savings_bytes(self) -> int:
         return self.bytes_per_copy * (len(self.members) - 1)
+
+
+class PretrainedBase(_Strict):
+    """The common pretrained weights the models were fine-tuned from (for `ties`)."""
+    architecture: str
+    weights: str  # a torchvision weight name (found in the torch hub cache) or a file
+
+
+class InitSettings(_Strict):
+    """How a shared tensor starts (merging/initialise.py)."""
+    method: Literal["first", "mean", "fisher", "ties"] = "mean"
+    recompute_bn: bool = True  # re-estimate each model's batch-norm statistics after tying
+    bn_batches: int = Field(20, gt=0)
+    fisher_batches: int = Field(4, gt=0)
+    base: PretrainedBase | None = None  # for ties
+    ties_density: float = Field(0.2, gt=0, le=1)  # fraction of each task vector TIES keeps
 
 
 class RetrainSettings(_Strict):
@@ -72,6 +102,9 @@ class RetrainSettings(_Strict):
     # Candidates (or halves of a failed one) that would save fewer bytes are not tried: the
     # tail of tiny layers costs as many retraining rounds as the heavy ones and saves little.
     min_savings_bytes: int = Field(0, ge=0)
+    # Evaluate a tied candidate before its first training step; bank it if every model meets
+    # its target already (zero retraining).
+    check_before_training: bool = True
 
 
 class PlanWorkload(_Strict):
@@ -84,6 +117,7 @@ class MergePlan(_Strict):
     workload: PlanWorkload
     alignment: str = "structure"
     share_buffers: bool = False  # batch-norm running statistics stay per model unless true
+    init: InitSettings = Field(default_factory=InitSettings)
     groups: list[PlannedGroup] = Field(default_factory=list)
     retraining: RetrainSettings = Field(default_factory=RetrainSettings)
 
@@ -112,8 +146,9 @@ def propose_plan(workload: Workload, analysis: WorkloadAnalysis) -> MergePlan:
 
 
 def validate_plan(plan: MergePlan, workload: Workload, analysis: WorkloadAnalysis, origin: str = "plan") -> None:
-    if plan.version != PLAN_VERSION:
-        raise PlanError(f"{origin}: plan version {plan.version} is not supported (expected {PLAN_VERSION})")
+    if plan.version not in SUPPORTED_VERSIONS:
+        raise PlanError(f"{origin}: plan version {plan.version} is not supported (expected one of "
+                        f"{', '.join(map(str, SUPPORTED_VERSIONS))})")
     if plan.workload.sha256 != workload_hash(workload):
         raise PlanError(f"{origin}: made for another version of workload '{plan.workload.name}' (its hash differs); "
                         "propose a new plan for this workload")
@@ -162,6 +197,9 @@ def load_plan(path: Path | str, workload: Workload | None = None, analysis: Work
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise PlanError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if isinstance(data, dict) and data.get("version") == 1 and "init" not in data:
+        # A version-1 plan meant GEMEL's tying: the first member's weights, statistics kept as they were.
+        data = {**data, "version": PLAN_VERSION, "init": {"method": "first", "recompute_bn": False}}
     try:
         plan = MergePlan.model_validate(data)
     except ValidationError as exc:

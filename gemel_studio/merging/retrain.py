@@ -157,10 +157,12 @@ def _load_checkpoint(path: Path, names: list[str]) -> dict | None:
 def joint_retrain(models: Mapping[str, torch.nn.Module], data: Mapping[str, ModelData], targets: Mapping[str, float],
                   settings: RetrainSettings, *, progress: Progress | None = None, checkpoint: Path | None = None,
                   on_epoch: Callable[[EpochRecord], None] | None = None, deadline: float | None = None,
-                  seed: int = 0, early_stop: bool = True) -> RetrainResult:
+                  seed: int = 0, early_stop: bool = True, check_first: bool = False) -> RetrainResult:
     """Retrain `models` (already tied as the plan says) jointly until every model meets its
     target, the epochs run out, a model cannot reach its target, or `deadline` passes.
-    With early_stop=False every epoch runs (plain fine-tuning of unmerged models)."""
+    With early_stop=False every epoch runs (plain fine-tuning of unmerged models). With
+    check_first, models that all meet their targets before the first step are not trained at
+    all (stopped: 'targets met before training')."""
     progress = progress or Progress()
     device = resolve_device(settings.device)
     names = list(models)
@@ -193,6 +195,10 @@ def joint_retrain(models: Mapping[str, torch.nn.Module], data: Mapping[str, Mode
 
     accuracy = dict(history[-1].accuracy) if history else dict(initial)
     stopped = "epochs done"
+    if check_first and state is None and all(initial[n] >= targets[n] for n in names):
+        return RetrainResult(initial_accuracy=initial, accuracy=dict(initial), targets=dict(targets), history=[],
+                             seconds=time.monotonic() - started, batch_size=batch_size,
+                             stopped="targets met before training", events=events)
     epoch = start_epoch
     while epoch < settings.epochs:
         if early_stop and all(accuracy[n] >= targets[n] for n in names) and epoch > 0:

@@ -1,0 +1,208 @@
+"""Merge risk per share group, measured without retraining.
+
+Two figures per group, from a few batches of each member model's own data (labels are used
+only for the drop; unlabelled frames are enough for the similarity):
+
+- `cka`: linear CKA (Kornblith et al. 2019) between two members' activations at the group's
+  layer on the same inputs, the lowest over pairs of members. 1 means the members compute the
+  same function there up to rotation and scale; near 0, unrelated ones. Similar layers are
+  expected to merge with little loss (Cao et al., arXiv 2410.11233); it is a ranking signal,
+  not a promise.
+- `drop`: each member's accuracy lost on (up to `eval_limit` samples of) its held-out split
+  when this group alone is tied with the plan's init (batch-norm statistics recomputed as the
+  init says), before any retraining. A small drop means retraining has little to repair; it
+  does not add up across groups.
+
+`gemel propose` records both in the plan (`groups[].risk`); `--no-risk` skips them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch.utils.data import Subset
+
+from ..devices import resolve_device
+from ..progress import Progress
+from .datasets import ModelData
+from .initialise import after_tying, initialise_groups
+from .plan import GroupRisk, MergePlan, PlannedGroup
+from .retrain import evaluate
+
+
+def _centred_gram(x: torch.Tensor) -> torch.Tensor:
+    x = x.reshape(x.shape[0], -1).double()
+    k = x @ x.T
+    n = k.shape[0]
+    h = torch.eye(n, dtype=k.dtype) - 1.0 / n
+    return h @ k @ h
+
+
+def cka_from_grams(k: torch.Tensor, l: torch.Tensor) -> float:  # noqa: E741 - the papers' names
+    """Linear CKA from two centred Gram matrices of the same samples."""
+    num = (k * l).sum()
+    den = k.norm() * l.norm()
+    return float(num / den) if den > 0 else 0.0
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Linear CKA between features `x` (n, ...) and `y` (n, ...) of the same n samples."""
+    if x.shape[0] != y.shape[0]:
+        raise ValueError("linear CKA needs the same samples in both: first dimensions differ")
+    return cka_from_grams(_centred_gram(x), _centred_gram(y))
+
+
+@torch.no_grad()
+def layer_grams(model: torch.nn.Module, layers: Sequence[str], inputs: torch.Tensor, task: str,
+                device: torch.device) -> dict[str, torch.Tensor]:
+    """Centred Gram matrices of `model`'s outputs at `layers` on `inputs` (eval mode)."""
+    grams: dict[str, torch.Tensor] = {}
+    handles = []
+    n = inputs.shape[0]
+
+    def hook(name):
+        def fn(module, args, out):
+            if isinstance(out, torch.Tensor) and out.shape[0] == n:
+                grams[name] = _centred_gram(out.detach().float().cpu())
+        return fn
+
+    for name in layers:
+        handles.append(model.get_submodule(name).register_forward_hook(hook(name)))
+    was_training = model.training
+    model.eval()
+    try:
+        model.to(device)
+        if task == "detection":
+            model([x.to(device) for x in inputs])
+        else:
+            model(inputs.to(device))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return grams
+
+
+def _inputs(data: ModelData, count: int) -> torch.Tensor:
+    return torch.stack([data.train[i][0] for i in range(min(count, len(data.train)))])
+
+
+def group_cka(models: Mapping[str, torch.nn.Module], data: Mapping[str, ModelData], groups: Sequence[PlannedGroup],
+              per_model: int = 16, device: torch.device | str = "cpu") -> dict[str, float | None]:
+    """For each group, the lowest linear CKA over pairs of its members, on inputs pooled from
+    every member's data (`per_model` samples each) that share its input shape. None where the
+    members' inputs or outputs cannot be compared."""
+    device = torch.device(device)
+    names = sorted({m.model for g in groups for m in g.members if m.model in data})
+    by_shape: dict[tuple, list[str]] = {}
+    samples = {n: _inputs(data[n], per_model) for n in names}
+    for n in names:
+        by_shape.setdefault(tuple(samples[n].shape[1:]), []).append(n)
+    pooled = {shape: torch.cat([samples[n] for n in ns]) for shape, ns in by_shape.items()}
+    shape_of = {n: tuple(samples[n].shape[1:]) for n in names}
+    grams: dict[str, dict[str, torch.Tensor]] = {}
+    for n in names:
+        layers = [m.layer for g in groups for m in g.members if m.model == n]
+        grams[n] = layer_grams(models[n], layers, pooled[shape_of[n]], data[n].task, device)
+    out: dict[str, float | None] = {}
+    for g in groups:
+        members = [m for m in g.members if m.model in grams]
+        if len(members) < 2 or len({shape_of[m.model] for m in members}) > 1:
+            out[g.id] = None
+            continue
+        values = []
+        for i, a in enumerate(members):
+            for b in members[i + 1:]:
+                ka, kb = grams[a.model].get(a.layer), grams[b.model].get(b.layer)
+                if ka is None or kb is None:
+                    continue
+                values.append(cka_from_grams(ka, kb))
+        out[g.id] = min(values) if values else None
+    return out
+
+
+def group_drops(build_models, base_state: Mapping[str, Mapping[str, torch.Tensor]], data: Mapping[str, ModelData],
+                groups: Sequence[PlannedGroup], plan: MergePlan, *, eval_limit: int = 256, bn_batches: int = 3,
+                init_base=None, device: torch.device | str = "cpu",
+                progress: Progress | None = None) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """For each group alone: each member's accuracy before minus after tying it with the plan's
+    init (no retraining). Returns ({group id: {model: drop}}, {model: unmerged accuracy})."""
+    device = torch.device(device)
+    progress = progress or Progress()
+    init = plan.init.model_copy(update={"bn_batches": min(plan.init.bn_batches, bn_batches)})
+    models = build_models()
+    names = sorted({m.model for g in groups for m in g.members} & set(models) & set(data))
+    val = {n: Subset(data[n].val, range(min(eval_limit, len(data[n].val)))) for n in names}
+    before = {}
+    for n in names:
+        models[n].load_state_dict(base_state[n])
+        models[n].to(device)
+        before[n] = evaluate(models[n], val[n], device, task=data[n].task)
+    drops: dict[str, dict[str, float]] = {}
+    progress.start(len(groups), "merge risk: each group tied alone")
+    for g in groups:
+        progress.check()
+        members = [m.model for m in g.members]
+        if not set(members) <= set(names):
+            progress.step(f"{g.id}: skipped (a member has no data)")
+            continue
+        initialise_groups(models, [g], init, data, init_base, device=device)
+        if init.method == "first":  # tying gives every member the first member's copy
+            owner = models[members[0]].get_submodule(g.members[0].layer)
+            with torch.no_grad():
+                for m in g.members[1:]:
+                    layer = models[m.model].get_submodule(m.layer)
+                    for pname, p in owner.named_parameters(recurse=False):
+                        getattr(layer, pname).copy_(p)
+        after_tying(models, members, init, data, device=device)
+        drops[g.id] = {n: before[n] - evaluate(models[n], val[n], device, task=data[n].task) for n in members}
+        for n in members:
+            models[n].load_state_dict(base_state[n])
+        progress.step(f"{g.id}: largest drop {max(drops[g.id].values()):+.3f}")
+    return drops, before
+
+
+def measure_risk(workload, plan: MergePlan, *, limit: int | None = None, per_model: int = 16, eval_limit: int = 256,
+                 drop_min_savings: int = 0, progress: Progress | None = None) -> tuple[MergePlan, list[str]]:
+    """A copy of `plan` with `risk` filled in for every group whose members can be retrained
+    (a torchvision or checkpoint source and a dataset): CKA for each, the drop for groups that
+    save at least `drop_min_savings` bytes (each costs a few forward passes of its members).
+    Returns it and notes on what was skipped."""
+    from ..workload import CheckpointSource, TorchvisionSource
+    from .initialise import load_base
+    from .pipeline import prepare_merge
+
+    notes: list[str] = []
+    usable = {s.name for s in workload.models
+              if s.dataset is not None and isinstance(s.source, (TorchvisionSource, CheckpointSource))}
+    groups = [g for g in plan.groups if {m.model for m in g.members} <= usable]
+    if len(groups) < len(plan.groups):
+        notes.append(f"{len(plan.groups) - len(groups)} group(s) without risk: a member has no dataset "
+                     "or is TorchScript/ONNX")
+    out = plan.model_copy(deep=True)
+    if not groups:
+        return out, notes
+    sub = plan.model_copy(update={"groups": groups})
+    ctx = prepare_merge(workload, sub, limit=limit, progress=progress)
+    device = resolve_device(plan.retraining.device)
+    models = ctx.build_models()
+    for n, m in models.items():
+        m.load_state_dict(ctx.base_state[n])
+    cka = group_cka(models, ctx.data, groups, per_model=per_model, device=device)
+    del models
+    base = load_base(workload, ctx.names, plan.init) if plan.init.method == "ties" else None
+    heavy = [g for g in groups if g.savings_bytes >= drop_min_savings]
+    if len(heavy) < len(groups):
+        notes.append(f"{len(groups) - len(heavy)} group(s) saving under {drop_min_savings} bytes: CKA only, no drop")
+    drops, _ = group_drops(ctx.build_models, ctx.base_state, ctx.data, heavy, plan, eval_limit=eval_limit,
+                           init_base=base, device=device, progress=progress)
+    by_id = {g.id: g for g in out.groups}
+    for g in groups:
+        by_id[g.id].risk = GroupRisk(cka=None if cka.get(g.id) is None else round(cka[g.id], 4),
+                                     drop={k: round(v, 4) for k, v in drops.get(g.id, {}).items()},
+                                     init=plan.init.method)
+    return out, notes
+
+
+__all__ = ["cka_from_grams", "group_cka", "group_drops", "layer_grams", "linear_cka", "measure_risk"]
