@@ -6,8 +6,8 @@ view, merge proposals, a retraining run, and the edge screens (export, live prev
 
 Opens the studio on WORKLOAD (default: the quick-start sample), waits for the analysis,
 proposes a plan and accepts the groups saving at least 1 MiB, and grabs the window at
-1400x900, once per theme. The retraining screen comes from a real, short merge of a tiny
-workload (three ResNet-18 at 16x16 on synthetic images, written to a temporary folder), so
+1400x900 and at 1024x700 (`--sizes`), once per theme. The retraining screen comes from a
+real, short merge of a tiny workload (three ResNet-18 at 16x16 on synthetic images, written to a temporary folder), so
 its curves show real figures; it takes a minute or two on a CPU (--no-retraining skips it, and
 the edge screens with it, since they start from its merged folder). The edge screens export
 that merged folder for real (Export), run the bundle on three synthetic streams on the CPU
@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("workload", type=Path, nargs="?", default=ROOT / "sample_workloads" / "quickstart.yaml")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "screenshots")
     parser.add_argument("--themes", default="dark,light", help="comma-separated: dark, light")
+    parser.add_argument("--sizes", default="1400x900,1024x700",
+                        help="comma-separated window sizes; the first is the docs' (no suffix), the others "
+                             "add -WxH to the file name")
     parser.add_argument("--group", type=int, default=0, help="share group (row) to select in the matrix")
     parser.add_argument("--no-retraining", action="store_true",
                         help="skip the retraining run and its screenshot (and the edge screens, which need it)")
@@ -70,18 +73,22 @@ def main(argv: list[str] | None = None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     themes = [t.strip() for t in args.themes.split(",") if t.strip()]
+    sizes = [tuple(int(v) for v in s.strip().split("x")) for s in args.sizes.split(",") if s.strip()]
     written = []
 
     def grab(tabs: list[tuple[QWidget, str]]) -> None:
-        for theme in themes:
-            window.set_theme(theme, persist=False)
-            suffix = "" if theme == "dark" else f"-{theme}"
-            for panel, name in tabs:
-                window.tabs.setCurrentWidget(panel)
-                settle()
-                path = args.out / f"{name}{suffix}.png"
-                window.grab().save(str(path))
-                written.append(path)
+        for n, (width, height) in enumerate(sizes):
+            window.resize(width, height)
+            for theme in themes:
+                window.set_theme(theme, persist=False)
+                suffix = ("" if theme == "dark" else f"-{theme}") + ("" if n == 0 else f"-{width}x{height}")
+                for panel, name in tabs:
+                    window.tabs.setCurrentWidget(panel)
+                    settle()
+                    path = args.out / f"{name}{suffix}.png"
+                    window.grab().save(str(path))
+                    written.append(path)
+        window.resize(*sizes[0])
 
     if not args.edge_only:
         loop = QEventLoop()
@@ -159,6 +166,9 @@ def retraining_run(window) -> str:
     panel.batch_spin.setValue(16)
     panel.lr_edit.setText("0.001")
     panel.set_out_dir(folder / "merged")
+    # Untrained models meet their near-chance targets without training; the picture is of a
+    # run that retrains, so skip the zero-retraining check here.
+    panel.plan.retraining.check_before_training = False
     window.tabs.setCurrentWidget(panel)
     torch.manual_seed(0)  # the untrained models' weights: the same run, and the same picture, each time
     if panel.start() is None or not wait_for(panel.sigRunFinished):

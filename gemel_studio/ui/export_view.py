@@ -1,7 +1,7 @@
 """The Export tab: write the deployable bundle for a merged folder, as `gemel export` does, and
 show the export's own checks.
 
-`export_bundle` (the function behind `gemel export`) runs in a `Worker`; its result's checks
+`export_bundle` (the function behind `gemel export`) runs as the panel's task (`TaskMixin`); its result's checks
 (onnx checker, onnxruntime against torch, weights stored once, sharing as the plan says, no
 weight copied into a graph) are listed as they came out, with the byte counts and notes. An
 exported bundle can be opened in the Live preview with one click.
@@ -9,7 +9,6 @@ exported bundle can be opened in the Live preview with one click.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from PySide6.QtCore import QModelIndex, Qt, Signal
@@ -22,6 +21,7 @@ from ..export import ExportResult, export_bundle
 from . import settings
 from .run_widgets import SnapshotTableModel, snapshot_table, titled
 from .settings import PALETTES
+from .task import TaskMixin
 from .worker import Worker
 
 
@@ -77,18 +77,18 @@ class ModelsExportModel(SnapshotTableModel):
     TEXT = frozenset({"Model", "ONNX graph"})
 
 
-class ExportPanel(QWidget):
+class ExportPanel(TaskMixin, QWidget):
     sigWorkerStarted = Signal(object)
     sigExported = Signal(object)  # the ExportResult
     sigOpenInPreview = Signal(object)  # the bundle's path (folder or archive)
     sigError = Signal(str)
 
+    task_noun = "export"
+
     def __init__(self, parent=None):
         super().__init__(parent)
-        self.worker: Worker | None = None
         self.result: ExportResult | None = None
         self._out_chosen = False
-        self._started_at = 0.0
 
         self.merged_edit = QLineEdit(self)
         self.merged_edit.setPlaceholderText("the folder `gemel merge --out` wrote")
@@ -129,6 +129,7 @@ class ExportPanel(QWidget):
         buttons.addWidget(self.progress_bar)
         buttons.addStretch(1)
         self.status_label = QLabel("", self)
+        self.init_task(self.status_label, self.progress_bar)
         self.status_label.setWordWrap(True)
         self.status_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.summary_label = QLabel("No export yet", self)
@@ -213,7 +214,11 @@ class ExportPanel(QWidget):
 
     @property
     def running(self) -> bool:
-        return self.worker is not None
+        return self.task_running
+
+    @property
+    def worker(self) -> Worker | None:
+        return self.task_worker
 
     def export(self) -> Worker | None:
         if self.running:
@@ -226,25 +231,20 @@ class ExportPanel(QWidget):
             self._fail("choose where the bundle goes (a new or empty folder)")
             return None
         merged, out, archive = self.merged_dir(), self.out_path(), self.archive_check.isChecked()
-        worker = Worker(lambda progress: export_bundle(merged, out, archive=archive), name=f"export of {merged}")
-        worker.sigFinished.connect(self._on_finished)
-        worker.sigFailed.connect(self._on_failed)
-        worker.sigCancelled.connect(self._on_failed)  # export has no cancel; never expected
-        self.worker, self.result = worker, None
+        self.result = None
         self.checks_model.set_rows([])
         self.models_model.set_rows([])
         self.summary_label.setText("Exporting…")
         self.notes_label.setText("")
         self.notes_label.hide()
-        self.status_label.setText(f"Exporting {merged} to {out}{' (archive)' if archive else ''}…")
-        self._started_at = time.monotonic()
-        self._update_enabled()
-        worker.start()
+        worker = self.start_task(lambda progress, partial: export_bundle(merged, out, archive=archive),
+                                 name=f"export of {merged}",
+                                 message=f"Exporting {merged} to {out}{' (archive)' if archive else ''}…")
         self.sigWorkerStarted.emit(worker)
         return worker
 
-    def _on_finished(self, result: ExportResult) -> None:
-        self.worker, self.result = None, result
+    def on_task_done(self, result: ExportResult) -> None:
+        self.result = result
         self.checks_model.set_rows(result.checks)
         self.models_model.set_rows(result.models)
         self.checks_view.resizeRowsToContents()
@@ -256,19 +256,24 @@ class ExportPanel(QWidget):
         self.notes_label.setText("\n".join(f"Note: {n}" for n in result.notes))
         self.notes_label.setVisible(bool(result.notes))
         verdict = "written" if result.ok else "written, but checks FAILED (see below)"
-        self.status_label.setText(f"{result.bundle}: {verdict} in {time.monotonic() - self._started_at:.1f} s")
-        self._update_enabled()
+        self.set_status_line(f"{result.bundle}: {verdict} in {self.task_elapsed:.1f} s")
         self.sigExported.emit(result)
 
-    def _on_failed(self, message: str = "") -> None:
-        self.worker = None
+    def on_task_failed(self, message: str) -> None:
         self.summary_label.setText("No export")
-        self._update_enabled()
-        self._fail(message or "the export stopped")
+        self._fail(message)
+
+    def on_task_cancelled(self, mode: str) -> None:  # export has no cancel; only a quit stops it
+        self.summary_label.setText("No export")
+        self._fail("the export stopped")
 
     def _fail(self, message: str) -> None:
-        self.status_label.setText(f"Error: {message}")
+        # The window shows the message (once, in its banner); the panel's line says where it went.
+        self.set_status_line("Failed: the message is shown above")
         self.sigError.emit(message)
+
+    def update_controls(self) -> None:
+        self._update_enabled()
 
     def _open_in_preview(self) -> None:
         if self.result is not None:
@@ -279,7 +284,6 @@ class ExportPanel(QWidget):
         ready = bool(self.merged_edit.text().strip() and self.out_edit.text().strip())
         self.export_button.setEnabled(ready and not running)
         self.preview_button.setEnabled(not running and self.result is not None and self.result.ok)
-        self.progress_bar.setVisible(running)
         for w in (self.merged_edit, self.merged_button, self.out_edit, self.out_button, self.archive_check):
             w.setEnabled(not running)
 

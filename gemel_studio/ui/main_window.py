@@ -32,8 +32,11 @@ from .models_view import ModelsPanel
 from .monitor_view import MonitorPanel
 from .preview_view import PreviewPanel
 from .proposals_view import ProposalsPanel
+from .finetune_view import FinetunePanel, random_weight_models
 from .retraining_view import RetrainingPanel
 from .sharing_view import SharingPanel
+from . import task
+from .task import TaskMixin
 from .worker import Worker, worker_pool
 
 WORKLOAD_SUFFIXES = {".yaml", ".yml"}
@@ -81,7 +84,7 @@ class ErrorBanner(QFrame):
         return self.label.text() if not self.isHidden() else ""
 
 
-class MainWindow(QMainWindow):
+class MainWindow(TaskMixin, QMainWindow):
     sigAnalysisChanged = Signal(object)  # the committed WorkloadAnalysis (or None)
     sigWorkerStarted = Signal(object)  # each Worker as it starts, for panels and tests
     sigError = Signal(str)
@@ -92,11 +95,13 @@ class MainWindow(QMainWindow):
         self.analysis: WorkloadAnalysis | None = None
         self.alignment = "structure"
         self.ask_before_discard = True  # ask before closing or opening over unsaved edits
-        self._worker: Worker | None = None
+        self.init_task()  # the analysis: its bar and Cancel button sit in the status bar
         self._change: _Change | None = None
         self._started_at = 0.0
         self._dialog: AddModelDialog | None = None
         self._checkpoint_queue: list[Path] = []
+        self._removed: tuple[str, list[dict]] | None = None  # the last model removed, and the models before
+        self.offer_resume_on_open = True  # offer to resume the last merge of a workload when it opens
         self.theme = settings.saved_theme()
 
         self.setWindowTitle("GEMEL Studio")
@@ -112,6 +117,8 @@ class MainWindow(QMainWindow):
         self.add_panel(self.models_panel, "Models")
         self.add_panel(self.sharing_panel, "Sharing")
         self.add_panel(self.memory_panel, "Memory")
+        self.finetune_panel = FinetunePanel(self)
+        self.add_panel(self.finetune_panel, "Fine-tune")
         self.proposals_panel = ProposalsPanel(self)
         self.retraining_panel = RetrainingPanel(self)
         self.add_panel(self.proposals_panel, "Proposals")
@@ -137,6 +144,16 @@ class MainWindow(QMainWindow):
         self.proposals_panel.sigPlanEdited.connect(lambda plan: self.retraining_panel.set_plan(plan, replaced=False))
         self.proposals_panel.sigError.connect(self.show_error)
         self.retraining_panel.sigError.connect(self.show_error)
+        self.retraining_panel.sigPlanRestored.connect(self.proposals_panel.load_plan_file)
+        self.finetune_panel.sigError.connect(self.show_error)
+        self.finetune_panel.sigOpenWorkload.connect(self.open_path)
+        # Random weights: the Models tab offers fine-tuning first.
+        self.random_hint = QLabel("", self.models_panel)
+        self.random_hint.setWordWrap(True)
+        self.random_hint.setObjectName("warningLabel")
+        self.random_hint.linkActivated.connect(lambda _link: self.tabs.setCurrentWidget(self.finetune_panel))
+        self.random_hint.hide()
+        self.models_panel.layout().insertWidget(0, self.random_hint)
         self.retraining_panel.sigRunFinished.connect(self._show_final_plan)
         self.retraining_panel.sigRunFinished.connect(
             lambda report: self.export_panel.set_merged_dir(self.retraining_panel.last_out_dir, chosen=False))
@@ -214,6 +231,9 @@ class MainWindow(QMainWindow):
         self.add_action = self._action(workload_menu, "&Add model…", self.add_model_dialog, "Ctrl+M")
         self.remove_action = self._action(workload_menu, "&Remove selected model", self._remove_selected,
                                           QKeySequence.StandardKey.Delete)
+        self.undo_remove_action = self._action(workload_menu, "&Undo remove", self.undo_remove,
+                                               QKeySequence.StandardKey.Undo, "Put back the model removed last")
+        self.undo_remove_action.setEnabled(False)
         workload_menu.addSeparator()
         self.reanalyse_action = self._action(workload_menu, "Analyse a&gain", self.reanalyse,
                                              QKeySequence.StandardKey.Refresh)
@@ -264,6 +284,7 @@ class MainWindow(QMainWindow):
         self.sharing_panel.set_colors(colors)
         self.proposals_panel.set_colors(colors)
         self.retraining_panel.set_colors(colors)
+        self.finetune_panel.set_colors(colors)
         self.preview_panel.set_colors(colors)
         self.export_panel.set_colors(colors)
         self.monitor_panel.set_colors(colors)
@@ -297,8 +318,9 @@ class MainWindow(QMainWindow):
     # --- messages ---------------------------------------------------------------------------
 
     def show_error(self, message: str) -> None:
+        """Shown once, in the banner (the panel's own line only says that it failed)."""
         self.banner.show_message(message)
-        self.statusBar().showMessage(f"Error: {message}", 15000)
+        self.statusBar().clearMessage()  # no stale success beside the error
         self.sigError.emit(message)
 
     def clear_error(self) -> None:
@@ -334,9 +356,17 @@ class MainWindow(QMainWindow):
 
     # --- long work --------------------------------------------------------------------------
 
+    task_noun = "analysis"
+
     @property
     def busy(self) -> bool:
-        return self._worker is not None
+        return self.task_running
+
+    def set_status_line(self, text: str) -> None:
+        self.statusBar().showMessage(text)
+
+    def update_controls(self) -> None:
+        self._set_busy(self.task_running)
 
     def _set_busy(self, busy: bool) -> None:
         self.progress_bar.setVisible(busy)
@@ -347,27 +377,15 @@ class MainWindow(QMainWindow):
 
     def _analyse(self, change: _Change) -> Worker:
         """Analyse a candidate; it replaces the current workload only if this succeeds."""
-        if self._worker is not None:  # a newer change supersedes the running one
-            old = self._worker
-            old.sigFinished.disconnect()
-            old.sigFailed.disconnect()
-            old.sigCancelled.disconnect()
-            old.sigProgress.disconnect()
-            old.cancel()
         candidate, alignment = change.workload, change.alignment
-        worker = Worker(lambda progress: analyze_workload(candidate, alignment=alignment, progress=progress),
-                        name=f"analysis of {candidate.name}")
-        self._worker, self._change = worker, change
-        worker.sigProgress.connect(self._on_progress)
-        worker.sigFinished.connect(self._on_analysed)
-        worker.sigFailed.connect(self._on_failed)
-        worker.sigCancelled.connect(self._on_cancelled)
+        self._change = change
         self._started_at = time.monotonic()
         self.progress_bar.setRange(0, max(1, len(candidate.models) + 1))
         self.progress_bar.setValue(0)
-        self._set_busy(True)
-        self.statusBar().showMessage(f"Analysing {candidate.name} ({len(candidate.models)} models)…")
-        worker.start()
+        worker = self.start_task(  # a newer change supersedes the running one
+            lambda progress, partial: analyze_workload(candidate, alignment=alignment, progress=progress),
+            name=f"analysis of {candidate.name}", supersede=True,
+            message=f"Analysing {candidate.name} ({len(candidate.models)} models)…")
         self.sigWorkerStarted.emit(worker)
         return worker
 
@@ -378,16 +396,14 @@ class MainWindow(QMainWindow):
             self.proposals_panel.load_plan_file(path)
 
     def cancel_work(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
-            self.statusBar().showMessage("Cancelling…")
+        self.stop_task("cancel", "Cancelling…")
 
     def stop_work(self, wait_ms: int = 10_000) -> None:
         """Stop everything running (a merge is paused: its checkpoint stays; a preview run and
         the monitor's polling stop) and wait for it."""
-        if self._worker is not None:
-            self._worker.cancel()
+        self.stop_task("cancel", "Cancelling…")
         self.retraining_panel.pause()
+        self.finetune_panel.cancel()
         self.preview_panel.stop()
         self.monitor_panel.stop()
         worker_pool().waitForDone(wait_ms)
@@ -401,18 +417,17 @@ class MainWindow(QMainWindow):
         if self.preview_panel.set_bundle_path(bundle):
             self.tabs.setCurrentWidget(self.preview_panel)
 
-    def _on_progress(self, done: int, total: int, message: str) -> None:
+    def on_task_progress(self, done: int, total: int, message: str) -> None:
         self.progress_bar.setRange(0, max(1, total))
         self.progress_bar.setValue(done)
         self.progress_bar.setFormat(f"%v/%m {message}"[:40])
 
     def _finish(self) -> _Change:
-        change = self._change
-        self._worker, self._change = None, None
+        change, self._change = self._change, None
         self._set_busy(False)
         return change
 
-    def _on_analysed(self, analysis: WorkloadAnalysis) -> None:
+    def on_task_done(self, analysis: WorkloadAnalysis) -> None:
         seconds = time.monotonic() - self._started_at
         change = self._finish()
         self.workload, self.analysis, self.alignment = change.workload, analysis, change.alignment
@@ -428,14 +443,16 @@ class MainWindow(QMainWindow):
             f"bound {human_bytes(analysis.max_savings_bytes)} ({analysis.max_savings_fraction:.1%}) "
             f"in {seconds:.1f} s", 15000)
         self.sigAnalysisChanged.emit(analysis)
+        if self.offer_resume_on_open and change.opened is not None:
+            QTimer.singleShot(0, self.retraining_panel.offer_resume)
 
-    def _on_failed(self, message: str) -> None:
+    def on_task_failed(self, message: str) -> None:
         change = self._finish()
         self.sharing_panel.set_alignment(self.alignment)
         kept = f" (kept {self.workload.name})" if self.workload is not None else ""
         self.show_error(f"{message}{kept}" if change.opened is None else message)
 
-    def _on_cancelled(self) -> None:
+    def on_task_cancelled(self, mode: str) -> None:
         change = self._finish()
         self.sharing_panel.set_alignment(self.alignment)
         kept = f"; kept {self.workload.name}" if self.workload is not None else ""
@@ -447,6 +464,14 @@ class MainWindow(QMainWindow):
         self.memory_panel.set_analysis(self.analysis)
         self.proposals_panel.set_context(self.workload, self.analysis)
         self.retraining_panel.set_workload(self.workload, self.analysis)
+        self.finetune_panel.set_workload(self.workload)
+        random = random_weight_models(self.workload)
+        self.random_hint.setText(
+            f"{', '.join(random)} {'has' if len(random) == 1 else 'have'} random weights, so accuracy and merge "
+            f"targets mean nothing yet: <a href='finetune' style='color: #5aa9ff'>"
+            f"fine-tune {'it' if len(random) == 1 else 'them'} "
+            f"first</a> (the Fine-tune tab).")
+        self.random_hint.setVisible(bool(random))
 
     # --- workload changes -------------------------------------------------------------------
 
@@ -539,8 +564,24 @@ class MainWindow(QMainWindow):
         return self._apply_models(models, f"Added {names}")
 
     def remove_model(self, name: str) -> bool:
-        models = [m for m in self._current_models() if m["name"] != name]
-        return self._apply_models(models, f"Removed {name}")
+        """Remove a model; Undo remove (Ctrl+Z) puts it back."""
+        before = self._current_models()
+        models = [m for m in before if m["name"] != name]
+        if not self._apply_models(models, f"Removed {name} (Undo remove, Ctrl+Z, puts it back)"):
+            return False
+        self._removed = (name, before)
+        self.undo_remove_action.setEnabled(True)
+        self.undo_remove_action.setText(f"&Undo remove of {name}")
+        return True
+
+    def undo_remove(self) -> bool:
+        if self._removed is None:
+            return False
+        name, before = self._removed
+        self._removed = None
+        self.undo_remove_action.setEnabled(False)
+        self.undo_remove_action.setText("&Undo remove")
+        return self._apply_models(before, f"Put back {name}")
 
     def _remove_selected(self) -> None:
         name = self.models_panel.selected_model()
@@ -644,7 +685,20 @@ class MainWindow(QMainWindow):
 
     # --- closing ----------------------------------------------------------------------------
 
+    def quit_questions(self) -> list[str]:
+        """One sentence for each task whose work quitting now would lose (a live preview or the
+        monitor loses nothing: they just stop)."""
+        out = [self.retraining_panel.quit_question(), self.finetune_panel.quit_question()]
+        if self.export_panel.running:
+            out.append("An export is running; quitting stops it and leaves the bundle unfinished.")
+        return [q for q in out if q]
+
     def closeEvent(self, event: QCloseEvent) -> None:
+        questions = self.quit_questions()
+        if questions and not task.ask(self, "Quit while work runs?", " ".join(questions) + " Quit anyway?",
+                                      yes="Quit", no="Keep working"):
+            event.ignore()
+            return
         if not self._confirm_discard():
             event.ignore()
             return

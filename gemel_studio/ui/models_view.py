@@ -60,8 +60,9 @@ class ModelTableModel(QAbstractTableModel):
             return spec.architecture
         if column == "task":
             return spec.task
-        if column == "source":
-            return spec.source.kind
+        if column == "source":  # random weights are marked: nothing a random model scores means anything
+            weights_random = spec.source.kind == "torchvision" and not getattr(spec.source, "weights", None)
+            return f"{spec.source.kind} (random weights)" if weights_random else spec.source.kind
         if inv is None:
             return None
         if column == "parameters":  # asked for every cell a view sizes or sorts: no per-call work

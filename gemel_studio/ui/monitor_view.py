@@ -36,6 +36,18 @@ HISTORY = 1200  # points per curve: ten minutes at two snapshots a second
 RATE_WINDOW_S = 2.0  # a stream's rate is measured over this long: over one poll a 4 fps stream reads 2, 4 or 6
 
 
+def address_problem(address: str) -> str:
+    """Why `address` cannot be a metrics endpoint, in one line ('' when it can): host:port,
+    the port a number from 1 to 65535."""
+    if address.startswith(("http://", "https://")):
+        return ""  # a URL: fetching it says what is wrong with it
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        return (f"monitor address '{address}' is not host:port (e.g. 127.0.0.1:9400, the port of "
+                f"`gemel run --metrics-port N`)")
+    return ""
+
+
 class RunHistory:
     """Bounded series over the run's elapsed seconds: per-stream processed frames per second
     (the change of its `processed` counter over the last `RATE_WINDOW_S`) and resident bytes."""
@@ -92,6 +104,7 @@ class MonitorPanel(QWidget):
         self.colors = PALETTES["dark"]
         self._session = 0  # bumped on connect and disconnect: answers of an older session are ignored
         self._ever_connected = False
+        self.run_end = ""  # once a run went away: 'finished' or 'lost'
         self._worker: Worker | None = None  # the poll in flight
         self._pool = QThreadPool(self)
         self._pool.setMaxThreadCount(1)
@@ -183,7 +196,10 @@ class MonitorPanel(QWidget):
         if not address:
             self._fail("enter the host:port of a `gemel run --metrics-port N`, e.g. 127.0.0.1:9400")
             return False
-        settings.studio_settings().setValue("monitor/address", address)
+        problem = address_problem(address)
+        if problem:
+            self._fail(problem)  # and not saved: an address that cannot work is not offered again
+            return False
         self._session += 1
         self.address, self.polling, self.connected, self._ever_connected = address, True, False, False
         self.snapshot = None
@@ -193,6 +209,7 @@ class MonitorPanel(QWidget):
         self.stream_model.set_rows([])
         self.model_model.set_rows([])
         self.state_label.setText("")
+        self.run_end = ""
         self.connection_label.setText(f"Connecting to {address}…")
         self._update_enabled()
         self._timer.start()
@@ -235,7 +252,10 @@ class MonitorPanel(QWidget):
         self._poll_done()
         if session != self._session:
             return
+        if not self._ever_connected:  # an address that answered: offered again next time
+            settings.studio_settings().setValue("monitor/address", self.address)
         self.connected, self._ever_connected = True, True
+        self.run_end = ""
         self.connection_label.setText(f"Connected to {self.address}")
         self.show_snapshot(snap)
         self.sigSnapshot.emit(snap)
@@ -251,8 +271,28 @@ class MonitorPanel(QWidget):
             return
         was_connected, self.connected = self.connected, False
         self.connection_label.setText(f"disconnected: {message} (last values kept; retrying)")
+        self._show_run_end()
         if was_connected:
             self.sigDisconnected.emit(message)
+
+    def _show_run_end(self) -> None:
+        """The run went away: say whether it had finished (its last snapshot said it stopped)
+        or was lost while running (killed, crashed, or the network went), so the two never
+        look alike."""
+        snap = self.snapshot
+        if snap is None:
+            return
+        state, elapsed = str(snap.get("state", "")), float(snap.get("elapsed_s", 0.0))
+        if state.startswith("stopped"):
+            self.run_end = "finished"
+            text = f"finished ({state}) after {elapsed:.1f} s; its metrics server has closed"
+        else:
+            self.run_end = "lost"
+            text = (f"lost: stopped answering while {state or 'running'}, last seen at {elapsed:.1f} s "
+                    f"(killed or crashed?); the last values are kept")
+        self.state_label.setText(text)
+        self.state_label.setProperty("runEnd", self.run_end)
+        self.state_label.style().polish(self.state_label)
 
     def show_snapshot(self, snap: dict) -> None:
         self.snapshot = snap
@@ -305,7 +345,7 @@ class MonitorPanel(QWidget):
     # --- state ------------------------------------------------------------------------------
 
     def _fail(self, message: str) -> None:
-        self.state_label.setText(f"Error: {message}")
+        self.state_label.setText("Failed: the message is shown above")  # shown once, in the banner
         self.sigError.emit(message)
 
     def _update_enabled(self) -> None:

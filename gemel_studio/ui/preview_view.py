@@ -33,6 +33,7 @@ from ..runtime.scheduler import POLICIES
 from . import settings
 from .run_widgets import ModelTableModel, RunGauges, StreamTableModel, run_state_text, snapshot_table, titled
 from .settings import PALETTES
+from .task import TaskMixin
 from .worker import Worker
 
 MIB = 1024 * 1024
@@ -48,14 +49,15 @@ class StreamChoice:
     (empty: every model of the bundle, as `gemel run --stream SOURCE` without `=MODELS`)."""
 
     kind: str  # 'synthetic' or 'video'
-    fps: float = 10.0  # synthetic only; a video plays at its own rate
+    fps: float = 10.0  # synthetic: its rate; a video file: the rate it says it has (read when added)
     path: Path | None = None
     loop: bool = False
     models: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
-        source = f"synthetic, {self.fps:g} fps" if self.kind == "synthetic" else \
-            f"{self.path.name}{'/' if self.path.is_dir() else ''}{' (loop)' if self.loop else ''}"
+        rate = f", {self.fps:g} fps" if self.kind == "synthetic" or self.path.is_file() else ""
+        source = f"synthetic{rate}" if self.kind == "synthetic" else \
+            f"{self.path.name}{'/' if self.path.is_dir() else ''}{rate}{' (loop)' if self.loop else ''}"
         return f"{source} → {', '.join(self.models) if self.models else 'all models'}"
 
     def source(self, seed: int):
@@ -212,7 +214,7 @@ class StreamTile(QFrame):
             self.ended_label.show()
 
 
-class PreviewPanel(QWidget):
+class PreviewPanel(TaskMixin, QWidget):
     sigWorkerStarted = Signal(object)  # the run's Worker as it starts
     sigRunEnded = Signal(dict)  # the last snapshot of a run that got as far as running
     sigError = Signal(str)
@@ -221,12 +223,10 @@ class PreviewPanel(QWidget):
         super().__init__(parent)
         self.manifest: BundleManifest | None = None
         self.streams: list[StreamChoice] = []
-        self.worker: Worker | None = None
         self.engine = None  # the running (or last) Engine, once the worker has made it
         self.tiles: list[StreamTile] = []
         self.last_snapshot: dict | None = None
         self.colors = PALETTES["dark"]
-        self._stopping = False
         self._pool = QThreadPool(self)  # the run holds a thread for as long as it runs
         self._pool.setMaxThreadCount(1)
         self._timer = QTimer(self)
@@ -266,7 +266,8 @@ class PreviewPanel(QWidget):
         self.add_images_button.setToolTip("A folder of still images, played in name order at 30 fps")
         self.add_images_button.clicked.connect(self.choose_image_folder)
         self.loop_check = QCheckBox("Loop", self)
-        self.loop_check.setToolTip("Start a new video stream over at its end")
+        self.loop_check.setToolTip("Start the selected video or images stream over at its end (and new ones)")
+        self.loop_check.toggled.connect(self._loop_toggled)
         self.remove_button = QPushButton("Remove", self)
         self.remove_button.clicked.connect(self.remove_selected_stream)
         synthetic_row = QHBoxLayout()
@@ -322,6 +323,7 @@ class PreviewPanel(QWidget):
         buttons.addWidget(self.start_button)
         buttons.addWidget(self.stop_button)
         self.status_label = QLabel("", self)
+        self.init_task(self.status_label)
         self.status_label.setWordWrap(True)
         self.status_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
 
@@ -441,8 +443,34 @@ class PreviewPanel(QWidget):
     def add_synthetic_stream(self, fps: float, models: list[str] | None = None) -> StreamChoice:
         return self._add_stream(StreamChoice("synthetic", fps=float(fps), models=list(models or [])))
 
-    def add_video_stream(self, path: Path | str, loop: bool = False, models: list[str] | None = None) -> StreamChoice:
-        return self._add_stream(StreamChoice("video", path=Path(path), loop=loop, models=list(models or [])))
+    def add_video_stream(self, path: Path | str, loop: bool = False,
+                         models: list[str] | None = None) -> StreamChoice | None:
+        """A video file, a folder of images or an image sequence. A file OpenCV cannot open as a
+        video is refused here, in one line, rather than listed until Start finds out."""
+        path = Path(path)
+        choice = StreamChoice("video", path=path, loop=loop, models=list(models or []))
+        if path.is_file():
+            from ..runtime.sources import VideoSource
+
+            probe = VideoSource(path, realtime=False)
+            problem = probe._open()
+            if probe._cap is not None:
+                probe._cap.release()
+            if problem:
+                self.sigError.emit(f"{path}: not a video OpenCV can open; add a video file, a folder of images "
+                                   f"or an image sequence such as frames/%04d.png")
+                return None
+            choice.fps = probe.fps
+        return self._add_stream(choice)
+
+    def set_stream_loop(self, row: int, loop: bool) -> None:
+        """Loop stream `row` (a video or images) at its end; the Loop box shows the selected stream's."""
+        if 0 <= row < len(self.streams) and self.streams[row].kind != "synthetic":
+            self.streams[row].loop = bool(loop)
+            self.streams_list.item(row).setText(f"{row + 1}. {self.streams[row].describe()}")
+
+    def _loop_toggled(self, checked: bool) -> None:
+        self.set_stream_loop(self.streams_list.currentRow(), checked)
 
     def choose_video(self) -> None:
         chosen = settings.ask_existing(self, "preview/videos", "Video file", VIDEO_FILTER)
@@ -485,6 +513,10 @@ class PreviewPanel(QWidget):
         self._show_stream_models(self.streams_list.currentRow())
 
     def _show_stream_models(self, row: int) -> None:
+        if 0 <= row < len(self.streams) and self.streams[row].kind != "synthetic":
+            self.loop_check.blockSignals(True)
+            self.loop_check.setChecked(self.streams[row].loop)
+            self.loop_check.blockSignals(False)
         self.models_list.blockSignals(True)
         self.models_list.clear()
         if 0 <= row < len(self.streams):
@@ -516,9 +548,15 @@ class PreviewPanel(QWidget):
 
     # --- running ----------------------------------------------------------------------------
 
+    task_noun = "preview"
+
     @property
     def running(self) -> bool:
-        return self.worker is not None
+        return self.task_running
+
+    @property
+    def worker(self) -> Worker | None:
+        return self.task_worker
 
     def start(self) -> Worker | None:
         """Load the bundle and run the streams in a Worker until `stop()`."""
@@ -535,42 +573,32 @@ class PreviewPanel(QWidget):
         policy, budget, device = self.policy_combo.currentText(), self.budget_bytes(), self.device_combo.currentText()
         backend, load = self.backend_combo.currentText(), self.load_combo.currentText()
 
-        def work(progress):
+        def work(progress, partial):
             from ..runtime import load_bundle
             from ..runtime.engine import Engine
 
             with load_bundle(path) as bundle:  # closed (an archive's extraction removed) when the run ends
                 streams = [(c.source(seed=i), list(c.models)) for i, c in enumerate(choices)]
                 engine = Engine(bundle, streams, policy, budget, device, backend, load)
-                worker.partial(engine)
+                partial(engine)
                 return engine.run(progress=progress).to_dict()
 
-        worker = Worker(work, name=f"preview of {path.name}")
-        worker.sigPartial.connect(self._on_engine)
-        worker.sigFinished.connect(self._on_finished)
-        worker.sigFailed.connect(self._on_failed)
-        worker.sigCancelled.connect(self._on_cancelled)
-        self.worker, self.engine, self._stopping = worker, None, False
+        self.engine = None
         self.last_snapshot = None
         self._clear_tiles()
         self.gauges.clear()
         self.stream_model.set_rows([])
         self.model_model.set_rows([])
         self.state_label.setText("Starting")
-        self.status_label.setText(f"Loading and verifying {path.name}…")
-        self._update_enabled()
-        worker.start(self._pool)
+        worker = self.start_task(work, name=f"preview of {path.name}", pool=self._pool,
+                                 message=f"Loading and verifying {path.name}…")
         self.sigWorkerStarted.emit(worker)
         return worker
 
     def stop(self, wait_ms: int = 0) -> bool:
         """Ask the run to stop; with `wait_ms`, also wait that long for its thread (closing the
         window). True when nothing is left running."""
-        if self.worker is not None and not self._stopping:
-            self._stopping = True
-            self.worker.cancel()
-            self.status_label.setText("Stopping…")
-            self._update_enabled()
+        self.stop_task("stop", "Stopping…")
         return self._pool.waitForDone(wait_ms) if wait_ms else self.worker is None
 
     def refresh(self) -> None:
@@ -633,34 +661,40 @@ class PreviewPanel(QWidget):
 
     def _end(self) -> None:
         self._timer.stop()
-        self.worker = None
-        self._stopping = False
         if self.engine is not None:
             self.refresh()  # the final counters: every frame that came in, processed or dropped
             self.sigRunEnded.emit(self.last_snapshot)
-        self._update_enabled()
 
-    def _on_finished(self, summary: dict) -> None:
+    def on_task_partial(self, engine) -> None:
+        self._on_engine(engine)
+
+    def on_task_progress(self, done: int, total: int, message: str) -> None:
+        pass  # the engine's counters, read by the refresh timer, are the progress
+
+    def on_task_done(self, summary: dict) -> None:
         self._end()
-        self.status_label.setText(f"Stopped: {summary['stopped']} after {summary['elapsed_s']:.1f} s")
+        self.set_status_line(f"Stopped: {summary['stopped']} after {summary['elapsed_s']:.1f} s")
 
-    def _on_cancelled(self) -> None:
+    def on_task_cancelled(self, mode: str) -> None:
         self._end()
         elapsed = self.last_snapshot["elapsed_s"] if self.last_snapshot else 0.0
-        self.status_label.setText(f"Stopped after {elapsed:.1f} s" if self.last_snapshot else "Stopped")
+        self.set_status_line(f"Stopped after {elapsed:.1f} s" if self.last_snapshot else "Stopped")
 
-    def _on_failed(self, message: str) -> None:
+    def on_task_failed(self, message: str) -> None:
         self._end()
         self._fail(message)
 
+    def update_controls(self) -> None:
+        self._update_enabled()
+
     def _fail(self, message: str) -> None:
-        self.status_label.setText(f"Error: {message}")
+        self.status_label.setText("Failed: the message is shown above")  # shown once, in the banner
         self.sigError.emit(message)
 
     def _update_enabled(self) -> None:
         running = self.running
         self.start_button.setEnabled(not running and self.manifest is not None and bool(self.streams))
-        self.stop_button.setEnabled(running and not self._stopping)
+        self.stop_button.setEnabled(running and not self.task_stopping)
         for w in (self.bundle_edit, self.folder_button, self.archive_button, self.add_synthetic_button,
                   self.add_video_button, self.add_images_button, self.remove_button, self.fps_spin, self.loop_check, self.models_list,
                   self.policy_combo, self.device_combo, self.backend_combo):

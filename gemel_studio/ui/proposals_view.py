@@ -149,10 +149,10 @@ class ProposalsPanel(QWidget):
         self.threshold_spin.setRange(0, 100_000)
         self.threshold_spin.setSuffix(" MiB")
         self.threshold_spin.setValue(1)
-        self.threshold_spin.setToolTip("Groups saving at least this much are accepted by 'Accept all above…'")
-        self.threshold_button = QPushButton("Accept all above…", self)
-        self.threshold_button.setToolTip("Accept every group that saves at least the amount on the right; "
-                                         "other groups keep their state")
+        self.threshold_spin.setToolTip("Groups saving at least this much are accepted by 'Accept all above'")
+        self.threshold_button = QPushButton("Accept all above", self)
+        self.threshold_button.setToolTip("Accept every proposed group that saves at least the amount on the right; "
+                                         "rejected groups stay rejected, and other groups keep their state")
         self.load_button = QPushButton("Load plan…", self)
         self.save_button = QPushButton("Save plan…", self)
         buttons = QHBoxLayout()
@@ -166,6 +166,7 @@ class ProposalsPanel(QWidget):
         self.memory_label = QLabel("", self)
         self.memory_label.setObjectName("summaryLabel")
         self.memory_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.memory_label.setWordWrap(True)  # at 1024 px the summary wraps instead of widening the window
         self.bound_gauge = QProgressBar(self)
         self.bound_gauge.setRange(0, 1000)
         self.bound_gauge.setFixedWidth(260)
@@ -175,6 +176,7 @@ class ProposalsPanel(QWidget):
         gauge.addWidget(QLabel("of the bound", self))
         gauge.addWidget(self.bound_gauge)
         self.plan_label = QLabel("", self)
+        self.plan_label.setWordWrap(True)
 
         self.model = PlanTableModel(self)
         self.view = QTableView(self)
@@ -244,10 +246,12 @@ class ProposalsPanel(QWidget):
         self._edited(rows)
 
     def accept_above(self, min_savings_bytes: int) -> int:
-        """Accept every group saving at least `min_savings_bytes`; return how many."""
+        """Accept every proposed group saving at least `min_savings_bytes` (a group the operator
+        rejected stays rejected); return how many."""
         if self.plan is None:
             return 0
-        rows = [i for i, g in enumerate(self.plan.groups) if g.savings_bytes >= min_savings_bytes]
+        rows = [i for i, g in enumerate(self.plan.groups)
+                if g.savings_bytes >= min_savings_bytes and g.state is GroupState.proposed]
         for row in rows:
             self.plan.groups[row].state = GroupState.accepted
         self._edited(rows)

@@ -7,14 +7,16 @@ heuristic's step log, and finally the report. Nothing here touches the work's th
 
 Pause and Resume are the core's own resume: Pause stops at the next training step and
 leaves the checkpoint in the output folder; Resume runs the same merge on that folder, which
-continues exactly where it stopped. Cancel stops and deletes the checkpoint; Start always
-begins afresh (it deletes a checkpoint left in the folder).
+continues exactly where it stopped. Cancel stops and, once the operator confirms, deletes the
+checkpoint; Start begins afresh and asks before deleting a checkpoint or a finished report
+left in the folder. The run's life (worker, state, buttons, questions) is `TaskMixin`'s; the
+folder's files are `MergedFolder`'s. What the folder says is what the screen shows: a pause
+that came as the last round ended shows the report the merge wrote.
 """
 
 from __future__ import annotations
 
 import tempfile
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -30,18 +32,20 @@ from PySide6.QtWidgets import (QAbstractItemView, QComboBox, QFileDialog, QFormL
 
 from ..analysis import WorkloadAnalysis
 from ..cli import human_bytes
+from ..merging.folder import RUN_PLAN, MergedFolder
 from ..merging.heuristic import STRATEGIES, candidates
 from ..merging.pipeline import merge_workload
-from ..merging.plan import MergePlan, RetrainSettings
+from ..merging.plan import GroupState, MergePlan, PlanError, RetrainSettings, load_plan, save_plan
 from ..merging.retrain import EpochRecord
+from ..tasks import plural
 from ..workload import Workload
 from . import settings
 from .memory_view import style_plot
 from .settings import PALETTES
+from .task import TaskMixin
 from .worker import Worker
 
 MIB = 1024 * 1024
-RESUME_FILES = ("search.state", "search.state.round")  # what the core resumes from
 
 
 def default_out_dir(workload: Workload | None) -> Path:
@@ -51,7 +55,33 @@ def default_out_dir(workload: Workload | None) -> Path:
 
 def can_resume(out_dir: Path) -> bool:
     """A search stopped before its report: the core keeps its state after finishing, too."""
-    return any((out_dir / f).exists() for f in RESUME_FILES) and not (out_dir / "report.json").exists()
+    return MergedFolder(out_dir).can_resume
+
+
+def groups_to_try(plan: MergePlan) -> tuple[list, str]:
+    """The groups Start would merge and why, in words. A merge's outcome (kept and backed-off
+    groups) merges its kept and accepted groups again, never groups nobody accepted."""
+    states = [g.state for g in plan.groups]
+    outcome = GroupState.kept in states or GroupState.backed_off in states
+    chosen = [g for g in plan.groups if g.state in (GroupState.accepted, GroupState.kept)]
+    if chosen:
+        kept = sum(g.state is GroupState.kept for g in chosen)
+        why = (f"its {kept} kept and {len(chosen) - kept} accepted groups" if outcome
+               else f"the {plural(len(chosen), 'accepted group')}")
+    elif outcome:
+        why = "nothing: accept groups in the Proposals tab to merge again"
+    else:
+        chosen = [g for g in plan.groups if g.state is not GroupState.rejected]
+        why = "every group not rejected (none is accepted yet)"
+    return chosen, why
+
+
+def plan_for_run(plan: MergePlan) -> MergePlan:
+    """The plan as the search reads it: kept groups count as accepted (the search tries the
+    accepted groups, or every group not rejected when none is)."""
+    return plan.model_copy(deep=True, update={"groups": [
+        g.model_copy(update={"state": GroupState.accepted}) if g.state is GroupState.kept else g
+        for g in plan.groups]})
 
 
 class StepLogModel(QAbstractTableModel):
@@ -217,25 +247,26 @@ def _plot(parent: QWidget, title: str, left: str, bottom: str,
     return widget, item, legend
 
 
-class RetrainingPanel(QWidget):
+class RetrainingPanel(TaskMixin, QWidget):
     sigWorkerStarted = Signal(object)  # each run's Worker as it starts
     sigRunFinished = Signal(dict)  # the report
     sigError = Signal(str)
+    sigPlanRestored = Signal(object)  # the path of a plan a resumed merge started with
+
+    task_noun = "merge"
 
     def __init__(self, parent=None):
         super().__init__(parent)
         self.workload: Workload | None = None
         self.analysis: WorkloadAnalysis | None = None
         self.plan: MergePlan | None = None
-        self.worker: Worker | None = None
         self.report: dict | None = None
         self.curves: dict[str, ModelCurves] = {}
         self.saved_points: list[tuple[float, int]] = []  # (elapsed seconds, bytes saved) per round
-        self._stopping = ""  # 'pause' or 'cancel' while a stop is asked for
         self._out_dir_chosen = False
         self._epochs_seen = 0
         self._run_out_dir: Path | None = None
-        self._started_at = 0.0
+        self._offered: set[str] = set()  # folders whose resume was offered in this session
         self.colors = PALETTES["dark"]
 
         # settings
@@ -283,14 +314,15 @@ class RetrainingPanel(QWidget):
 
         # run controls
         self.start_button = QPushButton("Start", self)
-        self.start_button.setToolTip("Merge afresh in the output folder (a paused search there is discarded)")
+        self.start_button.setToolTip("Merge afresh in the output folder (asks before deleting a checkpoint or "
+                                     "report there)")
         self.pause_button = QPushButton("Pause", self)
         self.pause_button.setToolTip("Stop at the next training step and keep the checkpoint; Resume continues "
                                      "exactly from there")
         self.resume_button = QPushButton("Resume", self)
         self.resume_button.setToolTip("Run again on the output folder, continuing from its checkpoint")
         self.cancel_button = QPushButton("Cancel", self)
-        self.cancel_button.setToolTip("Stop and delete the checkpoint")
+        self.cancel_button.setToolTip("Stop and delete the checkpoint (asks first)")
         self.start_button.clicked.connect(self.start)
         self.pause_button.clicked.connect(self.pause)
         self.resume_button.clicked.connect(self.resume)
@@ -307,6 +339,10 @@ class RetrainingPanel(QWidget):
         self.status_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.plan_label = QLabel("", self)
         self.plan_label.setWordWrap(True)
+        self.random_label = QLabel("", self)  # models with random weights: their figures mean nothing
+        self.random_label.setWordWrap(True)
+        self.random_label.setObjectName("warningLabel")
+        self.random_label.hide()
 
         left = QWidget(self)
         left_layout = QVBoxLayout(left)
@@ -315,6 +351,7 @@ class RetrainingPanel(QWidget):
         title.setObjectName("panelTitle")
         left_layout.addWidget(title)
         left_layout.addWidget(self.plan_label)
+        left_layout.addWidget(self.random_label)
         left_layout.addLayout(form)
         left_layout.addLayout(controls)
         left_layout.addWidget(self.progress_bar)
@@ -322,13 +359,14 @@ class RetrainingPanel(QWidget):
         left_layout.addStretch(1)
         left.setMinimumWidth(250)
         left.setMaximumWidth(340)
+        self.init_task(self.status_label, self.progress_bar)
 
         # live plots
         self.accuracy_plot, self.accuracy_item, self.accuracy_legend = _plot(
-            self, "Accuracy per model (dashed: target)", "held-out accuracy", "epoch (all rounds)")
+            self, "Accuracy (dashed: target)", "held-out accuracy", "epoch (all rounds)")
         self.accuracy_item.setYRange(0, 1.02, padding=0)
         self.loss_plot, self.loss_item, self.loss_legend = _plot(
-            self, "Training loss per model", "cross-entropy", "epoch (all rounds)")
+            self, "Training loss", "cross-entropy", "epoch (all rounds)")
         self.saved_plot, self.saved_item, self.saved_legend = _plot(
             self, "Memory saved", "parameter bytes saved (MiB)", "seconds", legend_offset=(-10, -10))
         # Savings change only when a round ends: a step line, with a marker at each round's end.
@@ -460,41 +498,74 @@ class RetrainingPanel(QWidget):
 
     @property
     def running(self) -> bool:
-        return self.worker is not None
+        return self.task_running
+
+    @property
+    def worker(self) -> Worker | None:
+        return self.task_worker
+
+    def folder(self) -> MergedFolder:
+        return MergedFolder(self.out_dir())
 
     def start(self) -> Worker | None:
-        """Merge afresh: clear the folder's checkpoint and old report, the curves and the log, then run."""
-        if self.running or self.workload is None or self.plan is None:
+        """Merge afresh: clear the folder's checkpoint and old report (asking first when there
+        is one), the curves and the log, then run."""
+        if self.running or not self._ready():
             return None
-        out_dir = self.out_dir()
+        folder = self.folder()
+        loss = folder.describe_loss()
+        if loss and not self.confirm(
+                "Start a new merge?",
+                f"{folder.path} holds {loss}. Starting afresh deletes it; Resume continues a paused "
+                f"merge instead.", yes="Delete and start afresh", no="Keep it"):
+            self.set_status_line(f"Kept {loss} in {folder.path}; nothing started")
+            return None
         try:
-            for name in (*RESUME_FILES, "report.json"):
-                (out_dir / name).unlink(missing_ok=True)
+            folder.clear()
         except OSError as exc:
-            self._fail(f"{out_dir}: cannot clear the old checkpoint ({exc.strerror or exc})")
+            self._fail(f"{folder.path}: cannot clear the old checkpoint ({exc.strerror or exc})")
             return None
         self._clear_run()
-        return self._run(out_dir, resumed=False)
+        return self._run(folder.path, resumed=False)
 
     def resume(self) -> Worker | None:
         """Run the same merge again on the output folder: the core continues from its checkpoint."""
-        if self.running or self.workload is None or self.plan is None:
+        if self.running or not self._ready():
             return None
         return self._run(self.out_dir(), resumed=True)
 
     def pause(self) -> None:
-        if self.worker is not None:
-            self._stopping = "pause"
-            self.worker.cancel()
-            self.status_label.setText("Pausing at the next training step…")
-            self._update_enabled()
+        self.stop_task("pause", "Pausing at the next training step…")
 
     def cancel(self) -> None:
-        if self.worker is not None:
-            self._stopping = "cancel"
-            self.worker.cancel()
-            self.status_label.setText("Cancelling…")
-            self._update_enabled()
+        """Stop and delete the checkpoint, once the operator confirms (the question names it)."""
+        if not self.running or self.task_stopping:
+            return
+        folder = self.folder()
+        if not self.confirm(
+                "Cancel the merge?",
+                f"Cancelling stops the merge and deletes its checkpoint in {folder.path}; the rounds "
+                f"done so far are lost. Pause keeps them.", yes="Cancel and delete the checkpoint",
+                no="Keep running"):
+            return
+        self.stop_task("cancel", "Cancelling…")
+
+    def quit_question(self) -> str:
+        if not self.running:
+            return ""
+        return (f"A merge is running in {self._run_out_dir}; quitting pauses it at the next training step "
+                f"(its checkpoint stays, and the next launch offers to resume it).")
+
+    def random_models(self) -> list[str]:
+        """The plan's models that start from random weights (torchvision with no `weights:`)."""
+        if self.workload is None or self.plan is None:
+            return []
+        members = {m.model for g in self.plan.groups for m in g.members}
+        return [m.name for m in self.workload.models if m.name in members and m.source.kind == "torchvision"
+                and not getattr(m.source, "weights", None)]
+
+    def _ready(self) -> bool:
+        return self.workload is not None and self.plan is not None and bool(groups_to_try(self.plan)[0])
 
     def _run(self, out_dir: Path, resumed: bool) -> Worker | None:
         try:
@@ -506,33 +577,78 @@ class RetrainingPanel(QWidget):
             self._fail("choose an output folder for the merged workload")
             return None
         workload = self.workload
-        plan = self.plan.model_copy(deep=True, update={"retraining": retraining})
+        plan = plan_for_run(self.plan).model_copy(update={"retraining": retraining})
         strategy = self.strategy_combo.currentText()
+        self._remember_run(out_dir, plan, strategy)
         self._set_plan_line(plan)
         self.report = None
         self.report_model.set_report(None)
         self.report_label.setText("Running…")
+        self._run_out_dir = out_dir
 
-        def work(progress):
+        def work(progress, partial):
             return merge_workload(workload, plan, out_dir, strategy=strategy, progress=progress,
-                                  on_step=lambda step: worker.partial(("step", asdict(step))),
-                                  on_epoch=lambda record: worker.partial(("epoch", record)),
-                                  on_targets=lambda targets: worker.partial(("targets", targets)))
+                                  on_step=lambda step: partial(("step", asdict(step))),
+                                  on_epoch=lambda record: partial(("epoch", record)),
+                                  on_targets=lambda targets: partial(("targets", targets)))
 
-        worker = Worker(work, name=f"merge of {workload.name}", min_interval=0.1)
-        worker.sigProgress.connect(self._on_progress)
-        worker.sigPartial.connect(self._on_partial)
-        worker.sigFinished.connect(self._on_finished)
-        worker.sigFailed.connect(self._on_failed)
-        worker.sigCancelled.connect(self._on_cancelled)
-        self.worker, self._stopping, self._run_out_dir = worker, "", out_dir
-        self._started_at = time.monotonic()
-        self.progress_bar.setRange(0, 0)
-        self.status_label.setText(f"{'Resuming' if resumed else 'Starting'} the {strategy} search in {out_dir}…")
-        self._update_enabled()
-        worker.start()
+        worker = self.start_task(
+            work, name=f"merge of {workload.name}", min_interval=0.1,
+            message=f"{'Resuming' if resumed else 'Starting'} the {strategy} search in {out_dir}…")
         self.sigWorkerStarted.emit(worker)
         return worker
+
+    # --- what a relaunch resumes --------------------------------------------------------------
+
+    def _remember_run(self, out_dir: Path, plan: MergePlan, strategy: str) -> None:
+        """The folder keeps what this merge started with, so a relaunch can offer to resume it."""
+        folder = MergedFolder(out_dir)
+        try:
+            folder.path.mkdir(parents=True, exist_ok=True)
+            save_plan(plan, folder.path / RUN_PLAN)
+            folder.write_run_settings({"workload": str(self.workload.path) if self.workload.path else None,
+                                       "strategy": strategy})
+        except OSError:
+            return  # the run itself reports an unwritable folder
+        settings.studio_settings().setValue("retraining/last_out_dir", str(folder.path))
+
+    def resumable_run(self) -> MergedFolder | None:
+        """The folder of the last merge started here when it can resume on this workload."""
+        last = settings.studio_settings().value("retraining/last_out_dir", "", type=str)
+        if not last or self.workload is None or self.workload.path is None:
+            return None
+        folder = MergedFolder(Path(last))
+        run = folder.run_settings() or {}
+        if not folder.can_resume or run.get("workload") != str(self.workload.path):
+            return None
+        if not (folder.path / RUN_PLAN).exists():
+            return None
+        return folder
+
+    def offer_resume(self) -> bool:
+        """Ask whether to resume the last merge of this workload, stopped before its report;
+        yes restores its plan, folder and settings and resumes. Asked once a session a folder."""
+        folder = self.resumable_run()
+        if folder is None or self.running or str(folder.path) in self._offered:
+            return False
+        self._offered.add(str(folder.path))
+        run = folder.run_settings() or {}
+        if not self.confirm("Resume the merge?",
+                            f"The merge of {self.workload.name} in {folder.path} stopped before it finished. "
+                            f"Resume it with the plan and settings it started with?",
+                            yes="Resume", no="Not now"):
+            return False
+        try:
+            plan = load_plan(folder.path / RUN_PLAN, self.workload, self.analysis)
+        except (PlanError, OSError, ValueError) as exc:
+            self._fail(str(exc).splitlines()[0])
+            return False
+        self.sigPlanRestored.emit(folder.path / RUN_PLAN)  # the Proposals tab shows it, and passes it here
+        if self.plan != plan:  # nobody listening (a panel on its own)
+            self.set_plan(plan, replaced=True)
+        self.strategy_combo.setCurrentText(run.get("strategy", self.strategy_combo.currentText()))
+        self.set_out_dir(folder.path)
+        return self.resume() is not None
 
     def _clear_run(self) -> None:
         self.steps_model.set_steps([])
@@ -552,13 +668,13 @@ class RetrainingPanel(QWidget):
 
     # --- events from the work (on the GUI thread) -------------------------------------------
 
-    def _on_progress(self, done: int, total: int, message: str) -> None:
+    def on_task_progress(self, done: int, total: int, message: str) -> None:
         self.progress_bar.setRange(0, max(1, total))
         self.progress_bar.setValue(done)
         round_no = len(self.steps_model.steps) + 1
         self.progress_bar.setFormat(f"round {round_no}: %v/%m")
-        if not self._stopping:
-            self.status_label.setText(f"Round {round_no}: {message} ({time.monotonic() - self._started_at:.0f} s)")
+        if not self.task_stopping:
+            self.set_status_line(f"Round {round_no}: {message} ({self.task_elapsed:.0f} s)")
 
     def _set_targets(self, targets: dict[str, tuple[float, float]]) -> None:
         """Each model's target as the merge derived it from the measured unmerged accuracy."""
@@ -577,7 +693,7 @@ class RetrainingPanel(QWidget):
             self._color_curves()
         return self.curves[name]
 
-    def _on_partial(self, value) -> None:
+    def on_task_partial(self, value) -> None:
         kind, payload = value
         if kind == "epoch":
             self._add_epoch(payload)
@@ -639,16 +755,14 @@ class RetrainingPanel(QWidget):
         return (np.asarray(x if x is not None else [], dtype=float),
                 np.asarray(y if y is not None else [], dtype=float))
 
-    def _end(self) -> Worker | None:
-        worker, self.worker = self.worker, None
-        self.progress_bar.setRange(0, 1)
-        self.progress_bar.setValue(0)
-        self.progress_bar.setFormat("")
-        self._update_enabled()
-        return worker
+    def on_task_done(self, report: dict) -> None:
+        self._show_report(report)
+        passed = sum(r["passed"] for r in report["models"].values())
+        self.set_status_line(f"Done in {self.task_elapsed:.1f} s: {passed}/{len(report['models'])} models meet "
+                             f"their targets. Written to {self._run_out_dir}")
+        self.sigRunFinished.emit(report)
 
-    def _on_finished(self, report: dict) -> None:
-        self._end()
+    def _show_report(self, report: dict) -> None:
         self.report = report
         # The report is the record: it holds every round, also those run before a pause.
         self.steps_model.set_steps(report["steps"])
@@ -662,55 +776,62 @@ class RetrainingPanel(QWidget):
         self.report_label.setText(
             f"Parameters {human_bytes(report['bytes_before'])} → {human_bytes(report['bytes_after'])}: saved "
             f"{human_bytes(report['saved_bytes'])}, {fraction:.1%} of the all-shareable "
-            f"{human_bytes(report['all_shareable_bytes'])}. {report['rounds']} rounds, "
+            f"{human_bytes(report['all_shareable_bytes'])}. {plural(report['rounds'], 'round')}, "
             f"{report['retrain_seconds']:.1f} s retraining on {report['device']}; stopped: {report['stopped']}.")
-        passed = sum(r["passed"] for r in report["models"].values())
-        self.status_label.setText(f"Done in {time.monotonic() - self._started_at:.1f} s: {passed}/"
-                                  f"{len(report['models'])} models meet their targets. Written to "
-                                  f"{self._run_out_dir}")
-        self.sigRunFinished.emit(report)
 
-    def _on_failed(self, message: str) -> None:
-        self._end()
+    def on_task_failed(self, message: str) -> None:
         self.report_label.setText("No report: the run failed")
         self._fail(message)
 
-    def _on_cancelled(self) -> None:
-        self._end()
-        out_dir, mode = self._run_out_dir, self._stopping
-        self._stopping = ""
-        rounds = len(self.steps_model.steps)
+    def on_task_cancelled(self, mode: str) -> None:
+        folder = MergedFolder(self._run_out_dir)
+        report = folder.report()
+        if report is not None:
+            # The stop came as the search wrote its report: the merge finished, and the screen
+            # shows what the folder holds.
+            self._show_report(report)
+            self.set_status_line(f"Finished as the {'pause' if mode != 'cancel' else 'cancel'} came: the merge "
+                                 f"wrote its report to {folder.path}")
+            self.sigRunFinished.emit(report)
+            return
+        rounds = plural(len(self.steps_model.steps), "round")
         if mode == "cancel":
-            for name in RESUME_FILES:
-                (out_dir / name).unlink(missing_ok=True)
-            self.status_label.setText(f"Cancelled after {rounds} rounds; the checkpoint was deleted")
+            folder.delete_checkpoint()
+            self.set_status_line(f"Cancelled after {rounds}; the checkpoint was deleted")
         else:
-            self.status_label.setText(f"Paused after {rounds} rounds. Resume continues from the checkpoint in "
-                                      f"{out_dir}")
+            self.set_status_line(f"Paused after {rounds}. Resume continues from the checkpoint in {folder.path}")
         self.report_label.setText("No report yet")
-        self._update_enabled()
 
     def _fail(self, message: str) -> None:
-        self.status_label.setText(f"Error: {message}")
+        # The window shows the message (once, in its banner); the panel's line says where it went.
+        self.set_status_line("Failed: the message is shown above")
         self.sigError.emit(message)
 
+    def update_controls(self) -> None:
+        self._update_enabled()
+
     def _update_enabled(self) -> None:
-        ready = self.workload is not None and self.plan is not None
+        ready = self._ready()
         running = self.running
         self.start_button.setEnabled(ready and not running)
         self.resume_button.setEnabled(ready and not running and can_resume(self.out_dir()))
-        self.pause_button.setEnabled(running and not self._stopping)
-        self.cancel_button.setEnabled(running and not self._stopping)
+        self.pause_button.setEnabled(running and not self.task_stopping)
+        self.cancel_button.setEnabled(running and not self.task_stopping)
         for w in (self.device_combo, self.strategy_combo, self.optimizer_combo, self.epochs_spin, self.lr_edit,
                   self.batch_spin, self.budget_spin, self.out_edit, self.choose_button):
             w.setEnabled(not running)
         if self.plan is None:
             self.plan_label.setText("No plan: propose or load one in the Proposals tab")
         else:
-            accepted = any(g.state.value == "accepted" for g in self.plan.groups)
-            tried = sum(len(c.groups) for c in candidates(self.plan))
-            which = "the accepted ones" if accepted else "none accepted, so all not rejected"
-            self.plan_label.setText(f"Plan: tries {tried} of its {len(self.plan.groups)} groups ({which})")
+            chosen, why = groups_to_try(self.plan)
+            self.plan_label.setText(f"Plan: Start tries {len(chosen)} of its {plural(len(self.plan.groups), 'group')}"
+                                    f": {why}")
+        random = self.random_models()
+        self.random_label.setText(f"Warning: {', '.join(random)} {'has' if len(random) == 1 else 'have'} random "
+                                  f"weights, so the accuracy figures of this merge mean nothing until "
+                                  f"{'it is' if len(random) == 1 else 'they are'} fine-tuned (Fine-tune tab)."
+                                  if random else "")
+        self.random_label.setVisible(bool(random))
         self.progress_bar.setVisible(running)
         self.out_edit.setToolTip(f"{self.out_dir()}\nMerged weights, plan.yaml, report.json and the checkpoint "
                                  "that Resume uses")

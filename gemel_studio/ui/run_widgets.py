@@ -10,6 +10,7 @@ never summed or mixed.
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 from PySide6.QtCore import QAbstractTableModel, QModelIndex, Qt
@@ -216,8 +217,14 @@ class ModelTableModel(SnapshotTableModel):
         self.set_rows([{**row, "name": name} for name, row in models.items()])
 
 
+RESIZE_EVERY_S = 1.0  # columns follow their contents at most once a second
+
+
 def snapshot_table(model: QAbstractTableModel, parent: QWidget) -> QTableView:
-    """A read-only table: rows selectable, columns as wide as their contents."""
+    """A read-only table: rows selectable, columns as wide as their contents. The widths follow
+    the contents when the rows change and at most once a second while figures tick: a header in
+    ResizeToContents mode measures every cell on every refresh, the preview's largest stall
+    (benchmarks/ui_probe.py)."""
     view = QTableView(parent)
     view.setModel(model)
     view.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
@@ -226,11 +233,22 @@ def snapshot_table(model: QAbstractTableModel, parent: QWidget) -> QTableView:
     view.verticalHeader().setVisible(False)
     view.verticalHeader().setDefaultSectionSize(24)
     header = view.horizontalHeader()
-    header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+    header.setSectionResizeMode(QHeaderView.ResizeMode.Interactive)
     header.setStretchLastSection(False)
     stretch = getattr(model, "STRETCH", None)
     if stretch is not None:
         header.setSectionResizeMode([h for h, _ in model.COLUMNS].index(stretch), QHeaderView.ResizeMode.Stretch)
+    last = [0.0]
+
+    def fit(force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - last[0] >= RESIZE_EVERY_S:
+            last[0] = now
+            view.resizeColumnsToContents()
+
+    model.modelReset.connect(lambda: fit(force=True))
+    model.dataChanged.connect(lambda *args: fit())
+    fit(force=True)
     return view
 
 

@@ -63,3 +63,37 @@ def open_and_wait(qtbot):
         return blocker.args[0]
 
     return run
+
+
+class Answers:
+    """The studio's questions (`gemel_studio.ui.task.ask`), answered by the test: `answers.yes()`,
+    `answers.no()`; each question asked is kept in `asked` as (title, text, yes-button)."""
+
+    def __init__(self):
+        self.asked: list[tuple[str, str, str]] = []
+        self.reply: bool | None = None  # None: a question is unexpected and fails the test
+
+    def yes(self) -> "Answers":
+        self.reply = True
+        return self
+
+    def no(self) -> "Answers":
+        self.reply = False
+        return self
+
+    def __call__(self, parent, title, text, yes="Yes", no="Cancel") -> bool:
+        self.asked.append((title, text, yes))
+        if self.reply is None:
+            raise AssertionError(f"unexpected question: {title}: {text}")
+        return self.reply
+
+
+@pytest.fixture(autouse=True)
+def answers(monkeypatch):
+    """No modal question ever blocks a test: an unanswered one fails it."""
+    found = Answers()
+    if HAVE_QT:
+        from gemel_studio.ui import task
+
+        monkeypatch.setattr(task, "ask", found)
+    return found

@@ -187,6 +187,26 @@ def test_closing_the_window_stops_a_running_preview(window, preview, qtbot):
     qtbot.waitUntil(lambda: panel.worker is None)
 
 
+def test_loop_acts_on_the_selected_stream_and_a_non_video_is_refused(window, preview, tmp_path):
+    panel = preview
+    junk = tmp_path / "notes.avi"
+    junk.write_text("not a video\n" * 50)
+    assert panel.add_video_stream(junk) is None
+    assert _one_line(window.banner.message) and "not a video" in window.banner.message and panel.streams == []
+
+    clip = _write_video(tmp_path / "clip.avi", frames=10, fps=20)
+    first, second = panel.add_video_stream(clip), panel.add_video_stream(clip)
+    assert first.fps == 20 and "clip.avi, 20 fps" in panel.streams_list.item(0).text()
+    panel.streams_list.setCurrentRow(1)
+    panel.loop_check.setChecked(True)  # acts on the selected stream, the second
+    assert second.loop and not first.loop and "(loop)" in panel.streams_list.item(1).text()
+    panel.streams_list.setCurrentRow(0)
+    assert not panel.loop_check.isChecked()  # the box shows the selected stream's setting
+    panel.streams_list.setCurrentRow(1)
+    assert panel.loop_check.isChecked()
+    assert second.source(seed=0).loop and not first.source(seed=0).loop
+
+
 def test_preview_runs_the_chosen_backend_and_loading(window, preview, qtbot):
     panel = preview
     panel.backend_combo.setCurrentText("onnxruntime")
@@ -311,7 +331,8 @@ def test_export_of_a_bad_folder_is_a_one_line_error(window, qtbot, tmp_path):
     assert _one_line(message) and "not a complete merged folder" in message
     assert panel.worker is None and panel.checks_model.rowCount() == 0
     assert not panel.preview_button.isEnabled() and panel.export_button.isEnabled()
-    assert panel.status_label.text() == f"Error: {message}"
+    assert panel.status_label.text() == "Failed: the message is shown above"  # the message shows once
+    assert window.banner.message == message
 
 
 # --- Monitor ---------------------------------------------------------------------------------
@@ -351,7 +372,8 @@ def test_monitor_shows_what_the_engine_counted_then_the_disconnect(window, bundl
     assert "running" in states and states[-1] == "stopped: sources ended"
     assert final["streams"][0]["frames_in"] == 40 and final["streams"][1]["frames_in"] == 15
     assert panel.stream_model.text(0, "Ended") == "ended"
-    assert panel.state_label.text().startswith("stopped: sources ended")
+    # Until the poll notices the server went, the last snapshot's state; then "finished".
+    assert panel.state_label.text().startswith(("stopped: sources ended", "finished (stopped: sources ended)"))
     # A finished run has released its weights; its peak stays.
     assert final["memory"]["runtime_resident_bytes"] == 0
     assert panel.gauges.resident_bar.text() == (
@@ -366,6 +388,8 @@ def test_monitor_shows_what_the_engine_counted_then_the_disconnect(window, bundl
     with qtbot.waitSignal(panel.sigDisconnected, timeout=10_000) as gone:
         pass
     assert _one_line(gone.args[0]) and panel.connection_label.text().startswith("disconnected: ")
+    assert panel.run_end == "finished" and panel.state_label.text().startswith("finished (stopped: sources ended)")
+    assert "running" not in panel.state_label.text()
     assert panel.stream_model.text(0, "In") == "40"  # the last values stay
     _click(qtbot, panel.disconnect_button)
     assert not panel.polling and panel.connect_button.isEnabled()
@@ -383,6 +407,40 @@ def test_monitor_connect_to_nothing_is_a_one_line_error(window, qtbot):
         _click(qtbot, panel.connect_button)
     assert _one_line(error.args[0]) and "cannot connect" in error.args[0]
     assert not panel.polling and panel.connect_button.isEnabled() and panel.snapshot is None
+
+
+def test_monitor_a_run_lost_while_running_does_not_look_finished(window, bundle, qtbot):  # noqa: F811
+    panel = window.monitor_panel
+    with load_bundle(bundle[1]) as loaded:
+        engine = Engine(loaded, [(SyntheticSource(fps=10, size=(16, 16), frames=5, seed=1), ["color"])],
+                        "merged", 200 * MIB, "cpu")
+        running = {**engine.snapshot(), "state": "running", "elapsed_s": 29.6}
+        server = MetricsServer(lambda: running)  # a run that is killed: it never says it stopped
+        try:
+            panel.set_address(f"127.0.0.1:{server.port}")
+            _click(qtbot, panel.connect_button)
+            qtbot.waitUntil(lambda: panel.connected, timeout=10_000)
+            assert panel.state_label.text().startswith("running, 29.6 s")
+        finally:
+            server.close()
+        with qtbot.waitSignal(panel.sigDisconnected, timeout=10_000):
+            pass
+    assert panel.run_end == "lost" and panel.state_label.text().startswith("lost: stopped answering while running")
+    assert not panel.state_label.text().startswith("running")
+    assert panel.stop(wait_ms=5_000)
+
+
+@pytest.mark.parametrize("address", ["localhost", "127.0.0.1:port", "127.0.0.1:70000", ":9400"])
+def test_monitor_an_invalid_address_is_refused_and_not_offered_again(window, address):
+    from gemel_studio.ui import settings as studio_settings
+
+    panel = window.monitor_panel
+    panel.set_address(address)
+    assert not panel.connect_to()
+    assert "not host:port" in window.banner.message and _one_line(window.banner.message)
+    assert not panel.polling
+    saved = studio_settings.studio_settings().value("monitor/address", "", type=str)
+    assert saved != address
 
 
 def test_gauges_show_gpu_memory_only_when_the_snapshot_has_device_figures(qtbot):

@@ -1,0 +1,191 @@
+"""How responsive the studio stays while it works: a timer on the GUI thread records how late
+each of its ticks fires, first while the Retraining tab merges a tiny workload for real, then
+while the Live preview runs a bundle on four synthetic streams. Prints one JSON object with
+the p50/p99/max lateness of each phase and the device. Goal: p99 under 50 ms.
+
+    QT_QPA_PLATFORM=offscreen .venv/bin/python benchmarks/ui_probe.py [--device auto|cpu|cuda]
+          [--retrain-seconds 60] [--preview-seconds 10] [--interval-ms 10]
+
+The merge is three ResNet-18 at 16x16 on synthetic images (gemel strategy, two epochs a round);
+it is paused after `--retrain-seconds` if it has not finished. The preview exports that merged
+folder (with every group the merge kept) and runs it under the merged policy. Lateness is the
+time between two ticks beyond the interval: a tick that waits behind a long slot on the GUI
+thread (a redraw, a table refresh, a queued signal storm) shows as a stall.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch  # before Qt
+import yaml
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+
+class StallProbe:
+    def __init__(self, interval_ms: int):
+        from PySide6.QtCore import Qt, QTimer
+
+        self.interval = interval_ms / 1000
+        self.late: list[float] = []
+        self._last: float | None = None
+        self.timer = QTimer()
+        self.timer.setTimerType(Qt.TimerType.PreciseTimer)
+        self.timer.setInterval(interval_ms)
+        self.timer.timeout.connect(self._tick)
+
+    def _tick(self) -> None:
+        now = time.perf_counter()
+        if self._last is not None:
+            self.late.append(max(0.0, now - self._last - self.interval))
+        self._last = now
+
+    def start(self) -> None:
+        self.late, self._last = [], None
+        self.timer.start()
+
+    def stop(self) -> dict:
+        self.timer.stop()
+        ms = np.asarray(self.late, dtype=float) * 1000
+        if not len(ms):
+            return {"ticks": 0}
+        return {"ticks": int(len(ms)), "p50_ms": round(float(np.percentile(ms, 50)), 2),
+                "p99_ms": round(float(np.percentile(ms, 99)), 2), "max_ms": round(float(ms.max()), 2),
+                "stalls_over_50ms": int((ms > 50).sum())}
+
+
+def _p99(values: list[float]) -> float | None:
+    return round(float(np.percentile(values, 99)), 2) if values else None
+
+
+def run_until(app, done, seconds: float) -> bool:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        app.processEvents()
+        if done():
+            return True
+        time.sleep(0.002)
+    return done()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--retrain-seconds", type=float, default=60.0)
+    parser.add_argument("--preview-seconds", type=float, default=10.0)
+    parser.add_argument("--interval-ms", type=int, default=10)
+    args = parser.parse_args(argv)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+
+    from PySide6.QtCore import QSettings
+
+    from gemel_studio.export import export_bundle
+    from gemel_studio.ui.app import make_app
+    from gemel_studio.ui.main_window import MainWindow
+
+    QSettings.setPath(QSettings.Format.IniFormat, QSettings.Scope.UserScope, tempfile.mkdtemp(prefix="gemel-probe-"))
+    app = make_app()
+    window = MainWindow()
+    window.ask_before_discard = False
+    window.offer_resume_on_open = False
+    window.resize(1400, 900)
+    window.show()
+    errors: list[str] = []
+    window.sigError.connect(errors.append)
+
+    folder = Path(tempfile.mkdtemp(prefix="gemel-probe-merge-"))
+    tasks, heads = ["color", "shape", "size"], [3, 3, 2]
+    models = [{"name": t, "source": {"kind": "torchvision", "architecture": "resnet18"}, "num_classes": n,
+               "target": {"relative": 0.8}, "dataset": {"kind": "synthetic", "task": t, "samples": 96, "seed": i}}
+              for i, (t, n) in enumerate(zip(tasks, heads))]
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump({"version": 1, "name": "tiny", "input_size": [3, 16, 16], "models": models},
+                                   sort_keys=False))
+    analysed: list = []
+    window.sigAnalysisChanged.connect(analysed.append)
+    window.open_path(path)
+    if not run_until(app, lambda: analysed or errors, 300):
+        print(json.dumps({"error": "the workload was not analysed"}))
+        return 2
+    window.proposals_panel.propose()
+    panel = window.retraining_panel
+    panel.strategy_combo.setCurrentText("gemel")
+    if panel.device_combo.findText(device) >= 0:
+        panel.device_combo.setCurrentText(device)
+    panel.optimizer_combo.setCurrentText("adam")
+    panel.epochs_spin.setValue(2)
+    panel.batch_spin.setValue(16)
+    panel.set_out_dir(folder / "merged")
+    window.tabs.setCurrentWidget(panel)
+
+    probe = StallProbe(args.interval_ms)
+    finished: list = []
+    panel.sigRunFinished.connect(finished.append)
+    probe.start()
+    started = time.monotonic()
+    if panel.start() is None:
+        print(json.dumps({"error": errors[-1] if errors else "the merge did not start"}))
+        return 2
+    completed = run_until(app, lambda: finished or not panel.running, args.retrain_seconds)
+    if panel.running:
+        panel.pause()
+        run_until(app, lambda: not panel.running, 120)
+    retraining = {**probe.stop(), "seconds": round(time.monotonic() - started, 1), "finished": bool(finished),
+                  "completed_in_time": bool(completed and finished)}
+
+    out = {"device": device, "interval_ms": args.interval_ms, "goal_p99_ms": 50, "retraining": retraining}
+    if finished:
+        bundle = folder / "bundle"
+        export_bundle(folder / "merged", bundle)
+        preview = window.preview_panel
+        if not preview.set_bundle_path(bundle):
+            out["preview"] = {"error": errors[-1] if errors else "the bundle did not open"}
+        else:
+            preview.policy_combo.setCurrentText("merged")
+            if preview.device_combo.findText(device) >= 0:
+                preview.device_combo.setCurrentText(device)
+            for fps in (10, 10, 6, 4):
+                preview.add_synthetic_stream(fps)
+            window.tabs.setCurrentWidget(preview)
+            # Where a stall comes from: the preview's redraw, and within it the engine's snapshot.
+            refresh_ms, snapshot_ms = [], []
+            original_refresh = preview.refresh
+
+            def timed_refresh():
+                engine = preview.engine
+                if engine is not None:
+                    t0 = time.perf_counter()
+                    engine.snapshot()
+                    snapshot_ms.append((time.perf_counter() - t0) * 1000)
+                t0 = time.perf_counter()
+                original_refresh()
+                refresh_ms.append((time.perf_counter() - t0) * 1000)
+
+            preview.refresh = timed_refresh
+            preview._timer.timeout.disconnect()
+            preview._timer.timeout.connect(timed_refresh)
+            probe.start()
+            if preview.start() is None:
+                out["preview"] = {"error": errors[-1] if errors else "the preview did not start"}
+            else:
+                run_until(app, lambda: False, args.preview_seconds)
+                out["preview"] = {**probe.stop(), "seconds": args.preview_seconds, "streams": 4,
+                                  "redraw_p99_ms": _p99(refresh_ms), "engine_snapshot_p99_ms": _p99(snapshot_ms)}
+                preview.stop(wait_ms=10_000)
+    phases = [p for p in (out.get("retraining"), out.get("preview")) if p and "p99_ms" in p]
+    out["p99_ms"] = max(p["p99_ms"] for p in phases) if phases else None
+    print(json.dumps(out, indent=2))
+    window.stop_work()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
