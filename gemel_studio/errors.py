@@ -13,5 +13,9 @@ class ModelLoadError(GemelError):
     """A model's source (architecture, weights, checkpoint, TorchScript, ONNX) cannot be used."""
 
 
+class DatasetError(GemelError):
+    """A dataset that cannot be read or does not fit its model."""
+
+
 class Cancelled(Exception):
     """Long work stopped because the caller asked it to (not an error)."""

@@ -30,8 +30,8 @@ import torch
 import yaml
 from torch.utils.data import Dataset
 
+from ..errors import DatasetError
 from ..workload import CocoDataset, ModelSpec, VocDataset, Workload, YoloDataset
-from .datasets import DatasetError
 
 EDGE_TOLERANCE = 1.0  # pixels a box may overshoot the image (then clipped)
 

@@ -24,16 +24,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from ..errors import GemelError
+from ..errors import DatasetError
 from ..preprocessing import ImagePreprocessing, resolve_preprocessing
 from ..workload import BOX_DATASETS, FashionMnistDataset, ImageFolderDataset, ModelSpec, SyntheticDataset, Workload
 
 UNLABELLED = -1  # the label of an image that has none until the model distils one
 DISTILL_SCORE_THRESHOLD = 0.5  # a detector's boxes scored at least this become its distilled labels
-
-
-class DatasetError(GemelError):
-    """A dataset that cannot be read or does not fit its model."""
 
 
 # --- synthetic scenes ----------------------------------------------------------------------
