@@ -134,11 +134,6 @@ def resolve_preprocessing(workload: "Workload", spec: "ModelSpec") -> ImagePrepr
         # The weights' resize-to-crop ratio, kept at the workload's input size.
         dh, dw = derived["crop"]
         resize = max(1, round(min(h, w) * derived["resize"] / min(dh, dw)))
-    if "crop" in given and tuple(given["crop"]) != (h, w):
-        from .errors import WorkloadError
-
-        raise WorkloadError(f"model '{spec.name}': preprocessing.crop {list(given['crop'])} differs from its input "
-                            f"size {[h, w]}; the crop is what the model sees, so make them agree")
     mean, std = given.get("mean", derived.get("mean")), given.get("std", derived.get("std"))
     if mean is not None and len(mean) != c:
         if c == 1 and "mean" not in given:  # a grey model from RGB weights: one average channel

@@ -270,10 +270,6 @@ class ModelSpec(_Strict):
         if self.class_names is not None and len(self.class_names) != self.num_classes:
             raise ValueError(f"class_names lists {len(self.class_names)} names but num_classes is "
                              f"{self.num_classes}; give one name per class")
-        if self.preprocessing is not None and self.preprocessing.crop is not None and self.input_size is not None \
-                and tuple(self.preprocessing.crop) != tuple(self.input_size[1:]):
-            raise ValueError(f"preprocessing.crop {list(self.preprocessing.crop)} differs from input_size "
-                             f"{list(self.input_size[1:])}; the crop is what the model sees, so make them agree")
         return self
 
     @field_validator("input_size")
@@ -308,6 +304,17 @@ class Workload(_Strict):
             if spec.name in seen:
                 raise ValueError(f"duplicate model name '{spec.name}': every model needs its own name")
             seen.add(spec.name)
+        return self
+
+    @model_validator(mode="after")
+    def _crops_fit(self) -> "Workload":
+        """A crop is what the model sees: it must be the model's input size, its own or the workload's."""
+        for spec in self.models:
+            crop = spec.preprocessing.crop if spec.preprocessing is not None else None
+            size = list(self.input_size_of(spec)[1:])
+            if crop is not None and list(crop) != size:
+                raise ValueError(f"model '{spec.name}': preprocessing.crop {list(crop)} differs from input_size "
+                                 f"{size}; the crop is what the model sees, so make them agree")
         return self
 
     def input_size_of(self, spec: ModelSpec) -> InputSize:

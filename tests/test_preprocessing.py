@@ -70,6 +70,13 @@ def test_bad_preprocessing_is_one_line_naming_the_model_and_field(write_workload
     assert "\n" not in str(err.value)
 
 
+def test_a_crop_is_checked_against_the_workloads_input_size_too(write_workload):
+    path = write_workload([tv("cam", "resnet18", preprocessing={"resize": 40, "crop": [32, 32]})], input_size=[3, 64, 64])
+    with pytest.raises(WorkloadError, match=r"model 'cam': preprocessing.crop \[32, 32\] differs from input_size "
+                                            r"\[64, 64\]"):
+        load_workload(path)
+
+
 def test_mean_of_the_wrong_length_and_a_normalised_detector_are_refused(write_workload):
     w = load_workload(write_workload([
         tv("grey", "resnet18", input_size=[1, 32, 32], preprocessing={"mean": [0.5] * 3, "std": [0.2] * 3}),

@@ -172,13 +172,14 @@ def fashion_mnist(folder: Path, classes: list[int] | None, size: "tuple[int, int
 
 
 def _image_transform(size: "tuple[int, int, int] | ImagePreprocessing"):
-    """PIL image -> the model's input tensor: the same tensor path the runtime takes for a frame."""
+    """RGB PIL image -> the model's input tensor: the same tensor path the runtime takes for a frame."""
     from torchvision.transforms.v2 import functional as TF
 
     prep = as_preprocessing(size)
 
     def transform(image):
-        return prep.apply(TF.to_dtype(TF.pil_to_tensor(image.convert("RGB")), torch.float32, scale=True))
+        # Both callers hand over RGB already (ImageFolder's loader, UnlabelledImages.__getitem__).
+        return prep.apply(TF.to_dtype(TF.pil_to_tensor(image), torch.float32, scale=True))
 
     return transform
 
