@@ -8,9 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 from contextlib import contextmanager
-from importlib import metadata
 import json
-import platform
 import sys
 from pathlib import Path
 
@@ -18,71 +16,11 @@ from . import __version__
 from .errors import Cancelled, GemelError
 
 from .samples import DEFAULT_WORKLOAD  # noqa: F401  (the studio's default workload; found in a wheel too)
-
-
-def human_bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"
+from .system import versions
+from .units import human_bytes, text_table
 
 
 # --- gemel info ----------------------------------------------------------------------------
-
-
-def gpu_info() -> list[dict]:
-    """NVIDIA GPUs through pynvml: name, total and used memory. Empty when there is none."""
-    try:
-        import pynvml
-    except ImportError:
-        return []
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError:
-        return []
-    try:
-        out = []
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
-            mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
-            name = pynvml.nvmlDeviceGetName(handle)
-            out.append({"index": i, "name": name.decode() if isinstance(name, bytes) else name,
-                        "memory_total": int(mem.total), "memory_used": int(mem.used)})
-        return out
-    finally:
-        pynvml.nvmlShutdown()
-
-
-def versions() -> dict:
-    import onnx
-    import torch
-    import torchvision
-
-    info = {"gemel_studio": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "onnx": onnx.__version__}
-    try:
-        import onnxruntime
-        info["onnxruntime"] = onnxruntime.__version__
-    except ImportError:
-        info["onnxruntime"] = None
-    # Read from package metadata: the core must not import Qt (it may be absent on an edge box).
-    info["pyside6"] = info["qt"] = None
-    for dist in ("PySide6-Essentials", "PySide6"):
-        try:
-            info["pyside6"] = metadata.version(dist)
-            break
-        except metadata.PackageNotFoundError:
-            continue
-    qtcore = sys.modules.get("PySide6.QtCore")
-    # PySide6 wheels bundle the Qt of their own version; the running Qt says so when loaded.
-    info["qt"] = qtcore.qVersion() if qtcore is not None else info["pyside6"]
-    info["device"] = "cuda" if torch.cuda.is_available() else "cpu"
-    info["gpus"] = gpu_info()
-    return info
 
 
 def cmd_info(args) -> int:
@@ -109,20 +47,12 @@ def cmd_info(args) -> int:
 # --- gemel analyze -------------------------------------------------------------------------
 
 
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-             for row in [header, *rows]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 def format_analysis(analysis) -> str:
     out = [f"workload {analysis.workload}: {len(analysis.models)} models, alignment: {analysis.alignment}", ""]
     rows = [[m.name, m.architecture, m.task, f"{m.param_count:,}", human_bytes(m.param_bytes),
              human_bytes(m.buffer_bytes), human_bytes(m.activation_bytes), str(len(m.layers))]
             for m in analysis.models]
-    out.append(_table(rows, ["model", "architecture", "task", "parameters", "param bytes", "buffers",
+    out.append(text_table(rows, ["model", "architecture", "task", "parameters", "param bytes", "buffers",
                              "peak activations", "layers"]))
     out.append("")
     top = analysis.groups[:15]
@@ -130,7 +60,7 @@ def format_analysis(analysis) -> str:
              ", ".join(f"{m.model}:{m.layer}" for m in g.members)[:70]] for i, g in enumerate(top)]
     out.append(f"{len(analysis.groups)} share groups (heaviest {len(top)} shown)")
     if rows:
-        out.append(_table(rows, ["#", "kind", "models", "per copy", "saves", "members"]))
+        out.append(text_table(rows, ["#", "kind", "models", "per copy", "saves", "members"]))
     out.append("")
     out.append(f"total parameter bytes   {human_bytes(analysis.total_param_bytes)}")
     out.append(f"all-shareable bound     {human_bytes(analysis.max_savings_bytes)} "
@@ -397,7 +327,7 @@ def format_run(summary: dict) -> str:
     rows = [[s["name"], ",".join(s["models"]), f"{s['fps']:g}", str(s["frames_in"]), str(s["processed"]),
              str(s["dropped"]), ms(s["latency_p50_ms"]), ms(s["latency_p99_ms"]), f"{s['throughput_fps']:.1f}",
              s["end_reason"] or "-"] for s in summary["streams"]]
-    out.append(_table(rows, ["stream", "models", "fps", "in", "processed", "dropped", "p50 ms", "p99 ms",
+    out.append(text_table(rows, ["stream", "models", "fps", "in", "processed", "dropped", "p50 ms", "p99 ms",
                              "frames/s", "ended"]))
     out.append("")
     rows = [[n, human_bytes(m["bytes"]), str(m["runs"]), str(m["swaps"]), f"{m['load_seconds']:.3f}",
@@ -405,7 +335,7 @@ def format_run(summary: dict) -> str:
              str(m["refused"]), m["load"],
              f"{m['mean_batch_size']:.1f}/{m['max_batch']}" if m.get("mean_batch_size") else "-"]
             for n, m in summary["models"].items()]
-    out.append(_table(rows, ["model", "bytes", "runs", "swaps", "load s", "waited s", "loaded", "infer ms",
+    out.append(text_table(rows, ["model", "bytes", "runs", "swaps", "load s", "waited s", "loaded", "infer ms",
                              "refused", "load", "batch mean/max"]))
     out.extend(f"note: {n} {m['load_note']}" for n, m in summary["models"].items() if "load_note" in m)
     out.append("")

@@ -45,6 +45,7 @@ from torch.nn.utils._named_member_accessor import set_tensor
 from ..devices import resolve_device
 from ..errors import GemelError
 from ..preprocessing import ImagePreprocessing
+from ..system import gpu_memory
 from .scheduler import ModelScheduler
 from .sources import FrameSource
 
@@ -245,7 +246,7 @@ def memory_snapshot(device: torch.device, resident_bytes: int, peak_resident_byt
     if device.type == "cuda":
         out["torch_allocated_bytes"] = int(torch.cuda.memory_allocated(device))
         out["torch_reserved_bytes"] = int(torch.cuda.memory_reserved(device))
-        out.update(_nvml_memory(device.index or 0))
+        out.update(gpu_memory(device.index or 0))
     return out
 
 
@@ -260,27 +261,6 @@ def process_rss() -> int | None:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return None
-
-
-_nvml_handles: dict[int, object] = {}
-_nvml_lock = threading.Lock()
-
-
-def _nvml_memory(index: int) -> dict:
-    """The device's used and total memory through pynvml; NVML is initialised once per process
-    and its handle kept, since previews and metrics ask several times a second."""
-    try:
-        import pynvml
-
-        with _nvml_lock:
-            if index not in _nvml_handles:
-                if not _nvml_handles:
-                    pynvml.nvmlInit()
-                _nvml_handles[index] = pynvml.nvmlDeviceGetHandleByIndex(index)
-        mem = pynvml.nvmlDeviceGetMemoryInfo(_nvml_handles[index])
-        return {"device_used_bytes": int(mem.used), "device_total_bytes": int(mem.total)}
-    except Exception:  # no NVML (a driver-less box, another vendor): these figures are absent
-        return {}
 
 
 def describe_output(spec, output, max_boxes: int = 10, min_score: float = 0.3) -> dict:

@@ -12,7 +12,8 @@ from PySide6.QtCore import Qt
 from PySide6.QtWidgets import (QComboBox, QDialog, QDialogButtonBox, QFormLayout, QLabel, QLineEdit, QMessageBox,
                                QSpinBox, QVBoxLayout, QWidget)
 
-from ..cli import human_bytes, versions
+from ..system import versions
+from ..units import human_bytes
 from ..models import known_architectures
 from ..workload import CheckpointSource, ModelSpec, TorchvisionSource
 

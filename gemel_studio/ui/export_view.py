@@ -16,7 +16,7 @@ from PySide6.QtGui import QBrush, QColor
 from PySide6.QtWidgets import (QCheckBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QLineEdit,
                                QProgressBar, QPushButton, QSplitter, QVBoxLayout, QWidget)
 
-from ..cli import human_bytes
+from ..units import human_bytes
 from ..export import ExportResult, export_bundle
 from . import settings
 from .run_widgets import SnapshotTableModel, snapshot_table, titled

@@ -21,7 +21,8 @@ from PySide6.QtWidgets import (QFileDialog, QFrame, QHBoxLayout, QLabel, QMainWi
                                QPushButton, QTabWidget, QVBoxLayout, QWidget)
 
 from ..analysis import WorkloadAnalysis, analyze_workload
-from ..cli import gpu_info, human_bytes, versions
+from ..system import gpu_info, versions
+from ..units import human_bytes
 from ..errors import GemelError
 from ..workload import ModelSpec, OnnxSource, Workload, load_workload, parse_workload, save_workload, workload_to_dict
 from . import settings

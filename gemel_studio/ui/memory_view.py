@@ -14,7 +14,7 @@ from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QComboBox, QHBoxLayout, QLabel, QSplitter, QVBoxLayout, QWidget
 
 from ..analysis import WorkloadAnalysis
-from ..cli import human_bytes
+from ..units import human_bytes
 from .settings import PALETTES
 
 MIB = 1024 * 1024

@@ -11,7 +11,7 @@ from PySide6.QtWidgets import (QAbstractItemView, QHBoxLayout, QHeaderView, QLab
                                QVBoxLayout, QWidget)
 
 from ..analysis import ModelInventory, WorkloadAnalysis
-from ..cli import human_bytes
+from ..units import human_bytes
 from ..workload import ModelSpec, Workload
 
 RAW_ROLE = Qt.ItemDataRole.UserRole + 1  # the unformatted value, used for sorting and tests

@@ -25,7 +25,7 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout
                                QHBoxLayout, QLabel, QLineEdit, QListWidget, QListWidgetItem, QPushButton, QScrollArea,
                                QSizePolicy, QSpinBox, QSplitter, QVBoxLayout, QWidget)
 
-from ..cli import human_bytes
+from ..units import human_bytes
 from ..errors import GemelError
 from ..runtime.bundle import BundleManifest, peek_manifest
 from ..runtime.engine import BACKENDS, LOADS

@@ -17,7 +17,7 @@ from PySide6.QtWidgets import (QAbstractItemView, QFileDialog, QHBoxLayout, QHea
                                QPushButton, QSpinBox, QTableView, QVBoxLayout, QWidget)
 
 from ..analysis import WorkloadAnalysis
-from ..cli import human_bytes
+from ..units import human_bytes
 from ..errors import GemelError
 from ..merging.plan import GroupState, MergePlan, PlanError, load_plan, propose_plan, save_plan, validate_plan
 from ..workload import Workload

@@ -31,7 +31,7 @@ from PySide6.QtWidgets import (QAbstractItemView, QComboBox, QFileDialog, QFormL
                                QTableView, QVBoxLayout, QWidget)
 
 from ..analysis import WorkloadAnalysis
-from ..cli import human_bytes
+from ..units import human_bytes
 from ..merging.folder import RUN_PLAN, MergedFolder
 from ..merging.heuristic import STRATEGIES, candidates
 from ..merging.pipeline import merge_workload

@@ -17,7 +17,7 @@ from PySide6.QtCore import QAbstractTableModel, QModelIndex, Qt
 from PySide6.QtWidgets import (QAbstractItemView, QGridLayout, QHeaderView, QLabel, QProgressBar, QTableView,
                                QVBoxLayout, QWidget)
 
-from ..cli import human_bytes
+from ..units import human_bytes
 
 GAUGE_STEPS = 1000  # QProgressBar holds an int: gauges run over permille, not bytes
 

@@ -20,7 +20,7 @@ from PySide6.QtWidgets import (QAbstractItemView, QComboBox, QHBoxLayout, QHeade
                                QSplitter, QTableView, QVBoxLayout, QWidget)
 
 from ..analysis import ModelInventory, ShareGroup, WorkloadAnalysis
-from ..cli import human_bytes
+from ..units import human_bytes
 from .settings import PALETTES
 
 MEMBER_ROLE = Qt.ItemDataRole.UserRole + 1  # bool: the model holds a layer of the group

@@ -18,7 +18,7 @@ pytest.importorskip("PySide6")
 
 from PySide6.QtCore import Qt  # noqa: E402
 
-from gemel_studio.cli import human_bytes  # noqa: E402
+from gemel_studio.units import human_bytes  # noqa: E402
 from gemel_studio.runtime import load_bundle  # noqa: E402
 from gemel_studio.runtime.engine import Engine  # noqa: E402
 from gemel_studio.runtime.metrics import MetricsServer  # noqa: E402

@@ -15,7 +15,7 @@ from PySide6.QtCore import QMimeData, QPointF, Qt, QUrl  # noqa: E402
 from PySide6.QtGui import QDropEvent  # noqa: E402
 
 from gemel_studio.analysis import analyze_workload  # noqa: E402
-from gemel_studio.cli import human_bytes  # noqa: E402
+from gemel_studio.units import human_bytes  # noqa: E402
 from gemel_studio.ui.models_view import RAW_ROLE  # noqa: E402
 from gemel_studio.ui.sharing_view import LAYER_ROLE, MEMBER_ROLE  # noqa: E402
 from gemel_studio.workload import load_workload  # noqa: E402
@@ -325,7 +325,7 @@ def test_window_geometry_is_kept(window, qtbot):
 def test_status_bar_device_shortcuts_and_about(window):
     from PySide6.QtGui import QKeySequence
 
-    from gemel_studio.cli import versions
+    from gemel_studio.system import versions
 
     gpus = versions()["gpus"]
     assert (gpus[0]["name"] in window.device_label.text()) if gpus else window.device_label.text() == "Device: CPU"

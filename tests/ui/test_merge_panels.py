@@ -15,7 +15,7 @@ pytest.importorskip("PySide6")
 from PySide6.QtCore import Qt  # noqa: E402
 
 from gemel_studio.analysis import analyze_workload  # noqa: E402
-from gemel_studio.cli import human_bytes  # noqa: E402
+from gemel_studio.units import human_bytes  # noqa: E402
 from gemel_studio.merging.plan import GroupState, load_plan, propose_plan, save_plan  # noqa: E402
 from gemel_studio.ui.proposals_view import RAW_ROLE  # noqa: E402
 from gemel_studio.workload import load_workload  # noqa: E402

@@ -11,7 +11,7 @@ from PySide6.QtCore import QCoreApplication, QEvent, Qt  # noqa: E402
 from PySide6.QtWidgets import QWidget  # noqa: E402
 
 from gemel_studio.analysis import GroupMember, LayerRecord, ModelInventory, ShareGroup, WorkloadAnalysis  # noqa: E402
-from gemel_studio.cli import human_bytes  # noqa: E402
+from gemel_studio.units import human_bytes  # noqa: E402
 from gemel_studio.ui.sharing_view import (LAYER_ROLE, MAX_GROUPS, MAX_LAYER_LISTS, MAX_MODELS,  # noqa: E402
                                           MEMBER_ROLE, SharingPanel)
 
