@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .architectures import check_architecture
 from .errors import WorkloadError
 
 SCHEMA_VERSION = 1
@@ -36,8 +37,6 @@ class TorchvisionSource(_Strict):
     @field_validator("architecture")
     @classmethod
     def _known_architecture(cls, value: str) -> str:
-        from .models.zoo import check_architecture
-
         check_architecture(value)
         return value
 

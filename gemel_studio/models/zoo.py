@@ -6,45 +6,12 @@ constructor allows it (no weight memory), else on the CPU and moved to meta.
 
 from __future__ import annotations
 
-import difflib
-from functools import lru_cache
-
 import torch
-import torchvision
-from torchvision.models import get_model, list_models
+from torchvision.models import get_model
 
+from ..architectures import (  # noqa: F401  (re-exported: the names models/ always had)
+    check_architecture, classifiers as _classifiers, detectors as _detectors, known_architectures, task_of)
 from ..errors import ModelLoadError
-
-
-@lru_cache(maxsize=None)
-def _classifiers() -> frozenset[str]:
-    return frozenset(list_models(module=torchvision.models))
-
-
-@lru_cache(maxsize=None)
-def _detectors() -> frozenset[str]:
-    return frozenset(list_models(module=torchvision.models.detection))
-
-
-def known_architectures() -> dict[str, str]:
-    """Architecture name -> task, for every torchvision classifier and detector."""
-    names = {n: "classification" for n in _classifiers()}
-    names.update({n: "detection" for n in _detectors()})
-    return dict(sorted(names.items()))
-
-
-def task_of(architecture: str) -> str:
-    check_architecture(architecture)
-    return "detection" if architecture in _detectors() else "classification"
-
-
-def check_architecture(name: str) -> None:
-    """Raise a ValueError (pydantic turns it into a field error) for an unknown name."""
-    known = known_architectures()
-    if name not in known:
-        close = difflib.get_close_matches(name, known, n=3)
-        hint = f"did you mean {', '.join(close)}?" if close else "see `gemel info --architectures`"
-        raise ValueError(f"unknown torchvision architecture '{name}'; {hint}")
 
 
 def _constructor_kwargs(architecture: str, num_classes: int) -> dict:
