@@ -2,6 +2,7 @@
 # GEMEL Studio's one entry point for people and CI.
 #   ./dev.sh studio [WORKLOAD]   set up (once) and open the studio, by default on the quick-start workload
 #   ./dev.sh test [PYTEST ARGS]  set up (once) and run the whole test suite
+#   ./dev.sh lint                set up (once) and check the layering (import-linter, pyproject.toml)
 #   ./dev.sh setup               only set up: Debian libraries Qt needs, .venv, the package and its extras
 # Set-up is idempotent: it reinstalls only when pyproject.toml changed or .venv is missing.
 set -euo pipefail
@@ -64,12 +65,15 @@ case "$cmd" in
   studio)
     setup
     exec "$VENV/bin/gemel-studio" "$@" ;;
+  lint)
+    setup
+    exec "$VENV/bin/lint-imports" "$@" ;;
   test)
     setup
     # Qt tests run offscreen; no display is needed.
     export QT_QPA_PLATFORM=offscreen
     exec "$VENV/bin/python" -m pytest "$@" ;;
   *)
-    sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'
     [ "$cmd" = help ] || exit 2 ;;
 esac

@@ -16,6 +16,7 @@ the pretrained weights' `meta["categories"]` when the head was loaded (same clas
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -67,9 +68,7 @@ class ImagePreprocessing:
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         if self.mean is None:
             return x
-        shape = (-1, 1, 1)
-        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).reshape(shape)
-        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).reshape(shape)
+        mean, std = _channel_stats(tuple(self.mean), tuple(self.std), x.dtype, x.device)
         return (x - mean) / std
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
@@ -80,6 +79,17 @@ class ImagePreprocessing:
         return {"resize": self.resize, "crop": list(self.size) if self.resize is not None else None,
                 "mean": list(self.mean) if self.mean is not None else None,
                 "std": list(self.std) if self.std is not None else None, "interpolation": self.interpolation}
+
+
+@functools.lru_cache(maxsize=64)
+def _channel_stats(mean: tuple[float, ...], std: tuple[float, ...], dtype: torch.dtype,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std as (C, 1, 1) tensors, made once per dtype and device rather than per frame.
+    Nothing writes to them; they are made outside inference mode, so that a runtime's inference
+    and a training step can both use them."""
+    with torch.inference_mode(False):
+        return (torch.tensor(mean, dtype=dtype, device=device).reshape(-1, 1, 1),
+                torch.tensor(std, dtype=dtype, device=device).reshape(-1, 1, 1))
 
 
 # --- resolving a workload model's preprocessing and class names ----------------------------

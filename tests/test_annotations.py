@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -96,6 +97,33 @@ def test_coco_boxes_scale_to_the_input_and_categories_number_by_id(tmp_path, wri
     image, target = data.train[0]
     assert image.shape == (3, 64, 64) and image.dtype == torch.float32 and 0 <= image.min() < image.max() <= 1
     assert labels_of(w, w.model("d")) == ["background", "dog", "cat", "bird"]
+
+
+def test_each_image_is_decoded_once_when_the_data_loads_and_once_each_time_it_is_read(tmp_path, write_workload,
+                                                                                     monkeypatch):
+    # Loading decodes every image fully (its real size, and a broken file stops the load, not the
+    # training); a read decodes it again (nothing but the boxes is held): never more than that.
+    from PIL import Image, ImageFile
+
+    opened, decoded = [], []
+    real_open, real_load = Image.open, ImageFile.ImageFile.load
+
+    def counting_load(image):
+        if image.tile:  # pixels not decoded yet
+            decoded.append(Path(image.filename).name)
+        return real_load(image)
+
+    monkeypatch.setattr(Image, "open", lambda fp, *a, **k: opened.append(Path(fp).name) or real_open(fp, *a, **k))
+    monkeypatch.setattr(ImageFile.ImageFile, "load", counting_load)
+    w = load_workload(write_workload([det("d", coco(tmp_path))], input_size=[3, 64, 64]))
+    data = load_model_data(w, w.model("d"))
+    files = sorted(["wide.png", "square.png", "empty.png"])
+    assert sorted(opened) == files and sorted(decoded) == files
+    opened.clear(), decoded.clear()
+    for split in (data.train, data.val):
+        for i in range(len(split)):
+            split[i]
+    assert sorted(opened) == files and sorted(decoded) == files
 
 
 def test_coco_categories_map_by_class_names(tmp_path, write_workload):

@@ -169,3 +169,38 @@ def test_input_check_of_a_torchvision_model_is_a_note(write_workload):
     inv = analyze_workload(w).models[0]
     assert inv.activation_bytes is None and not any(layer.executed for layer in inv.layers)
     assert any("forward pass at input [3, 64, 64] failed" in n for n in inv.notes)
+
+
+def test_no_module_of_the_analysis_package_imports_itself_back():
+    """Every import inside a function counts too: a lazy import that closes a circle is still one."""
+    import ast
+    from pathlib import Path
+
+    import gemel_studio.analysis as package
+
+    folder = Path(package.__file__).parent
+    modules = {p.stem for p in folder.glob("*.py")}
+    edges: dict[str, set[str]] = {}
+    for name in modules:
+        tree = ast.parse((folder / f"{name}.py").read_text(encoding="utf-8"))
+        targets = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:  # from .x import y, from . import x
+                targets |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("gemel_studio.analysis."):
+                targets.add(node.module.split(".")[2])
+        edges[name] = targets & modules - {"__init__"}
+
+    def circle_from(start: str) -> list[str] | None:
+        stack = [(start, [start])]
+        while stack:
+            name, path = stack.pop()
+            for nxt in edges[name]:
+                if nxt == start:
+                    return path + [start]
+                if nxt not in path:
+                    stack.append((nxt, path + [nxt]))
+        return None
+
+    circles = [c for m in sorted(modules) if (c := circle_from(m))]
+    assert not circles, f"import circle(s) in gemel_studio/analysis: {[' -> '.join(c) for c in circles]}"

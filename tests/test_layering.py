@@ -78,3 +78,32 @@ def test_runtime_sources_do_not_import_merging_ui_or_export():
                 offenders += [f"{p.name}: {a.name}" for a in node.names
                               if a.name.startswith(("gemel_studio.merging", "gemel_studio.ui", "PySide6"))]
     assert offenders == []
+
+
+def _lint_imports(root: Path) -> subprocess.CompletedProcess:
+    """`lint-imports` with the project's contracts (pyproject.toml), on the package under `root`."""
+    exe = Path(sys.executable).with_name("lint-imports")
+    return subprocess.run([str(exe), str(root / "pyproject.toml"), "--no-cache", "--no-logo"], cwd=root,
+                          capture_output=True, text=True, timeout=300,
+                          env={"PATH": str(exe.parent), "PYTHONPATH": str(root)})
+
+
+def test_the_layering_contracts_hold_on_the_tree():
+    proc = _lint_imports(PACKAGE.parent)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "Contracts: 4 kept, 0 broken." in proc.stdout
+
+
+def test_the_linter_fails_on_a_runtime_module_that_imports_the_merging_code(tmp_path):
+    """The contracts are not vacuous: one deliberate violation breaks two of them, named."""
+    import shutil
+
+    shutil.copytree(PACKAGE, tmp_path / "gemel_studio", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(PACKAGE.parent / "pyproject.toml", tmp_path / "pyproject.toml")
+    sources = tmp_path / "gemel_studio" / "runtime" / "sources.py"
+    sources.write_text(sources.read_text() + "\n\ndef _violation():\n    from ..merging import plan  # noqa\n")
+    proc = _lint_imports(tmp_path)
+    assert proc.returncode != 0
+    assert "The edge runtime installs without the merging code, the exporter and the studio BROKEN" in proc.stdout
+    assert "gemel_studio.runtime.sources -> gemel_studio.merging.plan" in proc.stdout
+    assert "Contracts: 2 kept, 2 broken." in proc.stdout

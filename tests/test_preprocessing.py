@@ -101,6 +101,35 @@ def test_apply_resizes_the_shorter_side_crops_the_centre_and_normalises():
     assert squash.shape == (1, 4, 4) and 0.0 < float(squash.mean()) < 1.0
 
 
+def test_normalise_makes_its_mean_and_std_once_per_dtype_and_device_with_the_same_output(monkeypatch):
+    from gemel_studio import preprocessing
+
+    prep = ImagePreprocessing(channels=3, size=(4, 4), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    images = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+
+    def per_frame(x):  # what normalise did before: new tensors for every call
+        mean = torch.tensor(prep.mean, dtype=x.dtype, device=x.device).reshape(-1, 1, 1)
+        std = torch.tensor(prep.std, dtype=x.dtype, device=x.device).reshape(-1, 1, 1)
+        return (x - mean) / std
+
+    expected = {(dtype, batched): per_frame(images.to(dtype) if batched else images[0].to(dtype))
+                for dtype in (torch.float32, torch.float64) for batched in (True, False)}
+    preprocessing._channel_stats.cache_clear()
+    made, real = [], torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: made.append(k.get("dtype")) or real(*a, **k))
+    for _ in range(3):
+        for (dtype, batched), want in expected.items():
+            assert torch.equal(prep.normalise(images.to(dtype) if batched else images[0].to(dtype)), want)
+    assert made == [torch.float32, torch.float32, torch.float64, torch.float64]  # mean and std, once each
+    # Made in inference mode (as the runtime calls it), the tensors still serve a training step.
+    preprocessing._channel_stats.cache_clear()
+    with torch.inference_mode():
+        prep.normalise(images)
+    x = images.clone().requires_grad_()
+    prep.normalise(x).sum().backward()
+    assert torch.allclose(x.grad, (1 / torch.tensor(prep.std)).reshape(-1, 1, 1).expand_as(x))
+
+
 def test_class_names_come_from_the_workload_the_dataset_or_the_weights(write_workload):
     from gemel_studio.export.bundle import labels_of
 

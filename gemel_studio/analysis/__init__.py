@@ -19,7 +19,8 @@ from ..models.build import _weights_path
 from ..progress import Progress
 from ..workload import CheckpointSource, ModelSpec, TorchvisionSource, Workload
 from .groups import ALIGNMENTS, Alignment, GroupMember, ShareGroup, find_share_groups
-from .inventory import LayerRecord, ModelInventory, TensorInfo, inventory_from_built
+from .inventory import inventory_from_built
+from .records import LayerRecord, ModelInventory, TensorInfo
 
 __all__ = ["ALIGNMENTS", "Alignment", "GroupMember", "LayerRecord", "ModelInventory", "ShareGroup",
            "TensorInfo", "WorkloadAnalysis", "analyze_workload", "find_share_groups", "inventory_from_built"]

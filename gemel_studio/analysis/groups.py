@@ -35,7 +35,7 @@ from difflib import SequenceMatcher
 from functools import lru_cache
 from typing import Literal
 
-from .inventory import LayerRecord, ModelInventory
+from .records import LayerRecord, ModelInventory
 
 Alignment = Literal["order", "structure", "combined"]
 ALIGNMENTS: tuple[Alignment, ...] = ("structure", "order", "combined")

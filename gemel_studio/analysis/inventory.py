@@ -1,81 +1,24 @@
-"""Per-layer inventory: one record per parameterised layer with what it costs in memory.
+"""Per-layer inventory of a torch module: one record per parameterised layer with what it costs.
 
-This module is the one source of truth for a layer's bytes: parameter and buffer bytes
+This module is the one source of truth for a torch layer's bytes: parameter and buffer bytes
 follow each tensor's real dtype; output activation bytes come from one forward pass on the
-meta device (shapes only, no memory) at the workload's input size and batch size.
+meta device (shapes only, no memory) at the workload's input size and batch size. The record
+types are in records.py; `inventory_from_built` hands ONNX models to onnx_inventory.py.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
 
 import torch
 
 from ..models import BuiltModel
 from ..workload import Workload
+from .records import LayerRecord, ModelInventory, TensorInfo, peak_activation_bytes
 from .signature import dtype_name, module_kind, module_signature
 
-
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str  # the tensor's name inside its layer: 'weight', 'bias', 'running_mean'
-    shape: tuple[int, ...]
-    dtype: str
-    nbytes: int
-
-
-@dataclass
-class LayerRecord:
-    name: str  # qualified name in the model, e.g. 'layer1.0.conv1'
-    kind: str  # e.g. 'Conv2d'
-    signature: str
-    param_bytes: int
-    buffer_bytes: int
-    activation_bytes: int | None  # output bytes at the workload's input size; None if not measured
-    trainable: bool
-    executed: bool  # ran in the forward pass used to measure activations
-    params: tuple[TensorInfo, ...] = ()
-    buffers: tuple[TensorInfo, ...] = ()
-
-    @property
-    def shareable(self) -> bool:
-        """Only weights are shared; each model keeps its own buffers (batch-norm statistics)."""
-        return self.param_bytes > 0
-
-
-@dataclass
-class ModelInventory:
-    name: str
-    architecture: str
-    task: str
-    source_kind: str
-    input_size: tuple[int, int, int]
-    batch_size: int
-    layers: list[LayerRecord]
-    param_bytes: int
-    buffer_bytes: int
-    activation_bytes: int | None  # peak estimate: largest input+output pair of consecutive layers
-    built_on: str
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def param_count(self) -> int:
-        return sum(math.prod(t.shape) for layer in self.layers for t in layer.params)
-
-    def layer(self, name: str) -> LayerRecord:
-        for record in self.layers:
-            if record.name == name:
-                return record
-        raise KeyError(name)
-
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        for layer in data["layers"]:
-            for key in ("params", "buffers"):
-                layer[key] = [{"name": t["name"], "shape": list(t["shape"]), "dtype": t["dtype"],
-                               "nbytes": t["nbytes"]} for t in layer[key]]
-        return data
+__all__ = ["LayerRecord", "ModelInventory", "TensorInfo", "inventory_from_built", "inventory_of_module",
+           "tensor_nbytes"]
 
 
 def tensor_nbytes(t: torch.Tensor) -> int:
@@ -176,32 +119,24 @@ def _torch_layers(module: torch.nn.Module, task: str, input_size: tuple[int, int
     by_name = dict(layered)
     records: list[LayerRecord] = []
     seen: set[int] = set()  # a tensor tied inside one model is counted at its first layer only
+
+    def first_seen(named) -> list[TensorInfo]:
+        out = []
+        for tname, t in named:
+            if id(t) not in seen:
+                seen.add(id(t))
+                out.append(TensorInfo(tname, tuple(t.shape), dtype_name(t.dtype), tensor_nbytes(t)))
+        return out
+
     for name in order + missing:
         m = by_name[name]
-        params, buffers = [], []
-        for pname, p in m.named_parameters(recurse=False):
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            params.append(TensorInfo(pname, tuple(p.shape), dtype_name(p.dtype), tensor_nbytes(p)))
-        for bname, b in m.named_buffers(recurse=False):
-            if id(b) in seen:
-                continue
-            seen.add(id(b))
-            buffers.append(TensorInfo(bname, tuple(b.shape), dtype_name(b.dtype), tensor_nbytes(b)))
+        params, buffers = first_seen(m.named_parameters(recurse=False)), first_seen(m.named_buffers(recurse=False))
         records.append(LayerRecord(
             name=name, kind=module_kind(m), signature=module_signature(m),
             param_bytes=sum(t.nbytes for t in params), buffer_bytes=sum(t.nbytes for t in buffers),
             activation_bytes=activation.get(name), trainable=any(p.requires_grad for p in m.parameters(recurse=False)),
             executed=name in activation, params=tuple(params), buffers=tuple(buffers)))
     return records, calls, notes
-
-
-def _peak(calls: list[int], input_bytes: int) -> int | None:
-    if not calls:
-        return None
-    seq = [input_bytes, *calls]
-    return max(a + b for a, b in zip(seq, seq[1:]))
 
 
 def inventory_of_module(module: torch.nn.Module, name: str, *, architecture: str = "", task: str = "classification",
@@ -219,7 +154,7 @@ def inventory_of_module(module: torch.nn.Module, name: str, *, architecture: str
         input_size=tuple(input_size), batch_size=batch_size, layers=records,
         param_bytes=sum(tensor_nbytes(p) for p in module.parameters()),
         buffer_bytes=sum(tensor_nbytes(b) for b in module.buffers()),
-        activation_bytes=_peak(calls, input_bytes), built_on=built_on, notes=notes)
+        activation_bytes=peak_activation_bytes(calls, input_bytes), built_on=built_on, notes=notes)
 
 
 def inventory_from_built(built: BuiltModel, workload: Workload) -> ModelInventory:
@@ -231,12 +166,8 @@ def inventory_from_built(built: BuiltModel, workload: Workload) -> ModelInventor
                                   source_kind=spec.source.kind, built_on=built.built_on)
         inv.notes = built.notes + inv.notes
         return inv
-    from .onnx_inventory import onnx_layers
+    from .onnx_inventory import inventory_of_onnx  # onnx is imported for ONNX models only
 
-    records, calls, notes, param_bytes, buffer_bytes = onnx_layers(built.onnx_model, workload.batch_size, size)
-    input_bytes = workload.batch_size * math.prod(size) * 4
-    return ModelInventory(
-        name=spec.name, architecture=spec.architecture, task=spec.task, source_kind=spec.source.kind,
-        input_size=size, batch_size=workload.batch_size, layers=records, param_bytes=param_bytes,
-        buffer_bytes=buffer_bytes, activation_bytes=_peak(calls, input_bytes), built_on=built.built_on,
-        notes=built.notes + notes)
+    return inventory_of_onnx(built.onnx_model, spec.name, architecture=spec.architecture, task=spec.task,
+                             input_size=size, batch_size=workload.batch_size, source_kind=spec.source.kind,
+                             built_on=built.built_on, notes=built.notes)
