@@ -275,3 +275,21 @@ def test_a_truncated_gzip_archive_is_a_one_line_error(bundle, tmp_path):
     with pytest.raises(BundleError, match="cut.tar.gz.*truncated") as info:
         peek_manifest(cut)
     assert "\n" not in str(info.value)
+
+
+def test_export_steps_its_progress_once_per_stage_and_a_cancel_leaves_no_folder(merged, tmp_path):
+    from gemel_studio.errors import Cancelled
+    from gemel_studio.progress import Progress
+
+    seen = []
+    result = export_bundle(merged[0], tmp_path / "b", archive=True,
+                           progress=Progress(lambda d, t, m: seen.append((d, t)), 0))
+    assert result.ok
+    assert seen == [(d, 6) for d in range(7)]  # read, weights, graphs, manifest, checks, archive
+
+    for stage in (1, 2, 3):
+        progress = Progress(min_interval=0)
+        progress._callback = lambda d, t, m, p=progress, n=stage: p.cancel() if d == n else None
+        with pytest.raises(Cancelled):
+            export_bundle(merged[0], tmp_path / f"x{stage}", progress=progress)
+        assert not (tmp_path / f"x{stage}").exists()

@@ -14,7 +14,8 @@ import torch
 
 from gemel_studio.errors import GemelError
 from gemel_studio.export import export_bundle
-from gemel_studio.export.bundle import _compare_detections, export_onnx, judge_detections
+from gemel_studio.export.detection_match import compare_detections, judge_detections
+from gemel_studio.export.onnx_graph import export_onnx
 from gemel_studio.runtime import load_bundle
 from gemel_studio.runtime.bundle import safetensors_layout
 from gemel_studio.runtime.engine import Engine
@@ -264,7 +265,7 @@ def test_a_detector_with_no_detections_is_checked_with_its_threshold_lowered(bun
         graph, external, copied, _ = export_onnx(model, spec, tmp_path / "weights.safetensors")
         (tmp_path / "front.onnx").write_bytes(graph)
         assert copied == 0 and external > 300
-        _, _, ok, detail = _compare_detections(model, tmp_path / "front.onnx", spec, torch.Generator().manual_seed(0))
+        _, _, ok, detail = compare_detections(model, tmp_path / "front.onnx", spec, torch.Generator().manual_seed(0))
         assert model.score_thresh == 0.999  # restored
     assert ok and detail.startswith("no detections above the score threshold 0.999"), detail
     torch_n, matched = (int(v) for v in re_search(r"(\d+) torch / \d+ onnxruntime detections, (\d+) matched", detail))
@@ -287,7 +288,7 @@ def test_a_detector_whose_scores_all_tie_is_checked_with_measured_batch_norm_sta
     graph, _, copied, _ = export_onnx(model, spec, tmp_path / "weights.safetensors")
     assert copied > 0  # the statistics are not the stored ones: the graph holds its own
     (tmp_path / "front.onnx").write_bytes(graph)
-    _, _, ok, detail = _compare_detections(model, tmp_path / "front.onnx", spec, torch.Generator().manual_seed(0))
+    _, _, ok, detail = compare_detections(model, tmp_path / "front.onnx", spec, torch.Generator().manual_seed(0))
     first, _, second = detail.partition("; with batch-norm statistics measured on random images instead")
     assert "inconclusive: scores tie from the top" in first and second, detail
     torch_n, matched = (int(v) for v in re_search(r"(\d+) torch / \d+ onnxruntime detections, (\d+) matched", second))
