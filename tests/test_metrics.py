@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import socket
 import subprocess
@@ -13,22 +14,29 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+import gemel_studio
 from gemel_studio.errors import GemelError
 from gemel_studio.progress import Progress
 from gemel_studio.runtime import load_bundle
 from gemel_studio.runtime.engine import Engine
-from gemel_studio.runtime.metrics import MetricsServer, fetch_snapshot
+from gemel_studio.runtime.metrics import (LivenessWatch, MetricsServer, RunIdentity, default_instance,
+                                          example_snapshot, fetch_snapshot, served_metric_names)
+from gemel_studio.runtime.rates import RunHistory
 from gemel_studio.runtime.sources import SyntheticSource
 
 from .test_bundle import bundle, merged  # noqa: F401  (fixtures)
 
 
-def _samples(text: str) -> dict:
-    """{(metric sample name, frozen labels): value} of a Prometheus exposition."""
+def _samples(text: str, instance: str | None = None) -> dict:
+    """{(metric sample name, frozen labels but `instance`): value} of a Prometheus exposition;
+    every sample must carry the `instance` label (`instance` when given)."""
     out = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+            labels = dict(s.labels)
+            box = labels.pop("instance")
+            assert instance is None or box == instance, (s.name, box)
+            out[(s.name, tuple(sorted(labels.items())))] = s.value
     return out
 
 
@@ -47,19 +55,19 @@ def test_the_endpoint_serves_what_the_runtime_counted(loaded):
     streams = [(SyntheticSource(fps=20, size=(16, 16), frames=12, seed=1), ["color", "size"]),
                (SyntheticSource(fps=10, size=(16, 16), frames=5, seed=2), ["spare"])]
     engine = Engine(loaded, streams, "merged", 200 * 2**20, "cpu")
-    with MetricsServer(engine.snapshot) as server:
+    with MetricsServer(engine.snapshot, instance="edge-07", bundle=loaded) as server:
         assert server.host == "127.0.0.1" and server.port > 0
         before = fetch_snapshot(f"{server.host}:{server.port}")
         assert before["state"] == "not started" and before["streams"][0]["frames_in"] == 0
         summary = engine.run()  # until both sources end
         ctype, text = _get(server.url + "/metrics")
         assert ctype.startswith("text/plain")
-        prom = _samples(text)
+        prom = _samples(text, "edge-07")
         snap = fetch_snapshot(server.url)
     assert summary.stopped == "sources ended" and snap["state"] == "stopped: sources ended"
     for s, counted in zip(snap["streams"], summary.streams):
         for key in ("frames_in", "processed", "dropped_late", "dropped_refused"):
-            assert s[key] == counted[key], key
+            assert s[key] == getattr(counted, key), key
         lab = (("stream", s["name"]),)
         assert prom[("gemel_stream_frames_total", lab)] == s["frames_in"]
         assert prom[("gemel_stream_frames_processed_total", lab)] == s["processed"]
@@ -71,19 +79,26 @@ def test_the_endpoint_serves_what_the_runtime_counted(loaded):
             assert p99 == pytest.approx(s["latency_p99_ms"] / 1000)
     assert [s["frames_in"] for s in snap["streams"]] == [12, 5]
     for name, m in summary.models.items():
-        assert prom[("gemel_model_swaps_total", (("model", name),))] == m["swaps"]
-        assert prom[("gemel_model_runs_total", (("model", name),))] == m["runs"]
-        assert prom[("gemel_model_loaded_bytes_total", (("model", name),))] == m["loaded_bytes"]
-    assert sum(m["swaps"] for m in summary.models.values()) >= 1  # (a busy machine may drop a stream's frames)
+        assert prom[("gemel_model_swaps_total", (("model", name),))] == m.swaps
+        assert prom[("gemel_model_runs_total", (("model", name),))] == m.runs
+        assert prom[("gemel_model_loaded_bytes_total", (("model", name),))] == m.loaded_bytes
+    assert sum(m.swaps for m in summary.models.values()) >= 1  # (a busy machine may drop a stream's frames)
     assert prom[("gemel_memory_budget_bytes", ())] == 200 * 2**20
     # The run is over: its weights were released (the summary has what was resident at the end).
     assert prom[("gemel_runtime_resident_bytes", ())] == snap["memory"]["runtime_resident_bytes"] == 0
-    assert summary.memory["runtime_resident_bytes"] > 0
-    assert prom[("gemel_runtime_peak_resident_bytes", ())] == summary.memory["runtime_peak_resident_bytes"] > 0
+    assert summary.memory.runtime_resident_bytes > 0
+    assert prom[("gemel_runtime_peak_resident_bytes", ())] == summary.memory.runtime_peak_resident_bytes > 0
     assert prom[("gemel_process_resident_memory_bytes", ())] > 0
     assert ("gemel_device_used_bytes", ()) not in prom  # no GPU figures made up on a CPU run
     info = [k for k in prom if k[0] == "gemel_run_info"]
-    assert info and dict(info[0][1])["policy"] == "merged"
+    assert len(info) == 1
+    labels = dict(info[0][1])
+    assert labels["policy"] == "merged" and labels["state"] == "stopped: sources ended"
+    # The bundle's identity: its workload's name and the sha256 of the manifest file.
+    manifest = (loaded.folder / "manifest.json").read_bytes()
+    assert labels["bundle_name"] == loaded.manifest.workload == "bundle-test"
+    assert labels["bundle_sha256"] == hashlib.sha256(manifest).hexdigest()
+    assert labels["version"] == gemel_studio.__version__
 
 
 def test_the_endpoint_is_live_during_a_run(loaded):
@@ -186,7 +201,8 @@ def test_fetching_from_nothing_is_a_clear_error():
 def test_gemel_run_serves_metrics_on_loopback(bundle):  # noqa: F811
     proc = subprocess.Popen([sys.executable, "-m", "gemel_studio.cli", "run", str(bundle[1]), "--stream",
                              "synthetic:20=size", "--policy", "unlimited", "--duration", "6", "--json",
-                             "--metrics-port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--metrics-port", "0", "--instance", "box-a"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     try:
         url = None
         for _ in range(50):
@@ -197,9 +213,133 @@ def test_gemel_run_serves_metrics_on_loopback(bundle):  # noqa: F811
         url = line.split()[1]
         time.sleep(1.0)
         _, text = _get(url)
-        counted = _samples(text)[("gemel_stream_frames_total", (("stream", "synthetic:20"),))]
+        counted = _samples(text, "box-a")[("gemel_stream_frames_total", (("stream", "synthetic:20"),))]
+        # Within its first 10 s a running stream is live whatever the machine's speed.
+        ctype, health = _get(url.replace("/metrics", "/healthz"))
+        assert ctype.startswith("text/plain") and health.startswith("ok: 1 stream(s) live"), health
         out, _ = proc.communicate(timeout=30)
     finally:
         proc.kill()
     assert counted >= 5
     assert json.loads(out)["streams"][0]["frames_in"] >= counted
+
+
+# --- a fleet: the box's name, the bundle's identity, health ------------------------------------
+
+
+def _status(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def _running(t: float, frames_in: int, processed: int, end_reason=None, fps: float = 20.0) -> dict:
+    snap = example_snapshot()
+    snap["elapsed_s"] = t
+    snap["streams"][0].update(frames_in=frames_in, processed=processed, fps=fps, end_reason=end_reason)
+    return snap
+
+
+def test_every_series_is_labelled_with_the_box_and_the_default_is_the_hostname(bundle):  # noqa: F811
+    with MetricsServer(example_snapshot) as server:
+        assert server.identity.instance == default_instance() and default_instance()
+        _, text = _get(server.url + "/metrics")
+    prom = _samples(text, default_instance())
+    labels = dict(next(k for k in prom if k[0] == "gemel_run_info")[1])
+    assert labels["bundle_name"] == "" and labels["version"] == gemel_studio.__version__
+    # A bundle folder is enough to name what runs (the CLI passes the loaded bundle).
+    identity = RunIdentity.of(bundle[1], "edge-01")
+    assert identity.bundle_name == "bundle-test" and len(identity.bundle_sha256) == 64
+    for bad in ("", "two words", "tab\there"):
+        with pytest.raises(GemelError, match="--instance"):
+            RunIdentity.of(None, bad)
+
+
+def test_served_names_come_from_the_collector():
+    names = served_metric_names()
+    assert {"gemel_run_info", "gemel_run_healthy", "gemel_stream_frames_processed_total",
+            "gemel_stream_frames_dropped_total", "gemel_model_swaps_total", "gemel_device_used_bytes"} <= names
+    # A run without a GPU serves fewer memory figures, never other names.
+    cpu = example_snapshot()
+    cpu["memory"] = {"budget_bytes": 1, "runtime_resident_bytes": 0, "runtime_peak_resident_bytes": 0}
+    assert served_metric_names(cpu) < names
+
+
+def test_healthz_is_200_while_every_stream_is_live_and_503_with_the_reason():
+    current = {"snap": {**example_snapshot(), "state": "not started"}}
+    with MetricsServer(lambda: current["snap"]) as server:
+        health = server.url + "/healthz"
+        code, body = _status(health)
+        assert code == 503 and body.startswith("unhealthy: the run has not started"), body
+        current["snap"] = _running(1.0, 10, 8)
+        assert _status(health) == (200, "ok: 1 stream(s) live, run time 1 s\n")
+        current["snap"] = _running(5.0, 50, 8)  # frames arrive, none processed: still within 10 s
+        assert _status(health)[0] == 200
+        current["snap"] = _running(20.0, 200, 8)
+        code, body = _status(health)
+        assert code == 503
+        assert body == "unhealthy: stream synthetic:20: no frame processed for 19 s (2 dropped so far)\n"
+        _, text = _get(server.url + "/metrics")  # the same answer as a gauge
+        assert _samples(text)[("gemel_run_healthy", ())] == 0
+        current["snap"] = _running(21.0, 200, 9, end_reason="ended")
+        assert _status(health) == (503, "unhealthy: stream synthetic:20 ended (ended)\n")
+        current["snap"] = {**_running(22.0, 200, 9), "state": "stopped: duration"}
+        assert _status(health) == (503, "unhealthy: the run has stopped: duration\n")
+        current["snap"] = None  # a snapshot that fails: 503, and the reason
+        code, body = _status(health)
+        assert code == 503 and body.startswith("unhealthy: the snapshot failed (")
+
+
+def test_liveness_follows_the_run_clock_not_the_callers():
+    watch = LivenessWatch(stall_s=10.0)
+    assert watch.check(_running(0.5, 0, 0)).live  # nothing yet, but the run just started
+    assert not watch.check(_running(11.0, 0, 0)).live  # no frame at all in 10 s
+    assert watch.check(_running(12.0, 5, 3)).live
+    health = watch.check(_running(30.0, 5, 3))
+    assert not health.live and health.reasons == ["stream synthetic:20: no frame arrived for 18 s"]
+    # A slow camera gets three of its frame intervals.
+    slow = LivenessWatch(stall_s=10.0)
+    assert slow.check(_running(1.0, 1, 1, fps=0.1)).live and slow.check(_running(25.0, 1, 1, fps=0.1)).live
+    assert not slow.check(_running(40.0, 1, 1, fps=0.1)).live
+    # Time that goes back is a restarted run: it starts afresh.
+    assert watch.check(_running(1.0, 0, 0)).live
+
+
+def test_a_collector_over_a_run_snapshot_object_or_its_dict_serves_the_same(loaded):
+    engine = Engine(loaded, [(SyntheticSource(fps=10, size=(16, 16), frames=3, seed=1), ["color"])],
+                    "merged", 200 * 2**20, "cpu")
+    engine.run()
+    typed = engine.snapshot()
+    assert hasattr(typed, "to_dict")
+    with MetricsServer(lambda: typed, instance="a") as a, MetricsServer(typed.to_dict, instance="a") as b:
+        texts = [_get(s.url + "/metrics")[1] for s in (a, b)]
+        assert fetch_snapshot(a.url) == fetch_snapshot(b.url) == json.loads(json.dumps(typed.to_dict()))
+    assert _samples(texts[0]) == _samples(texts[1])
+
+
+# --- rates: counts over time (what the Monitor draws) -----------------------------------------
+
+
+def _counts(t: float, processed: dict[str, int], resident: int = 0) -> dict:
+    streams = [{"name": n, "processed": p, "throughput_fps": 0.0} for n, p in processed.items()]
+    return {"elapsed_s": t, "streams": streams,
+            "memory": {"runtime_resident_bytes": resident, "budget_bytes": 100}}
+
+
+def test_run_history_turns_counters_into_rates_over_a_window():
+    h = RunHistory(maxlen=5, window_s=2.0)
+    assert h.add(_counts(1.0, {"a": 0, "b": 0}))
+    assert h.add(_counts(2.0, {"a": 10, "b": 4}, resident=7))
+    assert h.latest_fps() == {"a": 10.0, "b": 4.0}
+    assert h.add(_counts(3.0, {"a": 30, "b": 8}))
+    assert h.latest_fps() == {"a": 15.0, "b": 4.0}  # over the last 2 s, not the last poll
+    assert not h.add(_counts(3.0, {"a": 30, "b": 8}))  # a stopped run adds nothing
+    assert list(h.resident) == [0.0, 7.0, 0.0] and h.budget == 100
+    for i in range(10):
+        h.add(_counts(4.0 + i, {"a": 40 + i, "b": 8}))
+    assert len(h) == 5 and list(h.t) == [9.0, 10.0, 11.0, 12.0, 13.0]  # bounded
+    # Another run (time went back, or other streams): afresh.
+    assert h.add(_counts(0.5, {"a": 1, "b": 0})) and len(h) == 1
+    assert h.add(_counts(1.0, {"c": 1})) and list(h.fps) == ["c"]

@@ -1,39 +1,53 @@
-"""The Monitor tab: watch a `gemel run --metrics-port N` running elsewhere (on this box or an
-edge box), through its JSON snapshot.
+"""The Monitor tab: watch `gemel run --metrics-port N` boxes running elsewhere (on this box or
+edge boxes), through their JSON snapshots, or through a Prometheus server that scrapes them.
 
-Every half second a `Worker` fetches the snapshot (`runtime.metrics.fetch_snapshot`, the same
-call a script would make) off the GUI thread, on the panel's own one-thread pool, and never
-more than one at a time. The view shows the gauges and tables of the Live preview (shared
-widgets in `run_widgets`) and curves over time: each stream's processed frames per second
-(from the change in its `processed` counter between two snapshots, not the run's average) and
-the runtime's resident weights against the budget. Curves keep the last `HISTORY` points.
+Two modes. "Boxes": a list of addresses (host:port, separated by commas or spaces), each polled
+at `/metrics.json` (`runtime.metrics.fetch_snapshot`, the same call a script would make).
+"Prometheus": one Prometheus server's HTTP API (`runtime.fleet.fleet_snapshots`), which gives
+back one snapshot per `instance` it scrapes; the boxes it lists are the rows. Either way every
+half second one `Worker` fetches everything off the GUI thread, on the panel's own one-thread
+pool, never more than one at a time.
 
-When the run goes away the last values stay, the state says why it disconnected, and polling
-goes on, so a run restarted on the same port is picked up again (its curves start afresh).
+Each box is one row of the Boxes table and one set of curves: each stream's processed frames per
+second (from the change of its `processed` counter, `runtime.rates.RunHistory`, not the run's
+average) and the box's resident weights. The gauges and the stream and model tables below show
+the selected row's box (the first by default), with the shared widgets of the Live preview.
+
+When a box goes away its last values stay, its row says whether its run had finished or was
+lost, and polling goes on, so a run restarted at the same address is picked up again (its
+curves start afresh).
 """
 
 from __future__ import annotations
 
-from collections import deque
+import re
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import QThreadPool, Qt, QTimer, Signal
-from PySide6.QtWidgets import QHBoxLayout, QLabel, QLineEdit, QPushButton, QSplitter, QVBoxLayout, QWidget
+from PySide6.QtWidgets import (QAbstractItemView, QComboBox, QHBoxLayout, QLabel, QLineEdit, QPushButton, QSplitter,
+                               QVBoxLayout, QWidget)
 
+from ..errors import GemelError
+from ..runtime.fleet import fleet_snapshots
 from ..runtime.metrics import fetch_snapshot
+from ..runtime.rates import HISTORY, RATE_WINDOW_S, RunHistory  # noqa: F401  (HISTORY: re-exported)
+from ..units import human_bytes
 from . import settings
 from .memory_view import style_plot
-from .run_widgets import ModelTableModel, RunGauges, StreamTableModel, run_state_text, snapshot_table, titled
+from .run_widgets import (ModelTableModel, RunGauges, SnapshotTableModel, StreamTableModel, run_state_text,
+                          snapshot_table, titled)
 from .settings import PALETTES
 from .worker import Worker
 
 MIB = 1024 * 1024
 DEFAULT_ADDRESS = "127.0.0.1:9400"
+DEFAULT_PROMETHEUS = "127.0.0.1:9090"
+BOXES, PROMETHEUS = "boxes", "prometheus"
+MODES = {BOXES: "Boxes", PROMETHEUS: "Prometheus"}
 POLL_MS = 500
 FETCH_TIMEOUT_S = 1.5
-HISTORY = 1200  # points per curve: ten minutes at two snapshots a second
-RATE_WINDOW_S = 2.0  # a stream's rate is measured over this long: over one poll a 4 fps stream reads 2, 4 or 6
 
 
 def address_problem(address: str) -> str:
@@ -48,63 +62,110 @@ def address_problem(address: str) -> str:
     return ""
 
 
-class RunHistory:
-    """Bounded series over the run's elapsed seconds: per-stream processed frames per second
-    (the change of its `processed` counter over the last `RATE_WINDOW_S`) and resident bytes."""
+def split_addresses(text: str) -> list[str]:
+    """The addresses of a list typed as 'a:1, b:2 c:3' (commas or spaces), each once, in order."""
+    return list(dict.fromkeys(a for a in re.split(r"[,\s]+", text.strip()) if a))
 
-    def __init__(self, maxlen: int = HISTORY):
-        self.maxlen = maxlen
-        self.clear()
 
-    def clear(self) -> None:
-        self.t: deque[float] = deque(maxlen=self.maxlen)
-        self.resident: deque[float] = deque(maxlen=self.maxlen)
-        self.fps: dict[str, deque[float]] = {}
-        self.budget: int | None = None
-        self._last: dict | None = None
-        self._recent: deque[tuple[float, dict[str, int]]] = deque()  # (elapsed, processed per stream)
+class BoxWatch:
+    """What the monitor knows of one box: its last snapshot, its rate history, and whether it
+    answers. `key` is its address (Boxes mode) or its `instance` (Prometheus mode)."""
 
-    def add(self, snap: dict) -> bool:
-        """Add a point; False when the snapshot is no later than the last one (a stopped run).
-        A snapshot from another run (time went back, or other streams) starts afresh."""
-        t = float(snap["elapsed_s"])
-        names = [s["name"] for s in snap["streams"]]
-        last = self._last
-        if last is not None and (t < last["elapsed_s"] or names != [s["name"] for s in last["streams"]]):
-            self.clear()
-            last = None
-        if last is not None and t <= last["elapsed_s"]:
-            return False
-        self._recent.append((t, {s["name"]: s["processed"] for s in snap["streams"]}))
-        while len(self._recent) > 2 and t - self._recent[1][0] >= RATE_WINDOW_S:
-            self._recent.popleft()  # keep the latest snapshot at least the window old
-        t0, before = self._recent[0]
-        for s in snap["streams"]:
-            rate = (s["processed"] - before[s["name"]]) / (t - t0) if t > t0 else s["throughput_fps"]
-            self.fps.setdefault(s["name"], deque(maxlen=self.maxlen)).append(rate)
-        self.t.append(t)
-        self.resident.append(float(snap["memory"]["runtime_resident_bytes"]))
-        self.budget = snap["memory"].get("budget_bytes")
-        self._last = snap
-        return True
+    def __init__(self, key: str):
+        self.key = key
+        self.snapshot: dict | None = None
+        self.history = RunHistory()
+        self.connected = False
+        self.ever_connected = False
+        self.run_end = ""  # once its run went away: 'finished' or 'lost'
+        self.problem = ""  # why the last poll failed
+
+    def on_snapshot(self, snap: dict) -> bool:
+        """A fresh snapshot; True when it added a point to the curves."""
+        self.snapshot, self.connected, self.ever_connected = snap, True, True
+        self.run_end, self.problem = "", ""
+        return self.history.add(snap)
+
+    def on_failure(self, message: str) -> bool:
+        """The box did not answer; True when it was answering until now."""
+        was, self.connected, self.problem = self.connected, False, message
+        if self.snapshot is not None:
+            self.run_end = "finished" if str(self.snapshot.get("state", "")).startswith("stopped") else "lost"
+        return was
+
+    def end_text(self) -> str:
+        """Why its run is no longer seen, so a finished run and a killed one never look alike."""
+        snap = self.snapshot or {}
+        state, elapsed = str(snap.get("state", "")), float(snap.get("elapsed_s", 0.0))
+        if self.run_end == "finished":
+            return f"finished ({state}) after {elapsed:.1f} s; its metrics server has closed"
+        if self.run_end == "lost":
+            return (f"lost: stopped answering while {state or 'running'}, last seen at {elapsed:.1f} s "
+                    f"(killed or crashed?); the last values are kept")
+        return ""
+
+    def status(self) -> str:
+        if self.connected:
+            return "connected"
+        if self.run_end:
+            return self.run_end
+        return f"not answering: {self.problem}" if self.problem else "waiting"
+
+
+class BoxTableModel(SnapshotTableModel):
+    """One row per box watched: whether it answers, its run's state and its figures now."""
+
+    TEXT = frozenset({"Box", "Status", "State", "Bundle"})
+    STRETCH = "Status"
+    COLUMNS = (
+        ("Box", lambda b: b.key),
+        ("State", lambda b: str((b.snapshot or {}).get("state", "")) or "-"),
+        ("Streams", lambda b: str(len((b.snapshot or {}).get("streams", [])))),
+        ("Processed fps", lambda b: f"{sum(b.history.latest_fps().values()):.1f}" if b.snapshot else "-"),
+        ("In", lambda b: str(sum(s.get("frames_in", 0) for s in (b.snapshot or {}).get("streams", [])))),
+        ("Dropped", lambda b: str(sum(s.get("dropped", 0) for s in (b.snapshot or {}).get("streams", [])))),
+        ("Resident", lambda b: human_bytes(int((b.snapshot or {}).get("memory", {}).get("runtime_resident_bytes", 0)))
+         if b.snapshot else "-"),
+        ("Bundle", lambda b: str((b.snapshot or {}).get("bundle_name") or (b.snapshot or {}).get("bundle", "-"))),
+        ("Status", lambda b: b.status()),
+    )
+
+
+def _fetch_boxes(addresses: list[str]) -> dict[str, tuple[bool, object]]:
+    """Every box's snapshot, fetched at once: {address: (True, snapshot) or (False, message)}."""
+
+    def one(address: str):
+        try:
+            return True, fetch_snapshot(address, timeout=FETCH_TIMEOUT_S)
+        except GemelError as exc:
+            return False, str(exc)
+
+    if len(addresses) == 1:
+        return {addresses[0]: one(addresses[0])}
+    with ThreadPoolExecutor(max_workers=min(8, len(addresses)), thread_name_prefix="monitor-box") as pool:
+        return dict(zip(addresses, pool.map(one, addresses)))
 
 
 class MonitorPanel(QWidget):
-    sigSnapshot = Signal(dict)  # each snapshot fetched
-    sigDisconnected = Signal(str)  # a connected run went away: the reason
+    sigSnapshot = Signal(dict)  # each box's snapshot as it is fetched
+    sigFleet = Signal(dict)  # each poll's answers: {box: snapshot} of the boxes that answered
+    sigDisconnected = Signal(str)  # a box (or the Prometheus server) that answered went away: the reason
     sigError = Signal(str)
 
     def __init__(self, parent=None):
         super().__init__(parent)
-        self.address = ""
+        store = settings.studio_settings()
+        self.mode = store.value("monitor/mode", BOXES, type=str)
+        if self.mode not in MODES:
+            self.mode = BOXES
+        self.address = ""  # what is being polled: the address list, or the Prometheus server
         self.polling = False
-        self.connected = False  # the last poll succeeded
-        self.snapshot: dict | None = None
-        self.history = RunHistory()
+        self.boxes: dict[str, BoxWatch] = {}
+        self.selected = ""  # the box the gauges and tables show
+        self.server_connected = False  # Prometheus mode: the server answered last time
         self.colors = PALETTES["dark"]
         self._session = 0  # bumped on connect and disconnect: answers of an older session are ignored
         self._ever_connected = False
-        self.run_end = ""  # once a run went away: 'finished' or 'lost'
         self._worker: Worker | None = None  # the poll in flight
         self._pool = QThreadPool(self)
         self._pool.setMaxThreadCount(1)
@@ -112,9 +173,14 @@ class MonitorPanel(QWidget):
         self._timer.setInterval(POLL_MS)
         self._timer.timeout.connect(self.poll)
 
-        self.address_edit = QLineEdit(settings.studio_settings().value("monitor/address", DEFAULT_ADDRESS, type=str),
-                                      self)
-        self.address_edit.setToolTip("host:port of a `gemel run --metrics-port N` (or its http:// URL)")
+        self.mode_combo = QComboBox(self)
+        for key, text in MODES.items():
+            self.mode_combo.addItem(text, key)
+        self.mode_combo.setToolTip("Boxes: poll each `gemel run --metrics-port N` directly. Prometheus: read the "
+                                   "boxes a Prometheus server scrapes (deploy/prometheus/prometheus.yml)")
+        self.mode_combo.setCurrentIndex(list(MODES).index(self.mode))
+        self.mode_combo.currentIndexChanged.connect(lambda _: self.set_mode(self.mode_combo.currentData()))
+        self.address_edit = QLineEdit(self._saved_address(self.mode), self)
         self.address_edit.returnPressed.connect(self.connect_to)
         self.connect_button = QPushButton("Connect", self)
         self.connect_button.clicked.connect(self.connect_to)
@@ -131,14 +197,20 @@ class MonitorPanel(QWidget):
         title.setObjectName("panelTitle")
         top.addWidget(title)
         top.addSpacing(12)
-        top.addWidget(QLabel("Address", self))
+        top.addWidget(self.mode_combo)
         self.address_edit.setMinimumWidth(220)
-        top.addWidget(self.address_edit)
+        top.addWidget(self.address_edit, 1)
         top.addWidget(self.connect_button)
         top.addWidget(self.disconnect_button)
         top.addSpacing(12)
         top.addWidget(self.connection_label, 1)
+        self._update_address_tip()
 
+        self.box_model = BoxTableModel(self)
+        self.box_view = snapshot_table(self.box_model, self)
+        self.box_view.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        self.box_view.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
+        self.box_view.clicked.connect(lambda index: self.select_box(self.box_model.rows[index.row()].key))
         self.gauges = RunGauges(self)
         self.stream_model = StreamTableModel(self)
         self.stream_view = snapshot_table(self.stream_model, self)
@@ -152,14 +224,15 @@ class MonitorPanel(QWidget):
         self.fps_item.setLabel("bottom", "run time (s)")
         self.fps_item.setMenuEnabled(False)
         self.fps_legend = self.fps_item.addLegend(offset=(-10, 10))
-        self.fps_curves: dict[str, pg.PlotDataItem] = {}
+        self.fps_curves: dict[tuple[str, str], pg.PlotDataItem] = {}  # (box, stream) -> curve
         self.resident_plot = pg.PlotWidget(self)
         self.resident_item = self.resident_plot.getPlotItem()
-        self.resident_item.setTitle("Runtime resident weights (dashed: budget)")
+        self.resident_item.setTitle("Resident weights per box (dashed: budget)")
         self.resident_item.setLabel("left", "MiB")
         self.resident_item.setLabel("bottom", "run time (s)")
         self.resident_item.setMenuEnabled(False)
-        self.resident_curve = self.resident_item.plot([], [])
+        self.resident_legend = self.resident_item.addLegend(offset=(-10, 10))
+        self.resident_curves: dict[str, pg.PlotDataItem] = {}  # box -> curve
         self.budget_line = pg.InfiniteLine(angle=0, movable=False, label="budget",
                                            labelOpts={"position": 0.05, "anchors": [(0.0, 1.0), (0.0, 1.0)]})
         self.budget_line.setVisible(False)
@@ -172,10 +245,11 @@ class MonitorPanel(QWidget):
         plots.addWidget(self.fps_plot)
         plots.addWidget(self.resident_plot)
         body = QSplitter(Qt.Orientation.Vertical, self)
+        body.addWidget(titled(self, "Boxes (select one for its gauges and tables)", self.box_view))
         body.addWidget(plots)
         body.addWidget(titled(self, "Streams", self.stream_view))
         body.addWidget(titled(self, "Models (swaps: loads of a model's weights)", self.model_view))
-        body.setSizes([400, 150, 150])
+        body.setSizes([90, 400, 150, 150])
 
         layout = QVBoxLayout(self)
         layout.addLayout(top)
@@ -185,32 +259,94 @@ class MonitorPanel(QWidget):
         self.set_colors(self.colors)
         self._update_enabled()
 
+    # --- what the rest of the studio (and a test) reads: the selected box -------------------
+
+    @property
+    def box(self) -> BoxWatch | None:
+        return self.boxes.get(self.selected)
+
+    @property
+    def connected(self) -> bool:
+        """Some box answered the last poll."""
+        return any(b.connected for b in self.boxes.values())
+
+    @property
+    def snapshot(self) -> dict | None:
+        return self.box.snapshot if self.box else None
+
+    @property
+    def history(self) -> RunHistory:
+        return self.box.history if self.box else RunHistory()
+
+    @property
+    def run_end(self) -> str:
+        return self.box.run_end if self.box else ""
+
+    def instances(self) -> list[str]:
+        """The boxes watched, in row order (addresses, or the instances Prometheus lists)."""
+        return list(self.boxes)
+
+    def box_history(self, key: str) -> RunHistory:
+        return self.boxes[key].history
+
+    def box_row_text(self, key: str, header: str) -> str:
+        return self.box_model.text(list(self.boxes).index(key), header)
+
     # --- connecting -------------------------------------------------------------------------
+
+    def _saved_address(self, mode: str) -> str:
+        key, default = (("monitor/prometheus", DEFAULT_PROMETHEUS) if mode == PROMETHEUS
+                        else ("monitor/address", DEFAULT_ADDRESS))
+        return settings.studio_settings().value(key, default, type=str)
+
+    def _update_address_tip(self) -> None:
+        self.address_edit.setToolTip(
+            "host:port of the Prometheus server (or its http:// URL)" if self.mode == PROMETHEUS else
+            "host:port of each `gemel run --metrics-port N` to watch (or its http:// URL), separated by commas")
+
+    def set_mode(self, mode: str) -> None:
+        """Boxes or Prometheus; polling stops and the address field shows that mode's address."""
+        if mode not in MODES:
+            raise ValueError(f"monitor mode {mode!r}: expected one of {', '.join(MODES)}")
+        if mode == self.mode:
+            return
+        self.disconnect()
+        self.mode = mode
+        self.mode_combo.blockSignals(True)
+        self.mode_combo.setCurrentIndex(list(MODES).index(mode))
+        self.mode_combo.blockSignals(False)
+        self.address_edit.setText(self._saved_address(mode))
+        self._update_address_tip()
+        settings.studio_settings().setValue("monitor/mode", mode)
 
     def set_address(self, address: str) -> None:
         self.address_edit.setText(address)
 
     def connect_to(self) -> bool:
-        """Start polling the address; the views start afresh."""
-        address = self.address_edit.text().strip()
-        if not address:
-            self._fail("enter the host:port of a `gemel run --metrics-port N`, e.g. 127.0.0.1:9400")
+        """Start polling the address(es); the views start afresh."""
+        text = self.address_edit.text().strip()
+        addresses = split_addresses(text)
+        if not addresses:
+            self._fail("enter the host:port of a Prometheus server, e.g. 127.0.0.1:9090" if self.mode == PROMETHEUS
+                       else "enter the host:port of a `gemel run --metrics-port N`, e.g. 127.0.0.1:9400")
             return False
-        problem = address_problem(address)
-        if problem:
-            self._fail(problem)  # and not saved: an address that cannot work is not offered again
+        if self.mode == PROMETHEUS and len(addresses) > 1:
+            self._fail(f"monitor address '{text}': one Prometheus server (host:port); it lists the boxes itself")
             return False
+        for address in addresses:
+            problem = address_problem(address)
+            if problem:
+                self._fail(problem)  # and not saved: an address that cannot work is not offered again
+                return False
         self._session += 1
-        self.address, self.polling, self.connected, self._ever_connected = address, True, False, False
-        self.snapshot = None
-        self.history.clear()
-        self._redraw_curves()
-        self.gauges.clear()
-        self.stream_model.set_rows([])
-        self.model_model.set_rows([])
+        self.address = ", ".join(addresses)
+        self.polling, self.server_connected, self._ever_connected = True, False, False
+        self.boxes = {} if self.mode == PROMETHEUS else {a: BoxWatch(a) for a in addresses}
+        self.selected = next(iter(self.boxes), "")
+        self._show_boxes()
+        self._show_selected()
         self.state_label.setText("")
-        self.run_end = ""
-        self.connection_label.setText(f"Connecting to {address}…")
+        self.connection_label.setText(f"Connecting to {self.address}…")
         self._update_enabled()
         self._timer.start()
         self.poll()
@@ -221,10 +357,14 @@ class MonitorPanel(QWidget):
         if not self.polling:
             return
         self._session += 1
-        self.polling = self.connected = False
+        self.polling = self.server_connected = False
+        for b in self.boxes.values():
+            b.connected = False
         self._timer.stop()
-        self.connection_label.setText(f"Not connected (last values from {self.address} kept)"
-                                      if self.snapshot else "Not connected")
+        kept = any(b.snapshot for b in self.boxes.values())
+        self.connection_label.setText(f"Not connected (last values from {self.address} kept)" if kept
+                                      else "Not connected")
+        self._show_boxes()
         self._update_enabled()
 
     def stop(self, wait_ms: int = 0) -> bool:
@@ -235,10 +375,15 @@ class MonitorPanel(QWidget):
     def poll(self) -> None:
         if not self.polling or self._worker is not None:
             return  # one fetch at a time: a slow answer is not stacked up behind
-        session, address = self._session, self.address
-        worker = Worker(lambda progress: fetch_snapshot(address, timeout=FETCH_TIMEOUT_S), name="metrics poll")
-        worker.sigFinished.connect(lambda snap: self._on_snapshot(session, snap))
-        worker.sigFailed.connect(lambda message: self._on_poll_failed(session, message))
+        session, address, mode = self._session, self.address, self.mode
+        if mode == PROMETHEUS:
+            work = lambda progress: fleet_snapshots(address, timeout=FETCH_TIMEOUT_S)  # noqa: E731
+        else:
+            addresses = list(self.boxes)
+            work = lambda progress: _fetch_boxes(addresses)  # noqa: E731
+        worker = Worker(work, name="metrics poll")
+        worker.sigFinished.connect(lambda answer: self._on_answer(session, answer))
+        worker.sigFailed.connect(lambda message: self._on_server_failed(session, message))
         worker.sigCancelled.connect(lambda: self._poll_done())
         self._worker = worker
         worker.start(self._pool)
@@ -248,98 +393,177 @@ class MonitorPanel(QWidget):
 
     # --- answers (GUI thread) ---------------------------------------------------------------
 
-    def _on_snapshot(self, session: int, snap: dict) -> None:
+    def _on_answer(self, session: int, answer: dict) -> None:
         self._poll_done()
         if session != self._session:
+            return
+        if self.mode == PROMETHEUS:
+            self.server_connected = True
+            results = {key: (True, snap) for key, snap in answer.items()}
+            for key in self.boxes:  # a box Prometheus no longer has current series of
+                results.setdefault(key, (False, "no current series in Prometheus (its scrapes fail?)"))
+            for key in answer:
+                self.boxes.setdefault(key, BoxWatch(key))
+            if not self.selected and self.boxes:
+                self.selected = next(iter(self.boxes))
+        else:
+            results = answer
+        if not self._ever_connected and not any(ok for ok, _ in results.values()) and self.mode == BOXES:
+            # A wrong address (or list): say so once, do not keep knocking.
+            messages = [m for _, m in results.values()]
+            self.disconnect()
+            self.connection_label.setText("Not connected")
+            self._fail(messages[0] if len(messages) == 1 else
+                       f"none of the {len(messages)} boxes answered; {messages[0]}")
             return
         if not self._ever_connected:  # an address that answered: offered again next time
-            settings.studio_settings().setValue("monitor/address", self.address)
-        self.connected, self._ever_connected = True, True
-        self.run_end = ""
-        self.connection_label.setText(f"Connected to {self.address}")
-        self.show_snapshot(snap)
-        self.sigSnapshot.emit(snap)
+            key = "monitor/prometheus" if self.mode == PROMETHEUS else "monitor/address"
+            settings.studio_settings().setValue(key, self.address)
+            settings.studio_settings().setValue("monitor/mode", self.mode)
+        self._ever_connected = True
+        gone, fresh = [], {}
+        for key, (ok, value) in results.items():
+            box = self.boxes[key]
+            if ok:
+                box.on_snapshot(value)
+                fresh[key] = value
+            elif box.on_failure(value):
+                gone.append(value if self.mode == BOXES or len(self.boxes) == 1 else f"{key}: {value}")
+        self._show_connection()
+        self._show_boxes()
+        self._show_selected()
+        for snap in fresh.values():
+            self.sigSnapshot.emit(snap)
+        self.sigFleet.emit(fresh)
+        for message in gone:
+            self.sigDisconnected.emit(message)
 
-    def _on_poll_failed(self, session: int, message: str) -> None:
+    def _on_server_failed(self, session: int, message: str) -> None:
+        """Prometheus mode: the server itself did not answer (or Boxes mode: the poll broke)."""
         self._poll_done()
         if session != self._session:
             return
-        if not self._ever_connected:  # a wrong address: say so once, do not keep knocking
+        if not self._ever_connected:
             self.disconnect()
             self.connection_label.setText("Not connected")
             self._fail(message)
             return
-        was_connected, self.connected = self.connected, False
+        was, self.server_connected = self.server_connected, False
+        for b in self.boxes.values():
+            b.on_failure(message)
         self.connection_label.setText(f"disconnected: {message} (last values kept; retrying)")
-        self._show_run_end()
-        if was_connected:
+        self._show_boxes()
+        self._show_selected()
+        if was:
             self.sigDisconnected.emit(message)
 
-    def _show_run_end(self) -> None:
-        """The run went away: say whether it had finished (its last snapshot said it stopped)
-        or was lost while running (killed, crashed, or the network went), so the two never
-        look alike."""
-        snap = self.snapshot
-        if snap is None:
-            return
-        state, elapsed = str(snap.get("state", "")), float(snap.get("elapsed_s", 0.0))
-        if state.startswith("stopped"):
-            self.run_end = "finished"
-            text = f"finished ({state}) after {elapsed:.1f} s; its metrics server has closed"
+    def _show_connection(self) -> None:
+        boxes = list(self.boxes.values())
+        answering = [b for b in boxes if b.connected]
+        if self.mode == PROMETHEUS:
+            text = (f"Connected to Prometheus at {self.address}: {len(answering)} box(es) with current series"
+                    + (f", {len(boxes) - len(answering)} gone" if len(answering) < len(boxes) else ""))
+        elif len(boxes) == 1:
+            b = boxes[0]
+            text = f"Connected to {b.key}" if b.connected else f"disconnected: {b.problem} (last values kept; retrying)"
+        elif len(answering) == len(boxes):
+            text = f"Connected to all {len(boxes)} boxes"
         else:
-            self.run_end = "lost"
-            text = (f"lost: stopped answering while {state or 'running'}, last seen at {elapsed:.1f} s "
-                    f"(killed or crashed?); the last values are kept")
-        self.state_label.setText(text)
-        self.state_label.setProperty("runEnd", self.run_end)
-        self.state_label.style().polish(self.state_label)
+            text = (f"Connected to {len(answering)} of {len(boxes)} boxes; not answering: "
+                    f"{', '.join(b.key for b in boxes if not b.connected)} (retrying)")
+        self.connection_label.setText(text)
 
-    def show_snapshot(self, snap: dict) -> None:
-        self.snapshot = snap
-        self.state_label.setText(run_state_text(snap))
+    def select_box(self, key: str) -> None:
+        """Show `key`'s gauges, tables and budget."""
+        if key in self.boxes:
+            self.selected = key
+            self._show_selected()
+
+    def _show_boxes(self) -> None:
+        self.box_model.set_rows(list(self.boxes.values()))
+        if self.selected in self.boxes:
+            row = list(self.boxes).index(self.selected)
+            self.box_view.selectRow(row)
+        self._redraw_curves()
+
+    def _show_selected(self) -> None:
+        box = self.box
+        snap = box.snapshot if box else None
+        if snap is None:
+            self.gauges.clear()
+            self.stream_model.set_rows([])
+            self.model_model.set_models({})
+            if box is None or not box.problem:
+                self.state_label.setText("")
+            return
         self.gauges.show_snapshot(snap)
         self.stream_model.set_rows(snap["streams"])
         self.model_model.set_models(snap["models"])
-        if self.history.add(snap):
-            self._redraw_curves()
+        label = f"{box.key}: " if len(self.boxes) > 1 else ""
+        self.state_label.setText(label + (box.end_text() if box.run_end else run_state_text(snap)))
+        self.state_label.setProperty("runEnd", box.run_end)
+        self.state_label.style().polish(self.state_label)
+
+    def show_snapshot(self, snap: dict, key: str | None = None) -> None:
+        """Show `snap` as box `key`'s (default: the selected box, or a new one)."""
+        key = key or self.selected or "snapshot"
+        self.boxes.setdefault(key, BoxWatch(key)).on_snapshot(snap)
+        self.selected = self.selected or key
+        self._show_boxes()
+        self._show_selected()
 
     # --- curves -----------------------------------------------------------------------------
 
-    def fps_series(self, stream: str) -> tuple[np.ndarray, np.ndarray]:
-        return np.asarray(self.history.t, dtype=float), np.asarray(self.history.fps.get(stream, []), dtype=float)
+    def fps_series(self, stream: str, box: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        h = self.boxes[box].history if box else self.history
+        return np.asarray(h.t, dtype=float), np.asarray(h.fps.get(stream, []), dtype=float)
 
-    def resident_series(self) -> tuple[np.ndarray, np.ndarray]:
-        return np.asarray(self.history.t, dtype=float), np.asarray(self.history.resident, dtype=float)
+    def resident_series(self, box: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        h = self.boxes[box].history if box else self.history
+        return np.asarray(h.t, dtype=float), np.asarray(h.resident, dtype=float)
 
     def _redraw_curves(self) -> None:
-        h = self.history
-        if set(self.fps_curves) != set(h.fps):
+        many = len(self.boxes) > 1
+        wanted = [(key, name) for key, b in self.boxes.items() for name in b.history.fps]
+        if list(self.fps_curves) != wanted or list(self.resident_curves) != list(self.boxes):
             for curve in self.fps_curves.values():
                 self.fps_item.removeItem(curve)
+            for curve in self.resident_curves.values():
+                self.resident_item.removeItem(curve)
             self.fps_legend.clear()
-            self.fps_curves = {}
-            for name in h.fps:
+            self.resident_legend.clear()
+            self.fps_curves, self.resident_curves = {}, {}
+            for key, name in wanted:
                 curve = self.fps_item.plot([], [], symbol="o", symbolSize=4)
-                self.fps_curves[name] = curve
-                self.fps_legend.addItem(curve, name)
+                self.fps_curves[(key, name)] = curve
+                self.fps_legend.addItem(curve, f"{key} {name}" if many else name)
+            for key in self.boxes:
+                curve = self.resident_item.plot([], [])
+                self.resident_curves[key] = curve
+                if many:
+                    self.resident_legend.addItem(curve, key)
             self._color_curves()
-        t = np.asarray(h.t, dtype=float)
-        top = 0.0
-        for name, curve in self.fps_curves.items():
+        top = peak = 0.0
+        for (key, name), curve in self.fps_curves.items():
+            h = self.boxes[key].history
             y = np.asarray(h.fps[name], dtype=float)
-            curve.setData(t, y)
+            curve.setData(np.asarray(h.t, dtype=float), y)
             top = max(top, float(y.max()) if y.size else 0.0)
         # From zero, with room above the curves for the legend.
         self.fps_item.setYRange(0, max(1.0, top * 1.35), padding=0)
-        resident = np.asarray(h.resident, dtype=float) / MIB
-        self.resident_curve.setData(t, resident)
-        if h.budget:
-            self.budget_line.setValue(h.budget / MIB)
-            self.budget_line.label.setFormat(f"budget {h.budget / MIB:.1f} MiB")
+        for key, curve in self.resident_curves.items():
+            h = self.boxes[key].history
+            resident = np.asarray(h.resident, dtype=float) / MIB
+            curve.setData(np.asarray(h.t, dtype=float), resident)
+            peak = max(peak, float(resident.max()) if resident.size else 0.0)
+        budget = self.history.budget
+        if budget:
+            self.budget_line.setValue(budget / MIB)
+            self.budget_line.label.setFormat(f"budget {budget / MIB:.1f} MiB")
             self.budget_line.setVisible(True)
         else:
             self.budget_line.setVisible(False)
-        peak = max(h.budget / MIB if h.budget else 0.0, float(resident.max()) if resident.size else 0.0)
+        peak = max(budget / MIB if budget else 0.0, peak)
         self.resident_item.setYRange(0, max(1.0, peak * 1.15), padding=0)
 
     # --- state ------------------------------------------------------------------------------
@@ -351,6 +575,7 @@ class MonitorPanel(QWidget):
     def _update_enabled(self) -> None:
         self.connect_button.setEnabled(not self.polling)
         self.address_edit.setEnabled(not self.polling)
+        self.mode_combo.setEnabled(not self.polling)
         self.disconnect_button.setEnabled(self.polling)
 
     def set_colors(self, colors: dict) -> None:
@@ -359,18 +584,22 @@ class MonitorPanel(QWidget):
             widget.setBackground(colors["background"])
             style_plot(item, colors)
             item.showGrid(x=True, y=True, alpha=colors["grid"] / 255)
-        self.resident_curve.setPen(pg.mkPen(colors["params"], width=2))
         self.budget_line.setPen(pg.mkPen(colors["bound"], width=1.5, style=Qt.PenStyle.DashLine))
         self.budget_line.label.setColor(colors["bound"])
         self._color_curves()
 
     def _color_curves(self) -> None:
         series = self.colors["series"]
-        self.fps_legend.setLabelTextColor(self.colors["foreground"])
+        for legend in (self.fps_legend, self.resident_legend):
+            legend.setLabelTextColor(self.colors["foreground"])
         for i, curve in enumerate(self.fps_curves.values()):
             color = series[i % len(series)]
             curve.setPen(pg.mkPen(color, width=2))
             curve.setSymbolPen(pg.mkPen(color))
             curve.setSymbolBrush(pg.mkBrush(color))
-        for sample, label in self.fps_legend.items:  # the legend keeps the old text colour otherwise
-            label.setText(label.text, color=self.colors["foreground"])
+        for i, curve in enumerate(self.resident_curves.values()):
+            color = self.colors["params"] if len(self.resident_curves) == 1 else series[i % len(series)]
+            curve.setPen(pg.mkPen(color, width=2))
+        for legend in (self.fps_legend, self.resident_legend):
+            for sample, label in legend.items:  # the legend keeps the old text colour otherwise
+                label.setText(label.text, color=self.colors["foreground"])
