@@ -11,7 +11,8 @@ cd "$(dirname "$0")"
 VENV=${GEMEL_VENV:-.venv}
 PY=${PYTHON:-python3}
 
-# Shared libraries Qt's xcb and offscreen platforms load (present on a desktop, absent on a bare box).
+# Shared libraries Qt's xcb and offscreen platforms load (present on a desktop, absent on a bare box),
+# and Prometheus, which tests/test_fleet.py starts to scrape two `gemel run` processes.
 APT_PACKAGES="libegl1 libgl1 libxkbcommon0 libxkbcommon-x11-0 libfontconfig1 libdbus-1-3 libglib2.0-0
   libxcb-cursor0 libxcb-icccm4 libxcb-keysyms1 libxcb-shape0 libxcb-xinerama0 libxcb-randr0 libxcb-render-util0
   libxcb-image0 libxrender1 libxi6 fonts-dejavu-core xvfb xauth prometheus"
