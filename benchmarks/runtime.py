@@ -60,6 +60,7 @@ from analyze import device_name  # noqa: E402
 
 from gemel_studio.runtime import load_bundle  # noqa: E402
 from gemel_studio.runtime.engine import Engine  # noqa: E402
+from gemel_studio.runtime.options import RunOptions  # noqa: E402
 from gemel_studio.runtime.scheduler import ModelScheduler  # noqa: E402
 from gemel_studio.runtime.sources import SyntheticSource  # noqa: E402
 
@@ -128,36 +129,36 @@ def run_policy(bundle, names: list[str], args, policy: str, budget: int | None, 
                eviction: str = "belady", batching: bool = True, label: str | None = None) -> dict:
     streams = [(SyntheticSource(fps=args.fps, size=(64, 64), seed=i), [names[i % len(names)]])
                for i in range(n_streams)]
-    engine = Engine(bundle, streams, policy, budget, args.device, args.backend, load=load, eviction=eviction,
-                    batching=batching)
-    summary = engine.run(args.duration)
-    batches = sum(m["batches"] for m in summary.models.values())
-    batched = sum(m["batches"] * (m["mean_batch_size"] or 0) for m in summary.models.values())
-    frames_in = sum(s["frames_in"] for s in summary.streams)
-    processed = sum(s["processed"] for s in summary.streams)
-    p99 = [s["latency_p99_ms"] for s in summary.streams if s["latency_p99_ms"] is not None]
+    options = RunOptions(policy=policy, memory_budget=budget, device=args.device, backend=args.backend, load=load,
+                         eviction=eviction, batching=batching)
+    summary = Engine(bundle, streams, options).run(args.duration)
+    models, rows, mem = summary.models.values(), summary.streams, summary.memory
+    batches = sum(m.batches for m in models)
+    batched = sum(m.batches * (m.mean_batch_size or 0) for m in models)
+    frames_in = sum(s.frames_in for s in rows)
+    processed = sum(s.processed for s in rows)
+    p99 = [s.latency_p99_ms for s in rows if s.latency_p99_ms is not None]
     return {"config": label or policy, "policy": policy, "eviction": eviction, "batching": batching,
             "load": load, "frames_in": frames_in, "processed": processed,
             "dropped": frames_in - processed,
             "processed_fraction": round(processed / frames_in, 4) if frames_in else None,
-            "per_stream_processed_fraction": [s["processed_fraction"] for s in summary.streams],
+            "per_stream_processed_fraction": [s.processed_fraction for s in rows],
             # GEMEL's objective: the worst stream's fraction (space-sharing's refused streams get 0).
-            "worst_stream_processed_fraction": min((s["processed_fraction"] or 0.0) for s in summary.streams),
+            "worst_stream_processed_fraction": min((s.processed_fraction or 0.0) for s in rows),
             # Processed frames that also met the stream's own deadline (the frame interval), where
             # the engine stretched it for a stream slower than that.
-            "within_deadline_fraction": round(sum(s["processed_within_deadline"] for s in summary.streams)
+            "within_deadline_fraction": round(sum(s.processed_within_deadline for s in rows)
                                               / frames_in, 4) if frames_in else None,
             "p99_latency_ms": round(max(p99), 2) if p99 else None,
-            "swaps": sum(m["swaps"] for m in summary.models.values()),
-            "loaded_bytes": sum(m["loaded_bytes"] for m in summary.models.values()),
-            "load_seconds": round(sum(m["load_seconds"] for m in summary.models.values()), 3),
-            "peak_resident_bytes": summary.memory["runtime_peak_resident_bytes"],
+            "swaps": sum(m.swaps for m in models),
+            "loaded_bytes": sum(m.loaded_bytes for m in models),
+            "load_seconds": round(sum(m.load_seconds for m in models), 3),
+            "peak_resident_bytes": mem.runtime_peak_resident_bytes,
             "mean_batch_size": round(batched / batches, 3) if batches else None,
-            "max_batch": {n: m["max_batch"] for n, m in summary.models.items()},
-            "static_set": summary.memory["static_set"],
-            "process_rss_bytes": summary.memory["process_rss_bytes"],
-            **{k: summary.memory[k] for k in ("torch_allocated_bytes", "torch_reserved_bytes", "device_used_bytes",
-                                              "device_total_bytes") if k in summary.memory}}
+            "max_batch": {n: m.max_batch for n, m in summary.models.items()},
+            "static_set": mem.static_set,
+            "process_rss_bytes": mem.process_rss_bytes,
+            **{k: v for k, v in mem.to_dict().items() if k in mem.OPTIONAL}}
 
 
 def cold_starts(bundle, names: list[str], args, load: str, rounds: int) -> dict:
@@ -166,7 +167,9 @@ def cold_starts(bundle, names: list[str], args, load: str, rounds: int) -> dict:
     milliseconds from the frame's arrival to its result, and how long inference waited for
     weights."""
     largest = max(ModelScheduler.for_bundle(bundle, [n], "time-sharing", 10**15).stats[n].bytes for n in names)
-    engine = Engine(bundle, [(SyntheticSource(), names)], "time-sharing", largest, args.device, args.backend, load)
+    engine = Engine(bundle, [(SyntheticSource(), names)], RunOptions(policy="time-sharing", memory_budget=largest,
+                                                                      device=args.device, backend=args.backend,
+                                                                      load=load))
     frame = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))
     times: dict[str, list[float]] = {n: [] for n in names}
     for _ in range(rounds):
@@ -181,9 +184,9 @@ def cold_starts(bundle, names: list[str], args, load: str, rounds: int) -> dict:
         ms = sorted(times[n][1:] or times[n])  # the first round warms up allocators and kernels
         m = models[n]
         out[n] = {"median_ms": round(ms[len(ms) // 2], 2),
-                  "load_ms_per_swap": round(1000 * m["load_seconds"] / m["swaps"], 2),
-                  "waited_ms_per_swap": round(1000 * m["load_wait_seconds"] / m["swaps"], 2),
-                  "swaps": m["swaps"], "load": m["load"]}
+                  "load_ms_per_swap": round(1000 * m.load_seconds / m.swaps, 2),
+                  "waited_ms_per_swap": round(1000 * m.load_wait_seconds / m.swaps, 2),
+                  "swaps": m.swaps, "load": m.load}
     return out
 
 

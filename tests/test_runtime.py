@@ -16,7 +16,8 @@ from gemel_studio.errors import GemelError
 from gemel_studio.progress import Progress
 from gemel_studio.runtime import load_bundle
 from gemel_studio.runtime.engine import Engine, run
-from gemel_studio.runtime.scheduler import POLICIES, ModelScheduler, parse_bytes
+from gemel_studio.runtime.options import parse_bytes
+from gemel_studio.runtime.scheduler import POLICIES, ModelScheduler
 from gemel_studio.runtime.sources import CameraSource, SyntheticSource, VideoSource, parse_source
 
 # The small merged bundle of test_bundle (three resnet18s at 16x16 sharing layers, a mobilenet).
@@ -270,8 +271,8 @@ def loaded(bundle):  # noqa: F811
 
 def _check_counts(summary):
     for s in summary.streams:
-        assert s["frames_in"] == s["processed"] + s["dropped"], s
-        assert s["dropped"] == s["dropped_late"] + s["dropped_refused"] + s["dropped_error"]
+        assert s.frames_in == s.processed + s.dropped, s
+        assert s.dropped == s.dropped_late + s.dropped_refused + s.dropped_error
 
 
 def test_a_truncated_video_ends_its_stream_while_a_synthetic_stream_goes_on(loaded, tmp_path):
@@ -284,11 +285,11 @@ def test_a_truncated_video_ends_its_stream_while_a_synthetic_stream_goes_on(load
     summary = run(loaded, streams, policy="merged", budget_bytes=200 * 2**20, duration_s=1.5, deadline_s=30.0)
     _check_counts(summary)
     video, gone, synthetic = summary.streams
-    assert video["end_reason"].startswith("truncated") and 0 < video["frames_in"] < 30, video
-    assert gone["end_reason"].startswith("unreadable") and gone["frames_in"] == 0, gone
-    assert summary.stopped == "duration" and synthetic["end_reason"] == "stopped", synthetic
+    assert video.end_reason.startswith("truncated") and 0 < video.frames_in < 30, video
+    assert gone.end_reason.startswith("unreadable") and gone.frames_in == 0, gone
+    assert summary.stopped == "duration" and synthetic.end_reason == "stopped", synthetic
     # It went on for the whole run: frames kept arriving and the worker kept running its models.
-    assert synthetic["frames_in"] >= 10 and summary.models["color"]["runs"] > 0, synthetic
+    assert synthetic.frames_in >= 10 and summary.models["color"].runs > 0, synthetic
     json.dumps(summary.to_dict())
 
 
@@ -302,12 +303,12 @@ def test_the_engine_drops_frames_it_cannot_process_in_time_and_counts_them(loade
     summary = run(loaded, streams, policy="time-sharing", budget_bytes=budget, duration_s=1.5)
     _check_counts(summary)
     first = summary.streams[0]
-    assert first["frames_in"] > 100 and first["dropped"] > first["frames_in"] // 2
+    assert first.frames_in > 100 and first.dropped > first.frames_in // 2
     # Swapped in and out, when the worker got to run it at all (a busy machine may leave no frame
     # fresh enough to start on).
-    assert summary.models["color"]["swaps"] <= summary.models["color"]["runs"]
-    assert summary.memory["runtime_peak_resident_bytes"] <= budget
-    assert summary.memory["process_rss_bytes"] > 0 and "torch_allocated_bytes" not in summary.memory
+    assert summary.models["color"].swaps <= summary.models["color"].runs
+    assert summary.memory.runtime_peak_resident_bytes <= budget
+    assert summary.memory.process_rss_bytes > 0 and "torch_allocated_bytes" not in summary.memory.to_dict()
 
 
 def test_the_engine_stops_on_cancel_and_when_its_sources_end(loaded):
@@ -315,11 +316,11 @@ def test_the_engine_stops_on_cancel_and_when_its_sources_end(loaded):
     threading.Timer(0.5, progress.cancel).start()
     summary = run(loaded, [(SyntheticSource(fps=30, size=(16, 16)), [])], policy="unlimited", progress=progress)
     assert summary.stopped == "cancelled" and summary.elapsed_s < 3
-    assert summary.streams[0]["models"] == ["color", "shape", "size", "spare"]
+    assert summary.streams[0].models == ["color", "shape", "size", "spare"]
     _check_counts(summary)
     summary = run(loaded, [(SyntheticSource(fps=4, size=(16, 16), frames=4), ["size"])], policy="unlimited")
-    assert summary.stopped == "sources ended" and summary.streams[0]["frames_in"] == 4
-    assert summary.streams[0]["processed"] >= 1 and summary.streams[0]["latency_p99_ms"] is not None
+    assert summary.stopped == "sources ended" and summary.streams[0].frames_in == 4
+    assert summary.streams[0].processed >= 1 and summary.streams[0].latency_p99_ms is not None
     _check_counts(summary)
 
 
@@ -329,9 +330,9 @@ def test_space_sharing_drops_the_frames_of_models_it_does_not_hold(loaded):
                (SyntheticSource(fps=20, size=(16, 16), frames=10), ["shape"])]
     summary = run(loaded, streams, policy="space-sharing", budget_bytes=int(one * 1.5))
     _check_counts(summary)
-    assert summary.memory["static_set"] == ["color"]
-    assert summary.streams[1]["dropped_refused"] == 10 and summary.streams[1]["processed"] == 0
-    assert summary.models["shape"]["refused"] == 10
+    assert summary.memory.static_set == ["color"]
+    assert summary.streams[1].dropped_refused == 10 and summary.streams[1].processed == 0
+    assert summary.models["shape"].refused == 10
 
 
 def test_engine_input_errors_are_gemel_errors(loaded):
@@ -341,6 +342,62 @@ def test_engine_input_errors_are_gemel_errors(loaded):
         Engine(loaded, [(SyntheticSource(), ["color"])], "merged", 1000)
     with pytest.raises(GemelError, match="no streams"):
         Engine(loaded, [], "merged", 10**9)
+
+
+def test_run_options_are_validated_once_with_one_line_errors(loaded):
+    from gemel_studio.runtime.options import RunOptions
+
+    options = RunOptions(policy="time-sharing", memory_budget="1.5MiB", deadline_ms=40, batching=False)
+    assert options.memory_budget == int(1.5 * 2**20) and options.deadline_s == 0.04
+    engine = Engine(loaded, [(SyntheticSource(), ["color"])], options.model_copy(update={"memory_budget": 10**9}))
+    assert engine.scheduler.policy == "time-sharing" and engine.batching is False
+    assert engine.stats[0].deadline_s == 0.04
+    for bad, why in [({"memory_budget": "lots"}, "memory budget 'lots'"), ({"deadline_ms": -1}, "--deadline -1"),
+                     ({"backend": "onnxruntime", "load": "layered"}, "needs the torch backend"),
+                     ({"policy": "nope"}, "--policy 'nope'")]:
+        from gemel_studio.options import validate
+
+        with pytest.raises(GemelError, match=why) as err:
+            validate(RunOptions, bad)
+        assert "\n" not in str(err.value)
+
+
+def test_a_stream_spec_reads_the_command_line_form():
+    from gemel_studio.runtime.sources import StreamSpec
+
+    spec = StreamSpec.parse("synthetic:12=color, size")
+    assert spec == StreamSpec("synthetic:12", ("color", "size")) and str(spec) == "synthetic:12=color,size"
+    assert StreamSpec.parse("camera:0").models == ()
+    source, models = spec.stream(seed=3)
+    assert isinstance(source, SyntheticSource) and source.fps == 12 and models == ["color", "size"]
+    for text, why in [("=color", "name a source"), ("synthetic=", "no model names")]:
+        with pytest.raises(GemelError, match=why):
+            StreamSpec.parse(text)
+
+
+def test_a_snapshot_round_trips_through_its_json(loaded):
+    from gemel_studio.runtime.telemetry import RunSnapshot
+
+    engine = Engine(loaded, [(SyntheticSource(size=(16, 16)), ["color", "size"])], "merged", 200 * 2**20, "cpu",
+                    load="layered")
+    engine.process_frame(torch.rand(3, 16, 16))
+    snap = engine.snapshot()
+    served = json.loads(json.dumps(snap.to_dict()))
+    assert list(served) == ["bundle", "policy", "backend", "device", "eviction", "state", "last_error", "elapsed_s",
+                            "streams", "models", "memory"]
+    assert served["streams"][0]["processed"] == snap.streams[0].processed == 1
+    assert "torch_allocated_bytes" not in served["memory"] and served["memory"]["budget_bytes"] == 200 * 2**20
+    assert RunSnapshot.from_dict(served).to_dict() == served
+    # What an older runtime served (fewer keys) and what a newer one adds (kept as extra).
+    old = {"state": "running", "elapsed_s": 3.0, "instance": "box-1",
+           "streams": [{"name": "s", "frames_in": 4, "processed": 3, "dropped": 1}],
+           "models": {"color": {"bytes": 10, "load_seconds": 0.5}}, "memory": {"runtime_resident_bytes": 7}}
+    back = RunSnapshot.from_dict(old)
+    assert back.streams[0].dropped_error == 0 and back.models["color"].name == "color"
+    assert back.models["color"].load_wait_seconds == 0.5 and back.extra == {"instance": "box-1"}
+    assert back.to_dict()["instance"] == "box-1" and back.dropped_totals() == (4, 1, 0, 0)
+    summary = engine.summary().to_dict()
+    assert list(summary["memory"])[:3] == ["budget_bytes", "all_models_bytes", "static_set"]
 
 
 # --- gemel run -------------------------------------------------------------------------------
@@ -385,6 +442,28 @@ def test_gemel_run_bad_input_is_one_line_and_exit_2(bundle, capsys, extra, why):
     assert why in err and err.count("\n") == 1
 
 
+def test_gemel_run_flags_come_from_the_run_options():
+    """One options model: the flags are RunOptions' fields, and building them imports no torch."""
+    import subprocess
+    import sys
+
+    from gemel_studio.cli import build_parser
+    from gemel_studio.options import from_args
+    from gemel_studio.runtime.options import RunOptions
+
+    args = build_parser().parse_args(["run", "b", "--stream", "synthetic", "--memory-budget", "64MiB", "--no-batching",
+                                      "--deadline", "50", "--policy", "time-sharing"])
+    assert from_args(RunOptions, args) == RunOptions(policy="time-sharing", memory_budget=64 * 2**20,
+                                                     batching=False, deadline_ms=50)
+    help_text = build_parser()._subparsers._group_actions[0].choices["run"].format_help()
+    for flag in ("--backend {torch,onnxruntime}", "--device DEVICE", "--load {whole,layered}",
+                 "--memory-budget BYTES", "--deadline MS", "--eviction {belady,lru}", "--no-batching"):
+        assert flag in help_text, flag
+    script = "import sys\nfrom gemel_studio.cli import build_parser\nbuild_parser()\nassert 'torch' not in sys.modules"
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_gemel_run_on_a_missing_bundle_is_one_line(tmp_path, capsys):
     assert main(["run", str(tmp_path / "nothing"), "--stream", "synthetic", "--policy", "unlimited"]) == 2
     assert "no such bundle" in capsys.readouterr().err
@@ -426,6 +505,33 @@ def test_ctrl_c_stops_gemel_run_cleanly_with_the_summary(bundle):  # noqa: F811
     assert summary["stopped"] == "interrupted" and summary["streams"][0]["frames_in"] >= 3
 
 
+def test_sigterm_stops_gemel_run_cleanly_with_the_summary(bundle):  # noqa: F811
+    """What a service manager does (systemd's stop): SIGTERM stops the streams, the summary is
+    printed, the exit code is 0 and the summary says `terminated`."""
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "gemel_studio.cli", "run", str(bundle[1]), "--stream",
+                             "synthetic:20=size", "--policy", "unlimited", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(50):  # the handlers are in place before this line is printed
+            line = proc.stderr.readline()
+            if "Ctrl-C stops" in line or not line:
+                break
+        assert "Ctrl-C stops" in line
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    summary = json.loads(out)
+    assert summary["stopped"] == "terminated" and "SIGTERM" in err
+    stream = summary["streams"][0]
+    assert stream["frames_in"] == stream["processed"] + stream["dropped"]
+
+
 # --- the onnxruntime backend -------------------------------------------------------------------
 
 
@@ -459,7 +565,7 @@ def test_onnxruntime_sessions_read_the_resident_weights_and_let_evicted_ones_go(
     assert engine._ort.sessions_made == {"color": 3, "shape": 3}  # one per load, no more
     assert engine.scheduler.peak_resident_bytes <= one
     models = engine.summary().models
-    assert models["color"]["swaps"] == 3 and models["color"]["load_seconds"] > 0
+    assert models["color"].swaps == 3 and models["color"].load_seconds > 0
 
 
 def test_the_onnxruntime_backend_refuses_what_it_cannot_run_in_one_line(loaded):
@@ -499,9 +605,9 @@ def test_layered_loading_gives_the_same_outputs_within_the_budget(loaded):
     models = layered.summary().models
     for name in ("color", "shape", "spare"):
         m = models[name]
-        assert m["load"] == "layered" and "load_note" not in m
-        assert m["swaps"] == m["runs"] == 3 and m["loaded_bytes"] == 3 * m["bytes"]
-        assert m["load_seconds"] > 0 and m["load_wait_seconds"] >= 0
+        assert m.load == "layered" and m.load_note is None and "load_note" not in m.to_dict()
+        assert m.swaps == m.runs == 3 and m.loaded_bytes == 3 * m.bytes
+        assert m.load_seconds > 0 and m.load_wait_seconds >= 0
     assert layered.scheduler.peak_resident_bytes <= budget
     resident = layered.scheduler._resident
     assert sum(t.numel() * t.element_size() for t in resident.values()) == layered.scheduler.resident_bytes
@@ -517,7 +623,7 @@ def test_a_layer_plan_loads_in_running_order_and_covers_modules_that_never_run()
             return self.attn(x, x, x)[0]
 
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), Attention(), torch.nn.LayerNorm(8)).eval()
-    from gemel_studio.runtime.engine import LayerPlan
+    from gemel_studio.runtime.layered import LayerPlan
 
     keys = list(model.state_dict())
     plan = LayerPlan(model, (4, 8), keys)
@@ -535,8 +641,8 @@ def test_a_layer_plan_that_misses_a_tensor_falls_back_to_a_whole_load(loaded):
     frame = torch.rand(3, 16, 16)
     engine.process_frame(frame)
     models = engine.summary().models
-    assert models["color"]["load"] == "whole" and "layer-by-layer run failed" in models["color"]["load_note"]
-    assert models["size"]["load"] == "layered" and engine.stats[0].processed == 1
+    assert models["color"].load == "whole" and "layer-by-layer run failed" in models["color"].load_note
+    assert models["size"].load == "layered" and engine.stats[0].processed == 1
     with load_bundle(engine.bundle.path) as again:
         ref = Engine(again, [(SyntheticSource(), ["color"])], "unlimited", None, "cpu")
         ref.process_frame(frame)
@@ -570,8 +676,8 @@ def test_a_model_that_fails_on_a_frame_drops_that_frame_and_the_run_goes_on(load
     summary = engine.run()
     _check_counts(summary)
     size, color = summary.streams
-    assert summary.stopped == "sources ended" and size["processed"] >= 1
-    assert color["dropped_error"] == color["frames_in"] == 8 and color["processed"] == 0
+    assert summary.stopped == "sources ended" and size.processed >= 1
+    assert color.dropped_error == color.frames_in == 8 and color.processed == 0
     assert summary.last_error == "RuntimeError: kernel exploded"
 
 

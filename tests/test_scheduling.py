@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from gemel_studio.runtime import load_bundle
-from gemel_studio.runtime.engine import BatchPlanner, Engine, Job, LatencyEstimates
+from gemel_studio.runtime.batching import BatchPlanner, Job, LatencyEstimates
+from gemel_studio.runtime.engine import Engine
 from gemel_studio.runtime.scheduler import POLICIES, ModelScheduler
 from gemel_studio.runtime.sinks import JsonlSink
 from gemel_studio.runtime.sources import SyntheticSource
@@ -199,7 +200,7 @@ def test_frames_waiting_for_the_same_model_run_as_one_batch_and_meet_their_deadl
     sizes = [b for _, b in runs]
     assert max(sizes) > 1 and max(sizes) <= 16 and {b for _, b in runs2} == {1}
     model = batched.summary().models["color"]
-    assert model["mean_batch_size"] > 1 and model["batches"] == len(runs)
+    assert model.mean_batch_size > 1 and model.batches == len(runs)
     assert all(t <= j.deadline for t, j in started)
     assert all(lat <= 0.1 for s in batched.stats for lat in s.latencies)
 
@@ -249,9 +250,9 @@ def test_a_real_overloaded_run_never_starts_a_late_frame(loaded):
     summary = engine.run(1.5)
     assert not late_starts
     for s in summary.streams:
-        assert s["frames_in"] == s["processed"] + s["dropped"]
-    assert summary.memory["runtime_peak_resident_bytes"] <= budget
-    assert all(m["max_batch"] >= 1 and m["profile_ms"] for m in summary.models.values() if m["name"] in names)
+        assert s.frames_in == s.processed + s.dropped
+    assert summary.memory.runtime_peak_resident_bytes <= budget
+    assert all(m.max_batch >= 1 and m.profile_ms for m in summary.models.values() if m.name in names)
 
 
 def test_the_profile_leaves_the_counters_and_residency_as_they_were(loaded):

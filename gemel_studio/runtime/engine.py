@@ -7,456 +7,82 @@ and counted: frames that could no longer meet their deadline ("late") and frames
 the policy will not hold ("refused", space-sharing). Every frame that arrived is counted once
 as processed or dropped, so `frames_in == processed + dropped`.
 
-Scheduling (`BatchPlanner`, as GEMEL's evaluation and Nexus do it):
-- Frames waiting for the same model run as one batch, up to a per-model maximum chosen from
-  a short profile made when `run()` starts (latency per batch size on this device and
-  backend), and only as large as still lets every frame in it meet its deadline.
-- No compute is spent on a frame that can no longer meet its deadline: before a batch starts,
-  each frame's finish is estimated from the measured latency of its remaining models (and the
-  load of the next one when it is not resident); a frame that cannot make it is dropped then.
-- Compute is shared max-min fairly: the next batch serves the stream that has had the least
-  compute so far, unless a frame due sooner would be lost by waiting and fits in before it
-  without making it late.
-- A stream whose models are slower than its deadline is served at the rate it can be: a
-  frame's deadline is at least twice the estimated latency of its stream's models (a stream
-  needing 32 ms of a 33 ms interval could otherwise only be served when the worker happens to
-  be idle), and when that stretches it, a newer frame replaces the stream's older frames that
-  have not started (latest frame first).
+Which frames run next, and together, is `batching.BatchPlanner`'s choice (see there). A stream
+whose models are slower than its deadline is served at the rate it can be: a frame's deadline
+is at least twice the estimated latency of its stream's models (a stream needing 32 ms of a
+33 ms interval could otherwise only be served when the worker happens to be idle), and when
+that stretches it, a newer frame replaces the stream's older frames that have not started
+(latest frame first).
 
-`run()` returns a `RunSummary` (plain data, `to_dict()` is JSON-able) whether it stops because
-the duration passed, every source ended, `progress.cancel()` was called or Ctrl-C was pressed.
+How the run runs is one `RunOptions`. `snapshot()` returns a `RunSnapshot` and `run()` a
+`RunSummary` (telemetry.py; `to_dict()` is their JSON) whether it stops because the duration
+passed, every source ended, `progress.cancel()` was called or Ctrl-C was pressed.
 """
 
 from __future__ import annotations
 
-import os
+import copy
 import queue
-from collections import deque
 import threading
 import time
-from dataclasses import asdict, dataclass, field
 from typing import Callable
 
-import numpy as np
 import torch
-from torch.func import functional_call
-from torch.nn.utils._named_member_accessor import set_tensor
 
 from ..devices import resolve_device
 from ..errors import GemelError
-from ..preprocessing import ImagePreprocessing
-from ..system import gpu_memory
+from .backends import OrtRunner, TorchRunner, prepare_input
+from .batching import MAX_BATCH, BatchPlanner, Job, LatencyEstimates, profile_latency
+from .layered import plan_layers, run_layered
+from .options import RunOptions
 from .scheduler import ModelScheduler
 from .sources import FrameSource
-
+from .telemetry import (ModelRow, RunSnapshot, RunSummary, StreamStats, SummaryMemory, describe_output,
+                        memory_snapshot, result_record)
 
 MAX_CONSECUTIVE_ERRORS = 50  # batches in a row whose models fail before the run stops with the error
-MAX_BATCH = 16  # the profile tries batch sizes 1, 2, 4, ... up to this
-PROFILE_STOP_S = 0.25  # the profile tries no larger batch once one takes this long
 OVERRATE_SLACK = 2.0  # a frame's deadline is at least this times its stream's models' latency
-LATENCY_WINDOW = 100_000  # processed frames per stream that the latency percentiles cover
-
-
-@dataclass
-class StreamStats:
-    """What one stream did: frames in, processed before their deadline, dropped (and why)."""
-
-    name: str
-    models: list[str]
-    fps: float
-    frames_in: int = 0
-    processed: int = 0
-    dropped_late: int = 0
-    dropped_refused: int = 0
-    dropped_error: int = 0  # a model failed on the frame (the run goes on; see the run's last_error)
-    deadline_s: float | None = None  # what each frame has from its arrival (None: the frame interval)
-    compute_s: float = 0.0  # compute spent on its frames (a batch's time shared among its frames)
-    effective_deadline_s: float | None = None  # the deadline its last frame got (see Engine.stream_deadline)
-    within_deadline: int = 0  # processed frames that also met the stream's own deadline (not stretched)
-    end_reason: str | None = None  # why its source ended; None while it still delivers
-    # Seconds, of the last LATENCY_WINDOW processed frames (a bound on memory for runs of days).
-    latencies: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW), repr=False)
-
-    @property
-    def dropped(self) -> int:
-        return self.dropped_late + self.dropped_refused + self.dropped_error
-
-    def to_dict(self, elapsed_s: float) -> dict:
-        lat = np.asarray(list(self.latencies)) * 1000.0  # list(): one atomic copy under the GIL
-        return {"name": self.name, "models": self.models, "fps": self.fps, "frames_in": self.frames_in,
-                "processed": self.processed, "dropped": self.dropped, "dropped_late": self.dropped_late,
-                "dropped_refused": self.dropped_refused, "dropped_error": self.dropped_error,
-                "processed_fraction": self.processed / self.frames_in if self.frames_in else None,
-                "latency_p50_ms": float(np.percentile(lat, 50)) if lat.size else None,
-                "latency_p99_ms": float(np.percentile(lat, 99)) if lat.size else None,
-                "throughput_fps": self.processed / elapsed_s if elapsed_s > 0 else 0.0,
-                "deadline_ms": 1000.0 * (self.deadline_s if self.deadline_s is not None else 1.0 / self.fps),
-                "effective_deadline_ms": None if self.effective_deadline_s is None
-                else 1000.0 * self.effective_deadline_s,
-                "processed_within_deadline": self.within_deadline,
-                "compute_s": self.compute_s, "end_reason": self.end_reason}
-
-
-@dataclass
-class RunSummary:
-    bundle: str
-    backend: str
-    device: str
-    policy: str
-    budget_bytes: int | None
-    elapsed_s: float
-    stopped: str  # duration | sources ended | cancelled | interrupted | error: ...
-    last_error: str | None  # the last error a model raised on a frame (those frames are dropped)
-    streams: list[dict]
-    models: dict[str, dict]
-    memory: dict
-    eviction: str = "belady"
-    batching: bool = True
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass(eq=False)
-class Job:
-    """One frame on its way through its stream's models (`models[step]` is the next one)."""
-
-    stream: int
-    index: int  # the frame's number in its stream, from 0
-    ts: float  # arrival (time.monotonic())
-    deadline: float
-    frame: torch.Tensor
-    models: list[str]
-    step: int = 0
-    outputs: dict = field(default_factory=dict)
-
-    @property
-    def model(self) -> str:
-        return self.models[self.step]
-
-
-class LatencyEstimates:
-    """Measured seconds per model and batch size (a moving average of the runs, seeded by the
-    profile), and the load rate in bytes per second. Unknown figures estimate as 0 (nothing
-    is dropped on a guess)."""
-
-    def __init__(self, alpha: float = 0.3):
-        self.alpha = alpha
-        self.seconds: dict[str, dict[int, float]] = {}
-        self.load_rate: float | None = None  # bytes per second
-
-    def observe(self, model: str, batch: int, seconds: float, replace: bool = False) -> None:
-        row = self.seconds.setdefault(model, {})
-        old = row.get(batch)
-        row[batch] = seconds if old is None or replace else (1 - self.alpha) * old + self.alpha * seconds
-
-    def observe_load(self, nbytes: int, seconds: float) -> None:
-        if nbytes > 0 and seconds > 0:
-            rate = nbytes / seconds
-            self.load_rate = rate if self.load_rate is None else (1 - self.alpha) * self.load_rate + self.alpha * rate
-
-    def run(self, model: str, batch: int = 1) -> float:
-        row = self.seconds.get(model)
-        if not row:
-            return 0.0
-        if batch in row:
-            return row[batch]
-        below = [b for b in row if b < batch]
-        above = [b for b in row if b > batch]
-        if below and above:  # linear between the neighbours
-            lo, hi = max(below), min(above)
-            return row[lo] + (row[hi] - row[lo]) * (batch - lo) / (hi - lo)
-        if below:  # past the largest measured: proportional to the batch
-            lo = max(below)
-            return row[lo] * batch / lo
-        return row[min(above)]
-
-    def load(self, nbytes: int) -> float:
-        return nbytes / self.load_rate if self.load_rate and nbytes > 0 else 0.0
-
-
-class BatchPlanner:
-    """Picks the next batch to run from the waiting frames (no clock of its own: `now` is
-    given, so tests drive it with a fake one). See the module's docstring for the rules."""
-
-    def __init__(self, estimates: LatencyEstimates, max_batch: dict[str, int] | None = None):
-        self.estimates = estimates
-        self.max_batch = max_batch if max_batch is not None else {}
-
-    def rest(self, job: Job) -> float:
-        """Estimated seconds of the job's models after the next one, each alone."""
-        return sum(self.estimates.run(m, 1) for m in job.models[job.step + 1:])
-
-    def plan(self, now: float, waiting: list[Job], usage: list[float],
-             load_s: Callable[[str], float] = lambda m: 0.0) -> tuple[list[Job], list[Job]]:
-        """(the batch to run now, all for one model; the frames to drop, which can no longer
-        meet their deadline). `usage[i]`: the compute stream i has had."""
-        est = self.estimates
-        loads: dict[str, float] = {}
-
-        def load(m: str) -> float:
-            if m not in loads:
-                loads[m] = load_s(m)
-            return loads[m]
-
-        feasible, drop = [], []
-        for j in waiting:
-            m = j.model
-            if now + load(m) + est.run(m, 1) + self.rest(j) <= j.deadline:
-                feasible.append(j)
-            else:
-                drop.append(j)
-        if not feasible:
-            return [], drop
-        # Max-min fairness: the stream that has had the least compute goes first ...
-        lead = min(feasible, key=lambda j: (usage[j.stream], j.deadline, j.ts))
-        # ... unless a frame due sooner would be lost by waiting for it and fits in before it
-        # without making it late (work the lead's slack can pay for).
-        soonest = min(feasible, key=lambda j: (j.deadline, usage[j.stream], j.ts))
-        if soonest.deadline < lead.deadline and soonest.model != lead.model:
-            first = load(soonest.model) + est.run(soonest.model, 1)
-            second = load(lead.model) + est.run(lead.model, 1)
-            lost = now + second + first + self.rest(soonest) > soonest.deadline
-            # Twice the inserted work must fit: estimates are averages, and a lead pushed out by
-            # one bad guess after another would starve.
-            if lost and now + 2 * first + second + self.rest(lead) <= lead.deadline:
-                lead = soonest
-        m = lead.model
-        limit = max(1, self.max_batch.get(m, 1))
-        batch = [lead]
-        slack = lead.deadline - self.rest(lead)
-        others = sorted((j for j in feasible if j is not lead and j.model == m),
-                        key=lambda j: (usage[j.stream], j.deadline, j.ts))
-        for j in others:
-            if len(batch) >= limit:
-                break
-            s = min(slack, j.deadline - self.rest(j))
-            if now + load(m) + est.run(m, len(batch) + 1) <= s:  # every frame in it still in time
-                batch.append(j)
-                slack = s
-        return batch, drop
-
-
-def memory_snapshot(device: torch.device, resident_bytes: int, peak_resident_bytes: int) -> dict:
-    """The runtime's own resident weights, the process's resident memory and, on CUDA only,
-    torch's allocated/reserved bytes and the device's used/total memory (pynvml). Each is a
-    different figure and is named as such."""
-    out = {"runtime_resident_bytes": resident_bytes, "runtime_peak_resident_bytes": peak_resident_bytes,
-           "process_rss_bytes": process_rss()}
-    if device.type == "cuda":
-        out["torch_allocated_bytes"] = int(torch.cuda.memory_allocated(device))
-        out["torch_reserved_bytes"] = int(torch.cuda.memory_reserved(device))
-        out.update(gpu_memory(device.index or 0))
-    return out
-
-
-def process_rss() -> int | None:
-    try:
-        import psutil
-        return int(psutil.Process().memory_info().rss)
-    except ImportError:
-        pass
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def describe_output(spec, output, max_boxes: int = 10, min_score: float = 0.3) -> dict:
-    """What a model's output says, in plain data: for a classifier the top label and its
-    probability; for a detector its boxes (x1, y1, x2, y2 as fractions of the input's width and
-    height), labels and scores, best first."""
-    labels = spec.labels
-
-    def name(i: int) -> str:
-        return labels[i] if 0 <= i < len(labels) else str(i)
-
-    if spec.task == "detection":
-        det = output[0] if isinstance(output, (list, tuple)) else output
-        h, w = spec.input_size[1:]
-        scale = torch.tensor([w, h, w, h], dtype=torch.float32)
-        keep = det["scores"].float().cpu() >= min_score
-        boxes = (det["boxes"].float().cpu()[keep] / scale).clamp(0, 1)[:max_boxes]
-        scores = det["scores"].float().cpu()[keep][:max_boxes]
-        classes = det["labels"].cpu()[keep][:max_boxes]
-        return {"task": "detection", "boxes": boxes.tolist(), "scores": scores.tolist(),
-                "labels": [name(int(c)) for c in classes]}
-    logits = torch.as_tensor(output).float().reshape(-1)
-    probs = torch.softmax(logits, 0)
-    top = int(probs.argmax())
-    return {"task": "classification", "label": name(top), "score": float(probs[top])}
-
-
-def result_record(spec, output, top_k: int = 5) -> dict:
-    """What a model said about one frame, for a results sink: a classifier's `top_k` labels
-    and scores (softmax probabilities, best first); a detector's boxes (fractions of the
-    input, x1 y1 x2 y2), labels and scores, every box scored at least 0.3 (up to 100)."""
-    if spec.task == "detection":
-        return describe_output(spec, output, max_boxes=100)
-    logits = torch.as_tensor(output).float().reshape(-1)
-    probs = torch.softmax(logits, 0)
-    scores, idx = probs.topk(min(top_k, probs.numel()))
-    labels = spec.labels
-    return {"task": "classification",
-            "labels": [labels[i] if 0 <= i < len(labels) else str(i) for i in idx.tolist()],
-            "scores": [round(float(v), 6) for v in scores]}
-
-
-def _prepare_input(frame: torch.Tensor, prep: ImagePreprocessing, device: torch.device) -> torch.Tensor:
-    """A CHW [0, 1] frame as a 1xCxHxW batch, through the model's own preprocessing (the
-    bundle manifest's: resize and centre crop or a straight resize, then mean and std)."""
-    return prep.apply(frame.to(device, non_blocking=True)).unsqueeze(0)
-
-
-BACKENDS = ("torch", "onnxruntime")
-
-
-class OrtRunner:
-    """The onnxruntime backend: one session per model over the scheduler's resident tensors
-    (no copy of its own), made when the model runs and dropped as soon as any of its tensors
-    is evicted, so the memory budget holds for onnxruntime too. Making a session
-    is part of loading the model and is counted in its load time. CPU only: the onnxruntime
-    wheel this project installs has no CUDA provider. A detector's graph (batch of one) gives
-    its outputs as torchvision does: a list with one dict of boxes, scores and labels."""
-
-    def __init__(self, bundle, scheduler: ModelScheduler, names: list[str]):
-        if scheduler.device.type != "cpu":
-            raise GemelError(f"the onnxruntime backend runs on the CPU only (asked for {scheduler.device}); "
-                             "use --device cpu, or --backend torch on a GPU")
-        missing = [n for n in names if bundle.manifest.model(n).onnx is None]
-        if missing:
-            raise GemelError(f"model(s) {', '.join(missing)} have no ONNX graph in the bundle (the export notes "
-                             "say why; bundles from before detectors had graphs lack them: export again); "
-                             "use --backend torch")
-        self.bundle = bundle
-        self.scheduler = scheduler
-        self.sessions: dict[str, object] = {}
-        self.sessions_made = {n: 0 for n in names}
-        self._io: dict[str, tuple[str, list[str], bool]] = {}
-        for n in names:
-            spec = bundle.manifest.model(n)
-            detector = spec.task == "detection"
-            if detector and not spec.onnx_outputs:
-                raise GemelError(f"model '{n}': the manifest names no detection outputs (onnx_outputs) for its "
-                                 "graph; export the bundle again, or use --backend torch")
-            self._io[n] = (spec.onnx_input, list(spec.onnx_outputs) if detector else [spec.onnx_output], detector)
-        scheduler.on_evict.append(lambda name: self.sessions.pop(name, None))
-
-    def prepare(self, name: str, state: dict[str, torch.Tensor]) -> None:
-        """Make the model's session over `state` unless it still has one."""
-        if name not in self.sessions:
-            start = time.perf_counter()
-            self.sessions[name] = self.bundle.session_over(name, state)
-            spent = time.perf_counter() - start
-            self.scheduler.stats[name].load_seconds += spent
-            self.scheduler.stats[name].load_wait_seconds += spent  # nothing runs meanwhile
-            self.sessions_made[name] += 1
-
-    def run(self, name: str, x: torch.Tensor) -> np.ndarray | list[dict[str, torch.Tensor]]:
-        inp, outs, detector = self._io[name]
-        values = self.sessions[name].run(outs, {inp: x.contiguous().numpy()})
-        if detector:
-            return [{k: torch.from_numpy(v) for k, v in zip(outs, values)}]
-        return values[0]
-
-
-LOADS = ("whole", "layered")
-
-
-class LayerPlan:
-    """How one model runs while its weights load layer by layer: which tensors each module
-    must have before its forward starts, and the order to load them in (the order the modules
-    first run). Found by running the model once on the meta device (no memory, no data); a
-    model that cannot run there (data-dependent detectors) gets no plan and loads whole.
-
-    A module waits for its own tensors and for those of descendants whose forward never runs
-    (MultiheadAttention reads `out_proj.weight` directly); tensors no running module claims
-    are waited for by the whole model, first."""
-
-    def __init__(self, model: torch.nn.Module, input_size: tuple[int, int, int], state_keys: list[str]):
-        modules = dict(model.named_modules())
-        called: list[str] = []
-        seen: set[str] = set()
-        names = {id(m): n for n, m in modules.items()}
-
-        def record(mod, args):
-            n = names[id(mod)]
-            if n not in seen:
-                seen.add(n)
-                called.append(n)
-
-        hooks = [m.register_forward_pre_hook(record) for m in modules.values()]
-        try:
-            meta = {k: torch.empty_like(v, device="meta") for k, v in model.state_dict().items()}
-            with torch.inference_mode():
-                functional_call(model, meta, (torch.empty(1, *input_size, device="meta"),), strict=False)
-        finally:
-            for h in hooks:
-                h.remove()
-        self.waits: dict[str, list[tuple[str, str]]] = {n: [] for n in called}  # module -> (attr, state key)
-        known = set(state_keys)
-        for n, mod in modules.items():
-            owner = n
-            while owner not in seen and owner:  # the nearest ancestor that runs
-                owner = owner.rpartition(".")[0]
-            if owner not in seen:
-                owner = ""
-            for attr in list(mod._parameters) + list(mod._buffers):
-                key = f"{n}.{attr}" if n else attr
-                if key in known:  # (path from the owner, state key)
-                    self.waits.setdefault(owner, []).append((key[len(owner) + 1:] if owner else key, key))
-        self.order = [key for n in called for _, key in self.waits.get(n, [])]
-        planned = set(self.order)
-        self.order += [k for k in state_keys if k not in planned]
 
 
 class Engine:
     """One run: streams, the scheduler and the counters. `snapshot()` may be read from another
-    thread while `run()` works (a metrics endpoint, a preview)."""
+    thread while `run()` works (a metrics endpoint, a preview). `Engine(bundle, streams,
+    RunOptions(...), sinks=...)`, or the policy third and the other options as the keywords of
+    `RunOptions.from_keywords` (the older form; `device` is 'cpu' there)."""
 
-    def __init__(self, bundle, streams: list[tuple[FrameSource, list[str]]], policy: str = "merged",
+    def __init__(self, bundle, streams: list[tuple[FrameSource, list[str]]], options: RunOptions | str = "merged",
                  budget_bytes: int | None = None, device: str = "cpu", backend: str = "torch", load: str = "whole",
                  deadline_s: float | None = None, eviction: str = "belady", batching: bool = True,
                  sinks: list | None = None):
-        if backend not in BACKENDS:
-            raise GemelError(f"backend '{backend}': expected one of {', '.join(BACKENDS)}")
-        if load not in LOADS:
-            raise GemelError(f"load '{load}': expected one of {', '.join(LOADS)}")
-        if load == "layered" and backend != "torch":
-            raise GemelError("layer-by-layer loading needs the torch backend (an onnxruntime session takes all "
-                             "its weights at once); use --backend torch or --load whole")
         if not streams:
             raise GemelError("no streams: add at least one --stream SOURCE[=MODEL,...]")
-        if deadline_s is not None and not deadline_s > 0:
-            raise GemelError(f"deadline {deadline_s!r} s: must be a positive number (--deadline MS)")
+        if not isinstance(options, RunOptions):
+            options = RunOptions.from_keywords(options, budget_bytes, device, backend, load, deadline_s, eviction,
+                                               batching)
+        self.options = options
+        backend, load, deadline_s = options.backend, options.load, options.deadline_s
         self.bundle = bundle
         self.backend = backend
         # onnxruntime runs on the CPU here: "auto" means the CPU for it, even on a GPU box.
-        self.device = resolve_device("cpu" if backend == "onnxruntime" and device == "auto" else device)
+        self.device = resolve_device(options.budget_device)
         all_models = [m.name for m in bundle.manifest.models]
         self.streams = [(src, list(models) or list(all_models)) for src, models in streams]
         used = list(dict.fromkeys(m for _, models in self.streams for m in models))
         demand = [(src.fps, models) for src, models in self.streams]
-        self.scheduler = ModelScheduler.for_bundle(bundle, used, policy, budget_bytes, self.device, eviction, demand)
+        self.scheduler = ModelScheduler.for_bundle(bundle, used, options.policy, options.memory_budget, self.device,
+                                                   options.eviction, demand)
         self.inputs = {m: tuple(bundle.manifest.model(m).input_size) for m in used}
         self.preprocessing = {m: bundle.manifest.model(m).preprocessing.image_preprocessing() for m in used}
         self._ort = OrtRunner(bundle, self.scheduler, used) if backend == "onnxruntime" else None
+        self._torch = TorchRunner(bundle)
         self.load = load
-        self.layer_plans: dict[str, LayerPlan] = {}
-        self.load_notes: dict[str, str] = {}  # model -> why it loads whole although layered was asked
-        if load == "layered":
-            for m in used:
-                try:
-                    self.layer_plans[m] = LayerPlan(bundle.models[m], self.inputs[m],
-                                                    list(bundle.manifest.model(m).tensors))
-                except Exception as exc:  # noqa: BLE001 (any failure on meta: load this model whole)
-                    self.load_notes[m] = f"loads whole: cannot trace its layers on the meta device ({exc})"
+        # model -> its layer plan; model -> why it loads whole although layered was asked
+        self.layer_plans, self.load_notes = plan_layers(bundle, used) if load == "layered" else ({}, {})
         names = [src.name for src, _ in self.streams]
         self.stats = [StreamStats(n if names.count(n) == 1 else f"{n}#{i}", models, src.fps, deadline_s=deadline_s)
                       for i, (n, (src, models)) in enumerate(zip(names, self.streams))]
         self.deadline_s = deadline_s
-        self.batching = batching
+        self.batching = options.batching
         self.sinks = list(sinks or [])
         self.estimates = LatencyEstimates()
         self.max_batch: dict[str, int] = {m: 1 for m in used}
@@ -568,7 +194,7 @@ class Engine:
         before_bytes, before_load = sched.loaded_bytes, sched.load_seconds
         started = self.clock()
         try:
-            x = torch.cat([_prepare_input(j.frame, self.preprocessing[m], self.device) for j in batch])
+            x = torch.cat([prepare_input(j.frame, self.preprocessing[m], self.device) for j in batch])
             out = self._run_model(m, x, self._future(batch))
         except Exception:
             for j in batch:
@@ -647,19 +273,17 @@ class Engine:
                 out = self._ort.run(m, x)
             elif pending is not None:
                 try:
-                    out = self._run_layered(m, state, pending, x)
+                    out = run_layered(self.scheduler, m, self.bundle.models[m], plan, self.specs[m].tensors,
+                                      self.bundle.tensors, state, pending, x)
                 except Exception as exc:  # noqa: BLE001 (the layer plan missed something: run it whole)
                     self.scheduler.finish(pending)  # every tensor resident now
                     pending = None
                     del self.layer_plans[m]
                     self.load_notes[m] = f"loads whole: layer-by-layer run failed ({exc})"
-                    with torch.inference_mode():
-                        out = functional_call(self.bundle.models[m], self.scheduler.resident_state(m), (x,),
-                                              strict=False)
+                    out = self._torch.run(m, self.scheduler.resident_state(m), x)
                 start += 0.0 if pending is None else pending.wait_seconds  # waiting for weights is loading
             else:
-                with torch.inference_mode():
-                    out = functional_call(self.bundle.models[m], state, (x,), strict=False)
+                out = self._torch.run(m, state, x)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             spent = time.perf_counter() - start
@@ -671,52 +295,6 @@ class Engine:
             if pending is not None and not pending.finished:
                 self.scheduler.finish(pending)
 
-    def _run_layered(self, m: str, state: dict, pending, x: torch.Tensor):
-        """Run model `m` while its missing tensors load: each module's pre-hook waits for its
-        own tensors, which stand as placeholders on the meta device until then. Some kernels
-        (convolution, linear) compute garbage from a meta weight instead of failing, so after
-        the forward every placeholder must have been replaced; otherwise it raises and the
-        caller runs the model whole."""
-        model, plan = self.bundle.models[m], self.layer_plans[m]
-        sched, stored = self.scheduler, self.specs[m].tensors
-        placeholders: dict[str, torch.Tensor] = {}  # one per stored tensor: tied weights stay tied
-        full = {}
-        for k, t in state.items():
-            if t is None:
-                if stored[k] not in placeholders:
-                    placeholders[stored[k]] = torch.empty_like(self.bundle.tensors[stored[k]], device="meta")
-                t = placeholders[stored[k]]
-            full[k] = t
-        missing = {k for k, t in state.items() if t is None}
-        replaced: set[str] = set()
-        modules = dict(model.named_modules())
-        hooks = []
-
-        def waiter(entries):
-            def pre(mod, args):
-                for attr, key in entries:
-                    if key in missing:
-                        target, _, name = attr.rpartition(".")
-                        set_tensor(mod.get_submodule(target) if target else mod, name,
-                                   pending.get(sched.unit_of(m, key)))
-                        replaced.add(key)
-            return pre
-
-        for n, entries in plan.waits.items():
-            if any(key in missing for _, key in entries):
-                hooks.append(modules[n].register_forward_pre_hook(waiter(entries)))
-        try:
-            with torch.inference_mode():
-                out = functional_call(model, full, (x,), strict=False)
-        finally:
-            for h in hooks:
-                h.remove()
-        if replaced != missing:
-            raise GemelError(f"{len(missing - replaced)} tensor(s) were not loaded before use, e.g. "
-                             f"{sorted(missing - replaced)[0]}")
-        sched.finish(pending)
-        return out
-
     def profile_batches(self) -> None:
         """The short profile made at the start of a run: per model, the latency of batches of
         1, 2, 4, ... frames on this device and backend, until a batch would take longer than
@@ -724,9 +302,7 @@ class Engine:
         fixed batch of one); the largest batch size within it is the model's maximum. The
         weights are loaded through the scheduler (the budget holds); the counters are put back
         afterwards and, for the policies that load on demand, the run starts with nothing
-        resident, as without a profile."""
-        import copy
-
+        resident, as without a profile (see batching.profile_latency)."""
         sched = self.scheduler
         saved = (copy.deepcopy(sched.stats), dict(self.infer_seconds), sched.peak_resident_bytes)
         self._profiling = True
@@ -738,29 +314,9 @@ class Engine:
                 longest = max(deadlines) if deadlines else 1.0
                 c, h, w = self.inputs[m]
                 frame = torch.rand(c, h, w, generator=torch.Generator().manual_seed(0))
-                row: dict[str, float] = {}
-                best = 1
-                b = 1
-                while b <= (MAX_BATCH if self.batching else 1):
-                    x = torch.cat([_prepare_input(frame, self.preprocessing[m], self.device)] * b)
-                    try:
-                        self._run_model(m, x)  # warm-up (and the load, for b == 1)
-                        times = []
-                        for _ in range(2):
-                            start = time.perf_counter()
-                            self._run_model(m, x)
-                            times.append(time.perf_counter() - start)
-                    except Exception:  # noqa: BLE001 (this batch size cannot run: the largest that did is the limit;
-                        break           # a model that fails alone fails on the frames, which count it)
-                    t = min(times)
-                    self.estimates.observe(m, b, t, replace=True)
-                    row[str(b)] = round(1000.0 * t, 3)
-                    if t > longest:
-                        break
-                    best = b
-                    if t > PROFILE_STOP_S:  # larger batches would only make the profile long
-                        break
-                    b *= 2
+                one = prepare_input(frame, self.preprocessing[m], self.device)
+                best, row = profile_latency(lambda b: self._run_model(m, torch.cat([one] * b)), self.estimates, m,
+                                            longest, MAX_BATCH if self.batching else 1)
                 self.max_batch[m] = best
                 self.profile[m] = row
         finally:
@@ -774,7 +330,7 @@ class Engine:
                 sched.peak_resident_bytes = peak
 
     def run(self, duration_s: float | None = None, progress=None,
-            on_update: Callable[[dict], None] | None = None, update_every_s: float = 0.5) -> RunSummary:
+            on_update: Callable[[RunSnapshot], None] | None = None, update_every_s: float = 0.5) -> RunSummary:
         """Process until `duration_s` passes, every source ends, `progress.cancel()` or Ctrl-C.
         Profiles the models' batch latencies first, unless `profile_batches()` already ran."""
         self._running = True
@@ -854,60 +410,55 @@ class Engine:
 
     # --- reading -----------------------------------------------------------------------------
 
-    def _models(self) -> dict[str, dict]:
+    def _models(self) -> dict[str, ModelRow]:
         out = {}
         for name, s in self.scheduler.stats.items():
-            row = s.to_dict()
-            row["infer_seconds"] = self.infer_seconds[name]
-            row["mean_infer_ms"] = 1000.0 * self.infer_seconds[name] / s.runs if s.runs else None
-            row["load"] = "layered" if name in self.layer_plans else "whole"
-            row["batches"] = self.batches[name]
-            row["mean_batch_size"] = self.batched_frames[name] / self.batches[name] if self.batches[name] else None
-            row["max_batch"] = self.max_batch[name]
-            row["profile_ms"] = self.profile.get(name)
-            if name in self.load_notes:
-                row["load_note"] = self.load_notes[name]
-            out[name] = row
+            batches, runs = self.batches[name], s.runs
+            out[name] = ModelRow(
+                **s.to_dict(), infer_seconds=self.infer_seconds[name],
+                mean_infer_ms=1000.0 * self.infer_seconds[name] / runs if runs else None,
+                load="layered" if name in self.layer_plans else "whole", batches=batches,
+                mean_batch_size=self.batched_frames[name] / batches if batches else None,
+                max_batch=self.max_batch[name], profile_ms=self.profile.get(name), load_note=self.load_notes.get(name))
         return out
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> RunSnapshot:
         """Counters so far; safe to call from another thread while `run()` works."""
         elapsed = (self.elapsed_s if self.stopped else time.monotonic() - self._start) if self._start else 0.0
         sched = self.scheduler
         # Running from the call to run(): its batch profile comes first (frames arrive after it).
         state = f"stopped: {self.stopped}" if self.stopped else "running" if self._start or self._running \
             else "not started"
-        return {"bundle": str(self.bundle.path), "policy": sched.policy, "backend": self.backend,
-                "device": str(self.device), "eviction": sched.eviction, "state": state, "last_error": self.last_error,
-                "elapsed_s": elapsed, "streams": [s.to_dict(elapsed) for s in self.stats],
-                "models": self._models(),
-                "memory": {"budget_bytes": sched.budget,
-                           **memory_snapshot(self.device, sched.resident_bytes, sched.peak_resident_bytes)}}
+        return RunSnapshot(bundle=str(self.bundle.path), policy=sched.policy, backend=self.backend,
+                           device=str(self.device), eviction=sched.eviction, state=state, last_error=self.last_error,
+                           elapsed_s=elapsed, streams=[s.row(elapsed) for s in self.stats], models=self._models(),
+                           memory=memory_snapshot(self.device, sched.resident_bytes, sched.peak_resident_bytes,
+                                                  sched.budget))
 
     def summary(self) -> RunSummary:
         sched = self.scheduler
+        memory = SummaryMemory(**vars(memory_snapshot(self.device, sched.resident_bytes, sched.peak_resident_bytes,
+                                                      sched.budget)),
+                               all_models_bytes=sched.total_bytes(), static_set=sched.static_set)
         return RunSummary(bundle=str(self.bundle.path), backend=self.backend, device=str(self.device),
                           policy=sched.policy, budget_bytes=sched.budget, elapsed_s=self.elapsed_s,
                           stopped=self.stopped, last_error=self.last_error,
-                          streams=[s.to_dict(self.elapsed_s) for s in self.stats], models=self._models(),
-                          memory={"budget_bytes": sched.budget, "all_models_bytes": sched.total_bytes(),
-                                  "static_set": sched.static_set,
-                                  **memory_snapshot(self.device, sched.resident_bytes, sched.peak_resident_bytes)},
-                          eviction=sched.eviction, batching=self.batching)
+                          streams=[s.row(self.elapsed_s) for s in self.stats], models=self._models(),
+                          memory=memory, eviction=sched.eviction, batching=self.batching)
 
 
-def run(bundle, streams: list[tuple[FrameSource, list[str]]], policy: str = "merged",
-        budget_bytes: int | None = None, device: str = "cpu", duration_s: float | None = None,
-        progress=None, backend: str = "torch", on_update: Callable[[dict], None] | None = None,
-        load: str = "whole", deadline_s: float | None = None, eviction: str = "belady", batching: bool = True,
-        sinks: list | None = None) -> RunSummary:
+def run(bundle, streams: list[tuple[FrameSource, list[str]]], options: RunOptions | None = None,
+        duration_s: float | None = None, progress=None, on_update: Callable[[RunSnapshot], None] | None = None,
+        sinks: list | None = None, **legacy) -> RunSummary:
     """Run `streams` (each a source and the names of the models its frames go through; an empty
-    list means every model of the bundle) and return what happened."""
-    engine = Engine(bundle, streams, policy, budget_bytes, device, backend, load, deadline_s, eviction, batching,
-                    sinks)
-    return engine.run(duration_s, progress, on_update)
+    list means every model of the bundle) and return what happened. `legacy`: the older keyword
+    arguments (`policy`, `budget_bytes`, `device`, `backend`, `load`, `deadline_s`, `eviction`,
+    `batching`) instead of `options`."""
+    if isinstance(options, str):  # the older positional policy
+        legacy["policy"], options = options, None
+    if options is None:
+        options = RunOptions.from_keywords(**legacy)
+    return Engine(bundle, streams, options, sinks=sinks).run(duration_s, progress, on_update)
 
 
-__all__ = ["BACKENDS", "LOADS", "BatchPlanner", "Engine", "Job", "LatencyEstimates", "LayerPlan", "OrtRunner",
-           "RunSummary", "StreamStats", "describe_output", "memory_snapshot", "process_rss", "resolve_device",
-           "result_record", "run"]
+__all__ = ["Engine", "MAX_CONSECUTIVE_ERRORS", "OVERRATE_SLACK", "run"]

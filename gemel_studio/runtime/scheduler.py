@@ -27,9 +27,6 @@ the budget is refused when the scheduler is made.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import threading
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
@@ -38,9 +35,9 @@ from typing import Hashable
 import torch
 
 from ..errors import GemelError
+from .layered import PendingLoad
+from .options import EVICTIONS, POLICIES
 
-POLICIES = ("merged", "time-sharing", "space-sharing", "unlimited")
-EVICTIONS = ("belady", "lru")
 
 
 @dataclass
@@ -64,64 +61,6 @@ class ModelResidency:
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
-
-
-class PendingLoad:
-    """Tensors of one model being copied to the device on a loader thread, in the order the
-    model uses them (MemA's overlap: the first layers run while later ones load). `get(unit)`
-    blocks until that unit is there; the scheduler's `finish()` files the copies as resident."""
-
-    def __init__(self, name: str, units: list[Hashable], sources: list[torch.Tensor], device: torch.device,
-                 need: int, stream=None):
-        self.name = name
-        self.units = units
-        self.need = need  # bytes
-        self.finished = False  # set by the scheduler's finish()
-        self._stream = stream  # CUDA: the scheduler's one copy stream (one allocator pool, reused)
-        self.device = device
-        self.tensors: dict[Hashable, torch.Tensor] = {}
-        self.error: BaseException | None = None
-        self.wait_seconds = 0.0
-        self.load_seconds = 0.0
-        self._ready = {u: threading.Event() for u in units}
-        self._thread = threading.Thread(target=self._load, args=(sources,), name=f"gemel-load-{name}", daemon=True)
-        self._thread.start()
-
-    def _load(self, sources: list[torch.Tensor]) -> None:
-        start = time.perf_counter()
-        stream = self._stream
-        try:
-            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                for u, src in zip(self.units, sources):
-                    self.tensors[u] = src.to(self.device, copy=True, non_blocking=stream is not None)
-                    if stream is not None:
-                        stream.synchronize()  # this thread waits, not the compute stream
-                    self._ready[u].set()
-        except BaseException as exc:  # the consumer re-raises it
-            self.error = exc
-        finally:
-            self.load_seconds = time.perf_counter() - start
-            for event in self._ready.values():
-                event.set()
-
-    def get(self, unit: Hashable) -> torch.Tensor:
-        event = self._ready[unit]
-        if not event.is_set():
-            start = time.perf_counter()
-            event.wait()
-            self.wait_seconds += time.perf_counter() - start
-        if self.error is not None:
-            raise GemelError(f"loading model '{self.name}' failed: {self.error}")
-        t = self.tensors[unit]
-        if t.device.type == "cuda":  # made on the loader's stream, used on the compute stream
-            t.record_stream(torch.cuda.current_stream(t.device))
-        return t
-
-    def join(self) -> None:
-        if self._thread.is_alive():
-            start = time.perf_counter()
-            self._thread.join()
-            self.wait_seconds += time.perf_counter() - start
 
 
 class ModelScheduler:
@@ -467,41 +406,4 @@ class ModelScheduler:
         return cls(bundle.tensors, maps, policy, budget_bytes, device, eviction, demand)
 
 
-def device_capacity(device: str | torch.device) -> tuple[int, str]:
-    """The default memory budget: what `device` can hold now, and what that is in words (free
-    GPU memory on CUDA, the system's available memory on a CPU)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return int(free), f"free GPU memory on {device}"
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available), "available memory"
-    except ImportError:  # psutil is a dependency; a stripped install still gets a figure
-        pages = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        return int(pages), "available memory"
-
-
-def parse_bytes(text: str | int) -> int:
-    """'200MiB', '1.5GB', '1024', '64k' -> bytes (binary units for KiB/MiB/GiB and k/M/G)."""
-    if isinstance(text, int):
-        return text
-    s = str(text).strip().replace(" ", "")
-    units = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1024**2, "mb": 1000**2, "mib": 1024**2,
-             "g": 1024**3, "gb": 1000**3, "gib": 1024**3, "t": 1024**4, "tb": 1000**4, "tib": 1024**4}
-    i = len(s)
-    while i > 0 and s[i - 1].isalpha():
-        i -= 1
-    number, unit = s[:i], s[i:].lower()
-    try:
-        value = float(number)
-    except ValueError:
-        value = -1.0
-    if unit not in units or not value > 0:
-        raise GemelError(f"memory budget '{text}': expected a positive size such as 200MiB, 1.5GiB or 52428800")
-    return int(value * units[unit])
-
-
-__all__ = ["EVICTIONS", "ModelResidency", "ModelScheduler", "PendingLoad", "POLICIES", "device_capacity",
-           "parse_bytes"]
+__all__ = ["EVICTIONS", "ModelResidency", "ModelScheduler", "POLICIES"]

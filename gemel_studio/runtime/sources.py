@@ -14,6 +14,7 @@ import math
 import re
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -294,5 +295,37 @@ def parse_source(spec: str, size: tuple[int, int] = (64, 64), seed: int = 0, loo
     return VideoSource(path, loop=loop)
 
 
-__all__ = ["CameraSource", "Frame", "FrameSource", "ImageFilesSource", "SyntheticSource", "VideoSource", "parse_source",
-           "sequence_files"]
+@dataclass(frozen=True)
+class StreamSpec:
+    """One stream of a run as `--stream SOURCE[=MODEL,...]` names it: its source (see
+    `parse_source`) and the models its frames go through (empty: every model of the bundle)."""
+
+    source: str
+    models: tuple[str, ...] = field(default_factory=tuple)
+
+    @classmethod
+    def parse(cls, text: str) -> "StreamSpec":
+        """`synthetic:30=color,size` -> StreamSpec('synthetic:30', ('color', 'size')); a
+        one-line GemelError for what cannot be a stream."""
+        source, eq, models = text.partition("=")
+        if not source:
+            raise GemelError(f"--stream '{text}': name a source: synthetic[:FPS], a video path or camera:N")
+        names = tuple(m.strip() for m in models.split(",") if m.strip())
+        if eq and not names:
+            raise GemelError(f"--stream '{text}': no model names after '='; write SOURCE=MODEL[,MODEL...]")
+        return cls(source, names)
+
+    def __str__(self) -> str:
+        return self.source + (f"={','.join(self.models)}" if self.models else "")
+
+    def open(self, loop: bool = False, seed: int = 0, size: tuple[int, int] = (64, 64)) -> FrameSource:
+        """A fresh frame source for it (a source runs once)."""
+        return parse_source(self.source, size=size, seed=seed, loop=loop)
+
+    def stream(self, loop: bool = False, seed: int = 0) -> tuple[FrameSource, list[str]]:
+        """What the Engine takes for it: (a fresh source, the model names)."""
+        return self.open(loop=loop, seed=seed), list(self.models)
+
+
+__all__ = ["CameraSource", "Frame", "FrameSource", "ImageFilesSource", "StreamSpec", "SyntheticSource", "VideoSource",
+           "parse_source", "sequence_files"]

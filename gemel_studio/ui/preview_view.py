@@ -4,9 +4,10 @@ they run.
 It runs the edge runtime exactly as `gemel run` does: `load_bundle` (which verifies every
 checksum), an `Engine` over the chosen streams, policy, budget and device, and
 `engine.run(progress=...)` in a `Worker` until Stop cancels it; the bundle is closed when the
-run ends. A timer on the GUI thread reads `engine.snapshot()` (the same counters the metrics
-endpoint serves) and `engine.latest` (each stream's last frame processed in time and what its
-models said) a few times a second; nothing here touches the run's thread.
+run ends. The form's settings are one `RunOptions` (the options `gemel run` takes, validated the
+same way). A timer on the GUI thread reads `engine.snapshot()` (a `RunSnapshot`: the counters
+the metrics endpoint serves) and `engine.latest` (each stream's last frame processed in time
+and what its models said) a few times a second; nothing here touches the run's thread.
 
 The run has its own thread pool, so a long preview never holds a thread that an analysis or a
 merge is waiting for.
@@ -28,8 +29,9 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout
 from ..units import human_bytes
 from ..errors import GemelError
 from ..runtime.bundle import BundleManifest, peek_manifest
-from ..runtime.engine import BACKENDS, LOADS
-from ..runtime.scheduler import POLICIES
+from ..runtime.options import RunOptions, choices
+from ..runtime.sources import StreamSpec
+from ..runtime.telemetry import RunSnapshot, RunSummary, StreamRow
 from . import settings
 from .run_widgets import ModelTableModel, RunGauges, StreamTableModel, run_state_text, snapshot_table, titled
 from .settings import PALETTES
@@ -60,17 +62,15 @@ class StreamChoice:
             f"{self.path.name}{'/' if self.path.is_dir() else ''}{rate}{' (loop)' if self.loop else ''}"
         return f"{source} → {', '.join(self.models) if self.models else 'all models'}"
 
+    def spec(self) -> StreamSpec:
+        """The stream as `gemel run --stream` names it (a video file, a folder of images or an
+        image sequence such as frames/%04d.png are told apart as the command does)."""
+        source = f"synthetic:{self.fps!r}" if self.kind == "synthetic" else str(self.path)
+        return StreamSpec(source, tuple(self.models))
+
     def source(self, seed: int):
         """A fresh frame source (a source runs once)."""
-        from ..runtime.sources import ImageFilesSource, SyntheticSource, VideoSource
-
-        if self.kind == "synthetic":
-            return SyntheticSource(fps=self.fps, size=SYNTHETIC_SIZE, seed=seed)
-        if self.path.is_dir():  # a folder of still images, played as frames
-            return ImageFilesSource.from_folder(self.path, loop=self.loop)
-        if not self.path.exists() and "%" in self.path.name:  # an image sequence, frames/%04d.png
-            return ImageFilesSource.from_pattern(str(self.path), loop=self.loop)
-        return VideoSource(self.path, loop=self.loop)
+        return self.spec().open(loop=self.loop, seed=seed, size=SYNTHETIC_SIZE)
 
 
 def frame_image(frame: torch.Tensor) -> QImage:
@@ -194,7 +194,7 @@ class StreamTile(QFrame):
         self.ended_label.setStyleSheet(f"color: {colors['bound']};")
         self.frame_view.update()
 
-    def show_state(self, stats: dict, latest: dict | None, model_colors: dict[str, str]) -> None:
+    def show_state(self, stats: StreamRow, latest: dict | None, model_colors: dict[str, str]) -> None:
         """Counters from the snapshot's stream row; the frame from `engine.latest` (None before
         the first frame processed in time)."""
         if latest is not None and latest["timestamp"] != self.timestamp:
@@ -206,17 +206,17 @@ class StreamTile(QFrame):
             self.outputs_label.setText("\n".join(output_text(m, outputs.get(m)) for m in self.models))
         elif latest is None and not self.outputs_label.text():
             self.outputs_label.setText("\n".join(output_text(m, None) for m in self.models))
-        frames_in, dropped = stats["frames_in"], stats["dropped"]
+        frames_in, dropped = stats.frames_in, stats.dropped
         drop = f"{dropped / frames_in:.1%} dropped ({dropped}/{frames_in})" if frames_in else "no frames yet"
-        self.stats_label.setText(f"{stats['throughput_fps']:.1f} of {stats['fps']:g} fps processed · {drop}")
-        if stats["end_reason"]:
-            self.ended_label.setText(f"ended: {stats['end_reason']}")
+        self.stats_label.setText(f"{stats.throughput_fps:.1f} of {stats.fps:g} fps processed · {drop}")
+        if stats.end_reason:
+            self.ended_label.setText(f"ended: {stats.end_reason}")
             self.ended_label.show()
 
 
 class PreviewPanel(TaskMixin, QWidget):
     sigWorkerStarted = Signal(object)  # the run's Worker as it starts
-    sigRunEnded = Signal(dict)  # the last snapshot of a run that got as far as running
+    sigRunEnded = Signal(object)  # the last RunSnapshot of a run that got as far as running
     sigError = Signal(str)
 
     def __init__(self, parent=None):
@@ -225,7 +225,7 @@ class PreviewPanel(TaskMixin, QWidget):
         self.streams: list[StreamChoice] = []
         self.engine = None  # the running (or last) Engine, once the worker has made it
         self.tiles: list[StreamTile] = []
-        self.last_snapshot: dict | None = None
+        self.last_snapshot: RunSnapshot | None = None
         self.colors = PALETTES["dark"]
         self._pool = QThreadPool(self)  # the run holds a thread for as long as it runs
         self._pool.setMaxThreadCount(1)
@@ -286,7 +286,7 @@ class PreviewPanel(TaskMixin, QWidget):
 
         # run settings
         self.policy_combo = QComboBox(self)
-        self.policy_combo.addItems(list(POLICIES))
+        self.policy_combo.addItems(choices("policy"))
         self.policy_combo.setToolTip("merged: shared layers resident once · time-sharing: whole models swapped "
                                      "(the usual baseline) · space-sharing: the models that fit stay, frames for "
                                      "the others are dropped · unlimited: everything resident, no budget")
@@ -300,11 +300,11 @@ class PreviewPanel(TaskMixin, QWidget):
         self.device_combo.addItems(["auto", "cpu"] + (["cuda"] if torch.cuda.is_available() else []))
         self.device_combo.setToolTip("auto: the GPU when there is one, else the CPU")
         self.backend_combo = QComboBox(self)
-        self.backend_combo.addItems(list(BACKENDS))
+        self.backend_combo.addItems(choices("backend"))
         self.backend_combo.setToolTip("torch, or onnxruntime (CPU) on the bundle's ONNX graphs")
         self.backend_combo.currentTextChanged.connect(lambda _: self._update_enabled())
         self.load_combo = QComboBox(self)
-        self.load_combo.addItems(list(LOADS))
+        self.load_combo.addItems(choices("load"))
         self.load_combo.setToolTip("whole: a model's missing weights load before it runs · layered (MemA): each "
                                    "layer's weights load while the layers before it run (torch backend)")
         form = QFormLayout()
@@ -546,6 +546,15 @@ class PreviewPanel(TaskMixin, QWidget):
     def budget_bytes(self) -> int | None:
         return None if self.policy_combo.currentText() == "unlimited" else self.budget_spin.value() * MIB
 
+    def run_options(self) -> RunOptions:
+        """The form's settings, validated as `gemel run` validates its flags."""
+        from ..options import validate
+
+        return validate(RunOptions, {"policy": self.policy_combo.currentText(), "memory_budget": self.budget_bytes(),
+                                     "device": self.device_combo.currentText(),
+                                     "backend": self.backend_combo.currentText(),
+                                     "load": self.load_combo.currentText()})
+
     # --- running ----------------------------------------------------------------------------
 
     task_noun = "preview"
@@ -569,19 +578,21 @@ class PreviewPanel(TaskMixin, QWidget):
         if not self.streams:
             self._fail("add a stream first (a synthetic stream, or a video file)")
             return None
-        path, choices = self.bundle_path(), [replace(c, models=list(c.models)) for c in self.streams]
-        policy, budget, device = self.policy_combo.currentText(), self.budget_bytes(), self.device_combo.currentText()
-        backend, load = self.backend_combo.currentText(), self.load_combo.currentText()
+        try:
+            options = self.run_options()
+        except GemelError as exc:
+            self._fail(str(exc))
+            return None
+        path, streams = self.bundle_path(), [replace(c, models=list(c.models)) for c in self.streams]
 
         def work(progress, partial):
             from ..runtime import load_bundle
             from ..runtime.engine import Engine
 
             with load_bundle(path) as bundle:  # closed (an archive's extraction removed) when the run ends
-                streams = [(c.source(seed=i), list(c.models)) for i, c in enumerate(choices)]
-                engine = Engine(bundle, streams, policy, budget, device, backend, load)
+                engine = Engine(bundle, [(c.source(seed=i), list(c.models)) for i, c in enumerate(streams)], options)
                 partial(engine)
-                return engine.run(progress=progress).to_dict()
+                return engine.run(progress=progress)
 
         self.engine = None
         self.last_snapshot = None
@@ -610,10 +621,10 @@ class PreviewPanel(TaskMixin, QWidget):
         self.last_snapshot = snap
         self.state_label.setText(run_state_text(snap))
         self.gauges.show_snapshot(snap)
-        self.stream_model.set_rows(snap["streams"])
-        self.model_model.set_models(snap["models"])
+        self.stream_model.set_rows(snap.streams)
+        self.model_model.set_models(snap.models)
         colors = self._model_colors()
-        for tile, stats, latest in zip(self.tiles, snap["streams"], list(engine.latest)):
+        for tile, stats, latest in zip(self.tiles, snap.streams, list(engine.latest)):
             tile.show_state(stats, latest, colors)
 
     def _model_colors(self) -> dict[str, str]:
@@ -671,13 +682,13 @@ class PreviewPanel(TaskMixin, QWidget):
     def on_task_progress(self, done: int, total: int, message: str) -> None:
         pass  # the engine's counters, read by the refresh timer, are the progress
 
-    def on_task_done(self, summary: dict) -> None:
+    def on_task_done(self, summary: RunSummary) -> None:
         self._end()
-        self.set_status_line(f"Stopped: {summary['stopped']} after {summary['elapsed_s']:.1f} s")
+        self.set_status_line(f"Stopped: {summary.stopped} after {summary.elapsed_s:.1f} s")
 
     def on_task_cancelled(self, mode: str) -> None:
         self._end()
-        elapsed = self.last_snapshot["elapsed_s"] if self.last_snapshot else 0.0
+        elapsed = self.last_snapshot.elapsed_s if self.last_snapshot else 0.0
         self.set_status_line(f"Stopped after {elapsed:.1f} s" if self.last_snapshot else "Stopped")
 
     def on_task_failed(self, message: str) -> None:

@@ -2,7 +2,8 @@
 serves), shared by the Live preview and the Monitor: the memory and drop gauges, the
 per-stream and per-model tables, and a one-line state.
 
-They only read the snapshot dict; whether it came from an engine in this process or over
+They read a `RunSnapshot` (runtime/telemetry.py); the JSON dict a monitor fetched over HTTP is
+read through `RunSnapshot.from_dict`, so whether it came from an engine in this process or over
 HTTP makes no difference. Each memory figure keeps its own name (runtime resident weights,
 process RSS, torch allocated/reserved, device used): they are different memories and are
 never summed or mixed.
@@ -17,6 +18,7 @@ from PySide6.QtCore import QAbstractTableModel, QModelIndex, Qt
 from PySide6.QtWidgets import (QAbstractItemView, QGridLayout, QHeaderView, QLabel, QProgressBar, QTableView,
                                QVBoxLayout, QWidget)
 
+from ..runtime.telemetry import ModelRow, RunSnapshot, StreamRow
 from ..units import human_bytes
 
 GAUGE_STEPS = 1000  # QProgressBar holds an int: gauges run over permille, not bytes
@@ -26,21 +28,23 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
-def dropped_totals(snapshot: dict) -> tuple[int, int, int, int]:
+def as_snapshot(snapshot: RunSnapshot | dict) -> RunSnapshot:
+    """A snapshot, typed: an engine's as it is, a served JSON dict read with `from_dict`."""
+    return snapshot if isinstance(snapshot, RunSnapshot) else RunSnapshot.from_dict(snapshot)
+
+
+def dropped_totals(snapshot: RunSnapshot | dict) -> tuple[int, int, int, int]:
     """(frames in, dropped, of which late, of which refused) over every stream."""
-    streams = snapshot.get("streams", [])
-    return (sum(s["frames_in"] for s in streams), sum(s["dropped"] for s in streams),
-            sum(s["dropped_late"] for s in streams), sum(s["dropped_refused"] for s in streams))
+    return as_snapshot(snapshot).dropped_totals()
 
 
-def run_state_text(snapshot: dict) -> str:
+def run_state_text(snapshot: RunSnapshot | dict) -> str:
     """'running, 12.3 s: policy merged, budget 256.0 MiB, device cpu, bundle /x/b'."""
-    budget = snapshot.get("memory", {}).get("budget_bytes")
+    s = as_snapshot(snapshot)
+    budget = s.memory.budget_bytes
     budget_text = f"budget {human_bytes(budget)}" if budget is not None else "no budget"
-    return (f"{snapshot.get('state', '?')}, {snapshot.get('elapsed_s', 0.0):.1f} s: policy "
-            f"{snapshot.get('policy', '?')}, {budget_text}, device {snapshot.get('device', '?')}, "
-            f"bundle {snapshot.get('bundle', '?')}"
-            + (f"; last model error: {snapshot['last_error']}" if snapshot.get("last_error") else ""))
+    return (f"{s.state or '?'}, {s.elapsed_s:.1f} s: policy {s.policy}, {budget_text}, device {s.device}, "
+            f"bundle {s.bundle}" + (f"; last model error: {s.last_error}" if s.last_error else ""))
 
 
 class RunGauges(QWidget):
@@ -98,42 +102,44 @@ class RunGauges(QWidget):
         self._set(self.drops_bar, None, "no run")
         self.memory_label.setText("")
 
-    def show_snapshot(self, snapshot: dict) -> None:
-        mem = snapshot.get("memory", {})
-        resident, budget = mem.get("runtime_resident_bytes", 0), mem.get("budget_bytes")
-        peak = mem.get("runtime_peak_resident_bytes")
+    def show_snapshot(self, snapshot: RunSnapshot | dict) -> None:
+        snapshot = as_snapshot(snapshot)
+        mem = snapshot.memory
+        resident, budget = mem.runtime_resident_bytes, mem.budget_bytes
+        peak = mem.runtime_peak_resident_bytes
         if budget:
             self._set(self.resident_bar, resident / budget,
                       f"{human_bytes(resident)} of {human_bytes(budget)} budget ({resident / budget:.0%}), "
                       f"peak {human_bytes(peak)}")
         else:
             self._set(self.resident_bar, 0.0, f"{human_bytes(resident)} resident, no budget (unlimited)")
-        used, total = mem.get("device_used_bytes"), mem.get("device_total_bytes")
+        used, total = mem.device_used_bytes, mem.device_total_bytes
         if used is not None and total:
             self._set(self.gpu_bar, used / total, f"{human_bytes(used)} of {human_bytes(total)} ({used / total:.0%})")
-        elif "torch_allocated_bytes" in mem:
+        elif mem.torch_allocated_bytes is not None:
             self._set(self.gpu_bar, None, "GPU: no device figures (pynvml missing)")
         else:
-            self._set(self.gpu_bar, None, f"no GPU (device {snapshot.get('device', 'cpu')})")
-        frames_in, dropped, late, refused = dropped_totals(snapshot)
+            self._set(self.gpu_bar, None, f"no GPU (device {snapshot.device})")
+        frames_in, dropped, late, refused = snapshot.dropped_totals()
         if frames_in:
             self._set(self.drops_bar, dropped / frames_in,
                       f"{dropped} of {frames_in} frames ({dropped / frames_in:.1%}): late {late}, refused {refused}")
         else:
             self._set(self.drops_bar, 0.0, "no frames yet")
-        parts = [f"process RSS {human_bytes(mem.get('process_rss_bytes'))}"]
-        if "torch_allocated_bytes" in mem:
-            parts.append(f"torch allocated {human_bytes(mem['torch_allocated_bytes'])}, reserved "
-                         f"{human_bytes(mem.get('torch_reserved_bytes'))}")
+        parts = [f"process RSS {human_bytes(mem.process_rss_bytes)}"]
+        if mem.torch_allocated_bytes is not None:
+            parts.append(f"torch allocated {human_bytes(mem.torch_allocated_bytes)}, reserved "
+                         f"{human_bytes(mem.torch_reserved_bytes)}")
         self.memory_label.setText("; ".join(parts))
 
 
 class SnapshotTableModel(QAbstractTableModel):
-    """Rows (a snapshot's dicts, or any objects), one column per (header, text function). Rows
-    are replaced in place when their number stays the same, so a selection survives the
-    refreshes."""
+    """Rows (a snapshot's rows, dicts, or any objects), one column per (header, text function).
+    Rows are replaced in place when their number stays the same, so a selection survives the
+    refreshes. With `ROW` set, dict rows (served JSON) are read into that row type."""
 
-    COLUMNS: tuple[tuple[str, Callable[[dict], str]], ...] = ()
+    COLUMNS: tuple[tuple[str, Callable[[object], str]], ...] = ()
+    ROW: type | None = None
     TEXT = frozenset({"Stream", "Models", "Model", "Ended"})  # left-aligned; the other columns are figures
     STRETCH: str | None = None  # the column that takes the spare width
 
@@ -141,7 +147,9 @@ class SnapshotTableModel(QAbstractTableModel):
         super().__init__(parent)
         self.rows: list[dict] = []
 
-    def set_rows(self, rows: list[dict]) -> None:
+    def set_rows(self, rows: list) -> None:
+        if self.ROW is not None:
+            rows = [r if isinstance(r, self.ROW) else self.ROW.from_dict(r) for r in rows]
         if len(rows) == len(self.rows) and rows:
             self.rows = list(rows)
             self.dataChanged.emit(self.index(0, 0), self.index(len(rows) - 1, len(self.COLUMNS) - 1))
@@ -177,44 +185,47 @@ class SnapshotTableModel(QAbstractTableModel):
 
 
 class StreamTableModel(SnapshotTableModel):
-    """`snapshot['streams']`: what each stream's frames became (the counters `gemel run` prints)."""
+    """A snapshot's `streams`: what each stream's frames became (the counters `gemel run` prints)."""
 
+    ROW = StreamRow
     COLUMNS = (
-        ("Stream", lambda s: s["name"]),
-        ("Models", lambda s: ", ".join(s["models"])),
-        ("Source fps", lambda s: f"{s['fps']:g}"),
-        ("In", lambda s: str(s["frames_in"])),
-        ("Processed", lambda s: str(s["processed"])),
-        ("Dropped", lambda s: str(s["dropped"])),
-        ("Late", lambda s: str(s["dropped_late"])),
-        ("Refused", lambda s: str(s["dropped_refused"])),
-        ("Errors", lambda s: str(s.get("dropped_error", 0))),
-        ("p50 ms", lambda s: _ms(s["latency_p50_ms"])),
-        ("p99 ms", lambda s: _ms(s["latency_p99_ms"])),
-        ("Processed fps", lambda s: f"{s['throughput_fps']:.1f}"),
-        ("Ended", lambda s: s["end_reason"] or "-"),
+        ("Stream", lambda s: s.name),
+        ("Models", lambda s: ", ".join(s.models)),
+        ("Source fps", lambda s: f"{s.fps:g}"),
+        ("In", lambda s: str(s.frames_in)),
+        ("Processed", lambda s: str(s.processed)),
+        ("Dropped", lambda s: str(s.dropped)),
+        ("Late", lambda s: str(s.dropped_late)),
+        ("Refused", lambda s: str(s.dropped_refused)),
+        ("Errors", lambda s: str(s.dropped_error)),
+        ("p50 ms", lambda s: _ms(s.latency_p50_ms)),
+        ("p99 ms", lambda s: _ms(s.latency_p99_ms)),
+        ("Processed fps", lambda s: f"{s.throughput_fps:.1f}"),
+        ("Ended", lambda s: s.end_reason or "-"),
     )
     STRETCH = "Ended"
 
 
 class ModelTableModel(SnapshotTableModel):
-    """`snapshot['models']`: per model, its resident bytes, runs and what swapping it cost."""
+    """A snapshot's `models`: per model, its resident bytes, runs and what swapping it cost."""
 
+    ROW = ModelRow
     COLUMNS = (
-        ("Model", lambda m: m["name"]),
-        ("Bytes", lambda m: human_bytes(m["bytes"])),
-        ("Runs", lambda m: str(m["runs"])),
-        ("Swaps", lambda m: str(m["swaps"])),
-        ("Load s", lambda m: f"{m['load_seconds']:.3f}"),
-        ("Waited s", lambda m: f"{m.get('load_wait_seconds', m['load_seconds']):.3f}"),
-        ("Loaded", lambda m: human_bytes(m["loaded_bytes"])),
-        ("Infer ms", lambda m: _ms(m.get("mean_infer_ms"))),
-        ("Refused", lambda m: str(m["refused"])),
-        ("Loading", lambda m: m.get("load", "whole")),
+        ("Model", lambda m: m.name),
+        ("Bytes", lambda m: human_bytes(m.bytes)),
+        ("Runs", lambda m: str(m.runs)),
+        ("Swaps", lambda m: str(m.swaps)),
+        ("Load s", lambda m: f"{m.load_seconds:.3f}"),
+        ("Waited s", lambda m: f"{m.load_wait_seconds:.3f}"),
+        ("Loaded", lambda m: human_bytes(m.loaded_bytes)),
+        ("Infer ms", lambda m: _ms(m.mean_infer_ms)),
+        ("Refused", lambda m: str(m.refused)),
+        ("Loading", lambda m: m.load),
     )
 
-    def set_models(self, models: dict[str, dict]) -> None:
-        self.set_rows([{**row, "name": name} for name, row in models.items()])
+    def set_models(self, models: dict[str, ModelRow | dict]) -> None:
+        self.set_rows([row if isinstance(row, ModelRow) else ModelRow.from_dict(row, name)
+                       for name, row in models.items()])
 
 
 RESIZE_EVERY_S = 1.0  # columns follow their contents at most once a second
@@ -265,5 +276,5 @@ def titled(parent: QWidget, title: str, *widgets: QWidget) -> QWidget:
     return box
 
 
-__all__ = ["ModelTableModel", "RunGauges", "SnapshotTableModel", "StreamTableModel", "dropped_totals",
+__all__ = ["ModelTableModel", "RunGauges", "SnapshotTableModel", "StreamTableModel", "as_snapshot", "dropped_totals",
            "run_state_text", "snapshot_table", "titled"]

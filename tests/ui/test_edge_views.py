@@ -23,6 +23,7 @@ from gemel_studio.runtime import load_bundle  # noqa: E402
 from gemel_studio.runtime.engine import Engine  # noqa: E402
 from gemel_studio.runtime.metrics import MetricsServer  # noqa: E402
 from gemel_studio.runtime.sources import SyntheticSource  # noqa: E402
+from gemel_studio.runtime.telemetry import StreamRow  # noqa: E402
 from gemel_studio.ui.preview_view import StreamTile  # noqa: E402
 from gemel_studio.ui.run_widgets import RunGauges  # noqa: E402
 
@@ -71,7 +72,7 @@ def _run_until_frames(qtbot, panel, streams: list[int], timeout=30_000) -> None:
     def shown():
         snap = panel.last_snapshot
         return (snap is not None and len(panel.tiles) == len(panel.streams)
-                and all(panel.tiles[i].frame_view.has_frame and snap["streams"][i]["processed"] >= 3
+                and all(panel.tiles[i].frame_view.has_frame and snap.streams[i].processed >= 3
                         for i in streams))
     qtbot.waitUntil(shown, timeout=timeout)
 
@@ -134,18 +135,18 @@ def test_preview_shows_frames_labels_and_counters_and_stops_cleanly(window, prev
         assert not panel.stop_button.isEnabled()  # while it stops
     final = ended.args[0]
     assert panel.worker is None and not panel._pool.activeThreadCount()
-    assert final["state"] == "stopped: cancelled" and engine.stopped == "cancelled"
+    assert final.state == "stopped: cancelled" and engine.stopped == "cancelled"
     assert panel.start_button.isEnabled() and not panel.stop_button.isEnabled()
     assert panel.add_synthetic_button.isEnabled() and panel.policy_combo.isEnabled()
     assert "Stopped after" in panel.status_label.text()
-    resident = human_bytes(final["memory"]["runtime_resident_bytes"])
+    resident = human_bytes(final.memory.runtime_resident_bytes)
     assert panel.gauges.resident_bar.text().startswith(f"{resident} of 256.0 MiB budget")
     # The tables show the final counters: every frame that came in, processed or dropped.
     table = panel.stream_model
-    for row, s in enumerate(final["streams"]):
-        assert s["frames_in"] == s["processed"] + s["dropped"]
-        assert table.text(row, "In") == str(s["frames_in"]) and table.text(row, "Processed") == str(s["processed"])
-    assert final["streams"][2]["frames_in"] == 10 and table.text(2, "Ended") == "ended"
+    for row, s in enumerate(final.streams):
+        assert s.frames_in == s.processed + s.dropped
+        assert table.text(row, "In") == str(s.frames_in) and table.text(row, "Processed") == str(s.processed)
+    assert final.streams[2].frames_in == 10 and table.text(2, "Ended") == "ended"
     assert {panel.model_model.text(r, "Model") for r in range(4)} == set(MODELS)
     assert window.banner.message == ""
 
@@ -266,8 +267,8 @@ def test_a_folder_of_images_plays_as_a_stream_to_its_end(window, preview, qtbot,
     assert not preview.add_images_button.isEnabled()
     with qtbot.waitSignal(preview.sigRunEnded, timeout=30_000) as ended:
         pass
-    stream = ended.args[0]["streams"][0]
-    assert stream["frames_in"] == 6 == stream["processed"] + stream["dropped"]
+    stream = ended.args[0].streams[0]
+    assert stream.frames_in == 6 == stream.processed + stream.dropped
     assert preview.add_images_button.isEnabled()
 
 
@@ -317,8 +318,8 @@ def test_export_lists_checks_and_opens_the_archive_in_the_preview(window, merged
     with qtbot.waitSignal(preview.sigRunEnded, timeout=15_000) as ended:
         _click(qtbot, preview.stop_button)
     assert not folder.exists()  # Bundle.close() removed the extraction
-    models = ended.args[0]["models"]
-    assert models["color"]["swaps"] >= 1 and models["spare"]["swaps"] >= 1  # time-sharing swaps whole models
+    models = ended.args[0].models
+    assert models["color"].swaps >= 1 and models["spare"].swaps >= 1  # time-sharing swaps whole models
 
 
 def test_export_of_a_bad_folder_is_a_one_line_error(window, qtbot, tmp_path):
@@ -358,7 +359,7 @@ def test_monitor_shows_what_the_engine_counted_then_the_disconnect(window, bundl
             qtbot.waitUntil(lambda: panel.connected, timeout=10_000)
             run.join(timeout=30)
             assert not run.is_alive()
-            final = engine.snapshot()
+            final = engine.snapshot().to_dict()
             assert final["state"] == "stopped: sources ended"
 
             def shows_final():
@@ -414,7 +415,7 @@ def test_monitor_a_run_lost_while_running_does_not_look_finished(window, bundle,
     with load_bundle(bundle[1]) as loaded:
         engine = Engine(loaded, [(SyntheticSource(fps=10, size=(16, 16), frames=5, seed=1), ["color"])],
                         "merged", 200 * MIB, "cpu")
-        running = {**engine.snapshot(), "state": "running", "elapsed_s": 29.6}
+        running = {**engine.snapshot().to_dict(), "state": "running", "elapsed_s": 29.6}
         server = MetricsServer(lambda: running)  # a run that is killed: it never says it stopped
         try:
             panel.set_address(f"127.0.0.1:{server.port}")
@@ -474,7 +475,7 @@ def test_a_tile_draws_a_detector_boxes_over_the_frame(qtbot):
     tile.show()
     latest = {"timestamp": 1.0, "frame": torch.zeros(3, 30, 40), "outputs": {"det": {
         "task": "detection", "boxes": [[0.25, 0.2, 0.75, 0.8]], "scores": [0.9], "labels": ["person"]}}}
-    stats = {"fps": 30.0, "frames_in": 10, "dropped": 1, "throughput_fps": 27.0, "end_reason": None}
+    stats = StreamRow("camera:0", ["det"], fps=30.0, frames_in=10, dropped=1, throughput_fps=27.0)
     tile.show_state(stats, latest, {"det": "#ff0000"})
     assert tile.outputs_label.text() == "det: 1 box (person 0.90)"
     assert tile.stats_label.text() == "27.0 of 30 fps processed · 10.0% dropped (1/10)"

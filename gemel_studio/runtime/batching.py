@@ -1,0 +1,182 @@
+"""Batching: which waiting frames run next, together, and what each model and batch size
+costs on this device (as GEMEL's evaluation and Nexus do it).
+
+- Frames waiting for the same model run as one batch, up to a per-model maximum chosen from
+  a short profile made when a run starts (latency per batch size on this device and
+  backend), and only as large as still lets every frame in it meet its deadline.
+- No compute is spent on a frame that can no longer meet its deadline: before a batch starts,
+  each frame's finish is estimated from the measured latency of its remaining models (and the
+  load of the next one when it is not resident); a frame that cannot make it is dropped then.
+- Compute is shared max-min fairly: the next batch serves the stream that has had the least
+  compute so far, unless a frame due sooner would be lost by waiting and fits in before it
+  without making it late.
+
+`BatchPlanner` has no clock of its own (`now` is given), so tests drive it with a fake one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+import time
+from typing import Callable
+
+import torch
+
+MAX_BATCH = 16  # the profile tries batch sizes 1, 2, 4, ... up to this
+PROFILE_STOP_S = 0.25  # the profile tries no larger batch once one takes this long
+
+
+@dataclass(eq=False)
+class Job:
+    """One frame on its way through its stream's models (`models[step]` is the next one)."""
+
+    stream: int
+    index: int  # the frame's number in its stream, from 0
+    ts: float  # arrival (time.monotonic())
+    deadline: float
+    frame: torch.Tensor
+    models: list[str]
+    step: int = 0
+    outputs: dict = field(default_factory=dict)
+
+    @property
+    def model(self) -> str:
+        return self.models[self.step]
+
+
+class LatencyEstimates:
+    """Measured seconds per model and batch size (a moving average of the runs, seeded by the
+    profile), and the load rate in bytes per second. Unknown figures estimate as 0 (nothing
+    is dropped on a guess)."""
+
+    def __init__(self, alpha: float = 0.3):
+        self.alpha = alpha
+        self.seconds: dict[str, dict[int, float]] = {}
+        self.load_rate: float | None = None  # bytes per second
+
+    def observe(self, model: str, batch: int, seconds: float, replace: bool = False) -> None:
+        row = self.seconds.setdefault(model, {})
+        old = row.get(batch)
+        row[batch] = seconds if old is None or replace else (1 - self.alpha) * old + self.alpha * seconds
+
+    def observe_load(self, nbytes: int, seconds: float) -> None:
+        if nbytes > 0 and seconds > 0:
+            rate = nbytes / seconds
+            self.load_rate = rate if self.load_rate is None else (1 - self.alpha) * self.load_rate + self.alpha * rate
+
+    def run(self, model: str, batch: int = 1) -> float:
+        row = self.seconds.get(model)
+        if not row:
+            return 0.0
+        if batch in row:
+            return row[batch]
+        below = [b for b in row if b < batch]
+        above = [b for b in row if b > batch]
+        if below and above:  # linear between the neighbours
+            lo, hi = max(below), min(above)
+            return row[lo] + (row[hi] - row[lo]) * (batch - lo) / (hi - lo)
+        if below:  # past the largest measured: proportional to the batch
+            lo = max(below)
+            return row[lo] * batch / lo
+        return row[min(above)]
+
+    def load(self, nbytes: int) -> float:
+        return nbytes / self.load_rate if self.load_rate and nbytes > 0 else 0.0
+
+
+class BatchPlanner:
+    """Picks the next batch to run from the waiting frames (no clock of its own: `now` is
+    given, so tests drive it with a fake one). See the module's docstring for the rules."""
+
+    def __init__(self, estimates: LatencyEstimates, max_batch: dict[str, int] | None = None):
+        self.estimates = estimates
+        self.max_batch = max_batch if max_batch is not None else {}
+
+    def rest(self, job: Job) -> float:
+        """Estimated seconds of the job's models after the next one, each alone."""
+        return sum(self.estimates.run(m, 1) for m in job.models[job.step + 1:])
+
+    def plan(self, now: float, waiting: list[Job], usage: list[float],
+             load_s: Callable[[str], float] = lambda m: 0.0) -> tuple[list[Job], list[Job]]:
+        """(the batch to run now, all for one model; the frames to drop, which can no longer
+        meet their deadline). `usage[i]`: the compute stream i has had."""
+        est = self.estimates
+        loads: dict[str, float] = {}
+
+        def load(m: str) -> float:
+            if m not in loads:
+                loads[m] = load_s(m)
+            return loads[m]
+
+        feasible, drop = [], []
+        for j in waiting:
+            m = j.model
+            if now + load(m) + est.run(m, 1) + self.rest(j) <= j.deadline:
+                feasible.append(j)
+            else:
+                drop.append(j)
+        if not feasible:
+            return [], drop
+        # Max-min fairness: the stream that has had the least compute goes first ...
+        lead = min(feasible, key=lambda j: (usage[j.stream], j.deadline, j.ts))
+        # ... unless a frame due sooner would be lost by waiting for it and fits in before it
+        # without making it late (work the lead's slack can pay for).
+        soonest = min(feasible, key=lambda j: (j.deadline, usage[j.stream], j.ts))
+        if soonest.deadline < lead.deadline and soonest.model != lead.model:
+            first = load(soonest.model) + est.run(soonest.model, 1)
+            second = load(lead.model) + est.run(lead.model, 1)
+            lost = now + second + first + self.rest(soonest) > soonest.deadline
+            # Twice the inserted work must fit: estimates are averages, and a lead pushed out by
+            # one bad guess after another would starve.
+            if lost and now + 2 * first + second + self.rest(lead) <= lead.deadline:
+                lead = soonest
+        m = lead.model
+        limit = max(1, self.max_batch.get(m, 1))
+        batch = [lead]
+        slack = lead.deadline - self.rest(lead)
+        others = sorted((j for j in feasible if j is not lead and j.model == m),
+                        key=lambda j: (usage[j.stream], j.deadline, j.ts))
+        for j in others:
+            if len(batch) >= limit:
+                break
+            s = min(slack, j.deadline - self.rest(j))
+            if now + load(m) + est.run(m, len(batch) + 1) <= s:  # every frame in it still in time
+                batch.append(j)
+                slack = s
+        return batch, drop
+
+
+
+def profile_latency(run: Callable[[int], object], estimates: LatencyEstimates, model: str, longest_s: float,
+                    max_batch: int = MAX_BATCH) -> tuple[int, dict[str, float]]:
+    """The latency of batches of 1, 2, 4, ... frames of `model` (`run(b)` runs one batch of b),
+    each the best of two after a warm-up, until a batch takes longer than `longest_s` (the
+    longest deadline of the streams that use the model), fails (an ONNX graph with a fixed
+    batch of one), passes `max_batch` or takes PROFILE_STOP_S. Returns the largest batch size
+    within `longest_s` and the milliseconds per batch size; `estimates` learns each figure."""
+    row: dict[str, float] = {}
+    best = 1
+    b = 1
+    while b <= max_batch:
+        try:
+            run(b)  # warm-up (and the load, for b == 1)
+            times = []
+            for _ in range(2):
+                start = time.perf_counter()
+                run(b)
+                times.append(time.perf_counter() - start)
+        except Exception:  # noqa: BLE001 (this batch size cannot run: the largest that did is the limit;
+            break           # a model that fails alone fails on the frames, which count it)
+        t = min(times)
+        estimates.observe(model, b, t, replace=True)
+        row[str(b)] = round(1000.0 * t, 3)
+        if t > longest_s:
+            break
+        best = b
+        if t > PROFILE_STOP_S:  # larger batches would only make the profile long
+            break
+        b *= 2
+    return best, row
+
+
+__all__ = ["BatchPlanner", "Job", "LatencyEstimates", "MAX_BATCH", "PROFILE_STOP_S", "profile_latency"]
