@@ -1,5 +1,6 @@
 """Screenshots of the studio's screens, for the docs: models table, sharing matrix, memory
-view, merge proposals, a retraining run, and the edge screens (export, live preview, monitor).
+view, merge proposals (with their merge risk), a fine-tune and a retraining run, and the edge
+screens (export, live preview, monitor).
 
     QT_QPA_PLATFORM=offscreen python scripts/screenshots.py [WORKLOAD] [--out docs/screenshots]
     QT_QPA_PLATFORM=offscreen python scripts/screenshots.py --edge-only
@@ -39,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated window sizes; the first is the docs' (no suffix), the others "
                              "add -WxH to the file name")
     parser.add_argument("--group", type=int, default=0, help="share group (row) to select in the matrix")
+    parser.add_argument("--no-risk", action="store_true",
+                        help="skip measuring the merge risk for the proposals screen (about 30 s on a CPU)")
     parser.add_argument("--no-retraining", action="store_true",
                         help="skip the retraining run and its screenshot (and the edge screens, which need it)")
     parser.add_argument("--no-edge", action="store_true", help="skip the export, preview and monitor screens")
@@ -105,6 +108,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         proposals = window.proposals_panel
         proposals.propose()
+        if not args.no_risk:
+            proposals.risk_limit = 256  # samples per model: the same picture, sooner
+            if proposals.measure_risk() is None or not wait_for(proposals.sigRiskMeasured):
+                print(f"error: merge risk: {window.banner.message or 'not measured'}", file=sys.stderr)
+                return 2
         proposals.accept_above(1024 * 1024)
         proposals.set_state([len(proposals.plan.groups) - 1], GroupState.rejected)
         proposals.select_rows([1, 2])
@@ -118,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: retraining: {error}", file=sys.stderr)
             return 2
         if not args.edge_only:
-            grab([(window.retraining_panel, "retraining")])
+            grab([(window.retraining_panel, "retraining"), (window.finetune_panel, "finetune")])
         if not args.no_edge:
             error = edge_run(window, grab, settle)
             if error:
@@ -157,6 +165,13 @@ def retraining_run(window) -> str:
     window.sigError.connect(errors.append)
     if not window.open_path(path) or not wait_for(window.sigAnalysisChanged):
         return errors[0] if errors else "the tiny workload was not analysed"
+    # The Fine-tune screen: a short fine-tune of the same models (its result is not opened).
+    tune = window.finetune_panel
+    tune.epochs_spin.setValue(4)
+    tune.device_combo.setCurrentText("cpu")
+    tune.out_edit.setText(str(folder / "tuned"))
+    if tune.start() is None or not wait_for(tune.sigFinished):
+        return errors[0] if errors else "the fine-tune did not finish"
     window.proposals_panel.propose()
     panel = window.retraining_panel
     panel.strategy_combo.setCurrentText("gemel")

@@ -77,6 +77,16 @@ class ModelsExportModel(SnapshotTableModel):
     TEXT = frozenset({"Model", "ONNX graph"})
 
 
+def _fit_headers(view) -> None:
+    """Each column at least as wide as its header text and the theme's padding (an empty table's
+    header sizes leave the padding out and cut the titles)."""
+    header, model = view.horizontalHeader(), view.model()
+    metrics = header.fontMetrics()
+    for column in range(model.columnCount()):
+        text = str(model.headerData(column, Qt.Orientation.Horizontal) or "")
+        header.resizeSection(column, max(header.sectionSize(column), metrics.horizontalAdvance(text) + 28))
+
+
 class ExportPanel(TaskMixin, QWidget):
     sigWorkerStarted = Signal(object)
     sigExported = Signal(object)  # the ExportResult
@@ -91,7 +101,7 @@ class ExportPanel(TaskMixin, QWidget):
         self._out_chosen = False
 
         self.merged_edit = QLineEdit(self)
-        self.merged_edit.setPlaceholderText("the folder `gemel merge --out` wrote")
+        self.merged_edit.setPlaceholderText("the folder a merge wrote (the Retraining tab, or `gemel merge --out`)")
         self.merged_edit.textEdited.connect(lambda text: self.set_merged_dir(text, chosen=True))
         self.merged_button = QPushButton("Choose…", self)
         self.merged_button.clicked.connect(self.choose_merged_dir)
@@ -145,6 +155,8 @@ class ExportPanel(TaskMixin, QWidget):
         self.models_model = ModelsExportModel(self)
         self.models_view = snapshot_table(self.models_model, self)
         self.models_view.horizontalHeader().setStretchLastSection(False)
+        for view in (self.checks_view, self.models_view):
+            _fit_headers(view)
 
         top = QWidget(self)
         top_layout = QVBoxLayout(top)
@@ -225,7 +237,7 @@ class ExportPanel(TaskMixin, QWidget):
             return None
         merged_text, out_text = self.merged_edit.text().strip(), self.out_edit.text().strip()
         if not merged_text:
-            self._fail("choose the merged folder (what `gemel merge --out` wrote)")
+            self._fail("choose the merged folder: what a merge on the Retraining tab (or `gemel merge --out`) wrote")
             return None
         if not out_text:
             self._fail("choose where the bundle goes (a new or empty folder)")

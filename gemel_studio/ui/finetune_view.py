@@ -4,14 +4,14 @@ anything is merged.
 A workload whose models start from random weights (the quick start's) has accuracy near
 chance, and targets derived from it mean nothing; this tab is the first step for such a
 workload. `finetune_workload` (the function behind `gemel finetune`) runs as the panel's task
-(`TaskMixin`); the training loss of each model is drawn per progress step as it trains (the
-models train one after another, in workload order), and the result is a new workload
-(`OUT/workload.yaml` loading `OUT/<model>.safetensors`) that one click opens.
+(`TaskMixin`); its `on_epoch` records come back as partial results, and each model's held-out
+accuracy and mean training loss are drawn per epoch as it trains (the models train one after
+another, in workload order). The result is a new workload (`OUT/workload.yaml` loading
+`OUT/<model>.safetensors`) that one click opens.
 """
 
 from __future__ import annotations
 
-import re
 import tempfile
 from pathlib import Path
 
@@ -20,20 +20,17 @@ import pyqtgraph as pg
 import torch
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (QComboBox, QFormLayout, QHBoxLayout, QLabel, QLineEdit, QProgressBar, QPushButton,
-                               QSpinBox, QVBoxLayout, QWidget)
+                               QSpinBox, QSplitter, QVBoxLayout, QWidget)
 
 from ..merging.pipeline import finetune_workload
 from ..merging.plan import RetrainSettings
+from ..merging.retrain import EpochRecord
 from ..workload import CheckpointSource, ModelSpec, TorchvisionSource, Workload
 from . import settings
 from .memory_view import style_plot
 from .settings import PALETTES
 from .task import TaskMixin
 from .worker import Worker
-
-_EPOCH_LOSS = re.compile(r"epoch (\d+)/(\d+) loss ([0-9.eE+-]+|nan|inf)")
-_EPOCH_START = re.compile(r"epoch 1/\d+$")
-
 
 def has_random_weights(spec: ModelSpec) -> bool:
     """A torchvision model with no `weights:` starts from random initial weights."""
@@ -56,26 +53,24 @@ def default_out_dir(workload: Workload | None) -> Path:
     return Path(tempfile.gettempdir()) / "gemel-studio" / f"{name}-finetuned"
 
 
-class LossCurves:
-    """Training loss per model over progress steps, attributed in training order: each model's
-    training starts its first epoch afresh (progress 0 of 'epoch 1/N'), which marks the next model."""
+class EpochCurves:
+    """Per model, one point per epoch: its epoch number, held-out accuracy and mean training
+    loss, from the `EpochRecord`s `finetune_workload` reports (each names its model)."""
 
     def __init__(self, names: list[str]):
         self.names = names
-        self.points: dict[str, list[float]] = {n: [] for n in names}
-        self._index = -1
+        self.epochs: dict[str, list[int]] = {n: [] for n in names}
+        self.accuracy: dict[str, list[float]] = {n: [] for n in names}
+        self.loss: dict[str, list[float]] = {n: [] for n in names}
 
-    def add(self, done: int, message: str) -> str | None:
-        """Take one progress update; the model it was about, or None if it held no loss."""
-        if done == 0 and _EPOCH_START.match(message):
-            self._index = min(self._index + 1, len(self.names) - 1)
-            return None
-        match = _EPOCH_LOSS.search(message)
-        if not match or self._index < 0:
-            return None
-        name = self.names[self._index]
-        self.points[name].append(float(match.group(3)))
-        return name
+    def add(self, record: EpochRecord) -> list[str]:
+        """Take one epoch's record; the models it was about."""
+        names = [n for n in record.loss if n in self.loss]
+        for n in names:
+            self.epochs[n].append(record.epoch)
+            self.loss[n].append(float(record.loss[n]))
+            self.accuracy[n].append(float(record.accuracy[n]))
+        return names
 
 
 class FinetunePanel(TaskMixin, QWidget):
@@ -91,8 +86,8 @@ class FinetunePanel(TaskMixin, QWidget):
         self.workload: Workload | None = None
         self.summary: dict | None = None
         self.result_path: Path | None = None
-        self.curves: LossCurves | None = None
-        self._items: dict[str, pg.PlotDataItem] = {}
+        self.curves: EpochCurves | None = None
+        self._items: dict[str, tuple[pg.PlotDataItem, pg.PlotDataItem]] = {}  # model: (accuracy, loss)
         self._out_chosen = False
         self.colors = PALETTES["dark"]
 
@@ -133,14 +128,13 @@ class FinetunePanel(TaskMixin, QWidget):
         self.result_label.setWordWrap(True)
         self.result_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
 
-        self.loss_plot = pg.PlotWidget(self)
-        self.loss_item = self.loss_plot.getPlotItem()
-        self.loss_item.setTitle("Training loss per model")
-        self.loss_item.setLabel("left", "loss")
-        self.loss_item.setLabel("bottom", "progress step (each model in turn)")
-        self.loss_item.setMenuEnabled(False)
-        self.legend = self.loss_item.addLegend(offset=(-10, 10))
-        self.loss_plot.setMinimumHeight(160)
+        self.accuracy_plot, self.accuracy_item, self.legend = self._plot("Held-out accuracy", "accuracy")
+        self.loss_plot, self.loss_item, self.loss_legend = self._plot("Training loss", "mean loss")
+        self.accuracy_item.setYRange(0, 1.02, padding=0)  # a fraction: the same scale for every model and run
+        plots = QSplitter(Qt.Orientation.Horizontal, self)
+        plots.setChildrenCollapsible(False)
+        plots.addWidget(self.accuracy_plot)
+        plots.addWidget(self.loss_plot)
 
         layout = QVBoxLayout(self)
         layout.addWidget(title)
@@ -150,10 +144,21 @@ class FinetunePanel(TaskMixin, QWidget):
         layout.addWidget(self.progress_bar)
         layout.addWidget(self.status_label)
         layout.addWidget(self.result_label)
-        layout.addWidget(self.loss_plot, 1)
+        layout.addWidget(plots, 1)
         self.init_task(self.status_label, self.progress_bar)
         self.set_colors(self.colors)
         self.set_workload(None)
+
+    def _plot(self, title: str, left: str):
+        widget = pg.PlotWidget(self)
+        item = widget.getPlotItem()
+        item.setTitle(title)
+        item.setLabel("left", left)
+        item.setLabel("bottom", "epoch")
+        item.setMenuEnabled(False)
+        legend = item.addLegend(offset=(-10, 10))
+        widget.setMinimumSize(200, 160)
+        return widget, item, legend
 
     # --- context ----------------------------------------------------------------------------
 
@@ -204,7 +209,7 @@ class FinetunePanel(TaskMixin, QWidget):
         self.result_label.setText("")
         self._clear_curves(trainable_models(workload))
         worker = self.start_task(lambda progress, partial: finetune_workload(workload, out, retrain,
-                                                                              progress=progress),
+                                                                              progress=progress, on_epoch=partial),
                                  name=f"fine-tune of {workload.name}", min_interval=0.1,
                                  message=f"Fine-tuning {workload.name} into {out}…")
         self.sigWorkerStarted.emit(worker)
@@ -216,11 +221,9 @@ class FinetunePanel(TaskMixin, QWidget):
     def quit_question(self) -> str:
         return "A fine-tune is running; quitting stops it and loses what it trained so far." if self.running else ""
 
-    def on_task_progress(self, done: int, total: int, message: str) -> None:
-        super().on_task_progress(done, total, message)
+    def on_task_partial(self, record: EpochRecord) -> None:
         if self.curves is not None:
-            name = self.curves.add(done, message)
-            if name is not None:
+            for name in self.curves.add(record):
                 self._redraw(name)
 
     def on_task_done(self, summary: dict) -> None:
@@ -267,39 +270,49 @@ class FinetunePanel(TaskMixin, QWidget):
     # --- curves -----------------------------------------------------------------------------
 
     def _clear_curves(self, names: list[str]) -> None:
-        for item in self._items.values():
-            self.loss_item.removeItem(item)
+        for accuracy, loss in self._items.values():
+            self.accuracy_item.removeItem(accuracy)
+            self.loss_item.removeItem(loss)
         self.legend.clear()
+        self.loss_legend.clear()
         self._items = {}
-        self.curves = LossCurves(names)
+        self.curves = EpochCurves(names)
         series = self.colors["series"]
         for i, name in enumerate(names):
-            item = pg.PlotDataItem([], [], name=name, pen=pg.mkPen(series[i % len(series)], width=2))
-            self.loss_item.addItem(item)
-            self.legend.addItem(item, name)
-            self._items[name] = item
+            pen = pg.mkPen(series[i % len(series)], width=2)
+            pair = tuple(pg.PlotDataItem([], [], name=name, pen=pen, symbol="o", symbolSize=5,
+                                         symbolBrush=series[i % len(series)], symbolPen=None) for _ in range(2))
+            for item, plot in zip(pair, (self.accuracy_item, self.loss_item)):
+                plot.addItem(item)  # a named item joins the plot's legend by itself
+            self._items[name] = pair
 
     def _redraw(self, name: str) -> None:
-        # One x axis for all: a model's points follow those of the models trained before it.
-        offset = 0
-        for n in self.curves.names:
-            ys = self.curves.points[n]
-            if n == name:
-                self._items[n].setData(np.arange(offset, offset + len(ys), dtype=float), np.asarray(ys, dtype=float))
-                return
-            offset += len(ys)
+        x = np.asarray(self.curves.epochs[name], dtype=float)
+        accuracy, loss = self._items[name]
+        accuracy.setData(x, np.asarray(self.curves.accuracy[name], dtype=float))
+        loss.setData(x, np.asarray(self.curves.loss[name], dtype=float))
 
-    def loss_series(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        x, y = self._items[name].getData()
+    def curve(self, name: str, which: str = "accuracy") -> tuple[np.ndarray, np.ndarray]:
+        """The points drawn for a model: `which` is 'accuracy' or 'loss'."""
+        x, y = self._items[name][0 if which == "accuracy" else 1].getData()
         return (np.asarray(x if x is not None else [], dtype=float),
                 np.asarray(y if y is not None else [], dtype=float))
 
     def set_colors(self, colors: dict) -> None:
         self.colors = colors
-        self.loss_plot.setBackground(colors["background"])
-        style_plot(self.loss_item, colors)
-        self.loss_item.showGrid(x=True, y=True, alpha=colors["grid"] / 255)
-        self.legend.setLabelTextColor(colors["foreground"])
+        for widget, item, legend in ((self.accuracy_plot, self.accuracy_item, self.legend),
+                                     (self.loss_plot, self.loss_item, self.loss_legend)):
+            widget.setBackground(colors["background"])
+            style_plot(item, colors)
+            item.showGrid(x=True, y=True, alpha=colors["grid"] / 255)
+            legend.setLabelTextColor(colors["foreground"])
         series = colors["series"]
-        for i, item in enumerate(self._items.values()):
-            item.setPen(pg.mkPen(series[i % len(series)], width=2))
+        for i, pair in enumerate(self._items.values()):
+            for item in pair:
+                item.setPen(pg.mkPen(series[i % len(series)], width=2))
+                item.setSymbolBrush(series[i % len(series)])
+        # Legends read their labels' colour when items are added: add them again in the new one.
+        for legend, which in ((self.legend, 0), (self.loss_legend, 1)):
+            legend.clear()
+            for name, pair in self._items.items():
+                legend.addItem(pair[which], name)

@@ -10,13 +10,17 @@ an edited workload and merging the last one can go on at once.
 
 from __future__ import annotations
 
+import re
+import tempfile
 import time
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 from typing import Callable
 
-from PySide6.QtCore import QByteArray, QMimeData, Qt, QTimer, Signal
-from PySide6.QtGui import QAction, QActionGroup, QCloseEvent, QDragEnterEvent, QDropEvent, QKeySequence
+from PySide6.QtCore import QByteArray, QDir, QEvent, QMimeData, QObject, Qt, QTimer, QUrl, Signal
+from PySide6.QtGui import (QAction, QActionGroup, QCloseEvent, QDesktopServices, QDragEnterEvent, QDropEvent,
+                           QKeySequence)
 from PySide6.QtWidgets import (QFileDialog, QFrame, QHBoxLayout, QLabel, QMainWindow, QMessageBox, QProgressBar,
                                QPushButton, QTabWidget, QVBoxLayout, QWidget)
 
@@ -46,6 +50,13 @@ ONNX_SUFFIXES = {".onnx"}
 WORKLOAD_FILTER = "Workloads (*.yaml *.yml);;All files (*)"
 
 
+def register_resources() -> None:
+    """The stylesheets name their images `gemel:NAME` (resources/NAME), wherever the package lives."""
+    folder = str(files("gemel_studio.resources"))
+    if folder not in QDir.searchPaths("gemel"):
+        QDir.addSearchPath("gemel", folder)
+
+
 @dataclass
 class _Change:
     """A candidate workload waiting for its analysis, and what committing it means."""
@@ -57,8 +68,43 @@ class _Change:
     modified: bool = True  # the committed workload differs from its file
 
 
+TAB_NAMED = re.compile(r"\b(Models|Sharing|Memory|Fine-tune|Proposals|Retraining|Live preview|Preview|Export|Monitor)"
+                       r" tab\b")
+FIXED_IN_PLAN = re.compile(r"\b(in|from) the plan\b|\bpropose or load\b")
+
+
+def fixing_tab(message: str) -> str | None:
+    """The tab an error says fixes it ('... in the Proposals tab'), or None."""
+    named = TAB_NAMED.search(message)
+    if named:
+        return "Preview" if named.group(1) == "Live preview" else named.group(1)
+    return "Proposals" if FIXED_IN_PLAN.search(message) else None
+
+
+def readme_url() -> QUrl | None:
+    """The README: the checkout's file, else the installed package's description (the same
+    text, written to a temporary file); None when neither is there."""
+    local = Path(__file__).resolve().parents[2] / "README.md"
+    if local.is_file():
+        return QUrl.fromLocalFile(str(local))
+    try:
+        from importlib.metadata import PackageNotFoundError, metadata
+
+        text = metadata("gemel-studio").get_payload() or ""
+    except (ImportError, PackageNotFoundError):
+        text = ""
+    if not text.strip():
+        return None
+    path = Path(tempfile.gettempdir()) / "gemel-studio-README.md"
+    path.write_text(text, encoding="utf-8")
+    return QUrl.fromLocalFile(str(path))
+
+
 class ErrorBanner(QFrame):
-    """A one-line error above the tabs, until the user closes it or the next success."""
+    """An error floating over the bottom of the tabs (it pushes nothing), until the user closes
+    it or the next success; where the message names the tab that fixes it, a button goes there."""
+
+    WIDTH = 640
 
     def __init__(self, parent=None):
         super().__init__(parent)
@@ -66,6 +112,10 @@ class ErrorBanner(QFrame):
         self.label = QLabel("", self)
         self.label.setWordWrap(True)
         self.label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.go_button = QPushButton("", self)
+        self.go_button.hide()
+        self.tab: str | None = None
+        self.area: QWidget | None = None  # the widget it floats over (the tabs), a sibling
         close = QPushButton("✕", self)
         close.setToolTip("Dismiss")
         close.setFixedWidth(28)
@@ -73,16 +123,45 @@ class ErrorBanner(QFrame):
         layout = QHBoxLayout(self)
         layout.setContentsMargins(10, 6, 6, 6)
         layout.addWidget(self.label, 1)
-        layout.addWidget(close)
+        layout.addWidget(self.go_button, 0, Qt.AlignmentFlag.AlignTop)
+        layout.addWidget(close, 0, Qt.AlignmentFlag.AlignTop)
         self.hide()
 
     def show_message(self, message: str) -> None:
         self.label.setText(message)
+        self.tab = fixing_tab(message)
+        self.go_button.setText(f"Go to {self.tab}" if self.tab else "")
+        self.go_button.setVisible(self.tab is not None)
         self.show()
+        self.place()
+        self.raise_()
 
     @property
     def message(self) -> str:
         return self.label.text() if not self.isHidden() else ""
+
+    def place(self) -> None:
+        """Bottom right of the tab area, as wide as fits (the parent's layout does not hold it)."""
+        if self.area is None or self.isHidden():
+            return
+        area = self.area.geometry()
+        width = max(200, min(self.WIDTH, area.width() - 24))
+        height = self.heightForWidth(width) if self.hasHeightForWidth() else self.sizeHint().height()
+        self.setGeometry(area.right() - width - 12, area.bottom() - height - 12, width, max(height, 36))
+
+
+class _Resized(QObject):
+    """Calls `fn` when the watched widget is resized."""
+
+    def __init__(self, widget: QWidget, fn: Callable[[], None]):
+        super().__init__(widget)
+        self._fn = fn
+        widget.installEventFilter(self)
+
+    def eventFilter(self, watched, event) -> bool:
+        if event.type() == QEvent.Type.Resize:
+            self._fn()
+        return False
 
 
 class MainWindow(TaskMixin, QMainWindow):
@@ -104,6 +183,7 @@ class MainWindow(TaskMixin, QMainWindow):
         self._removed: tuple[str, list[dict]] | None = None  # the last model removed, and the models before
         self.offer_resume_on_open = True  # offer to resume the last merge of a workload when it opens
         self.theme = settings.saved_theme()
+        register_resources()
 
         self.setWindowTitle("GEMEL Studio")
         self.setAcceptDrops(True)
@@ -133,8 +213,11 @@ class MainWindow(TaskMixin, QMainWindow):
         central = QWidget(self)
         layout = QVBoxLayout(central)
         layout.setContentsMargins(6, 6, 6, 0)
-        layout.addWidget(self.banner)
         layout.addWidget(self.tabs, 1)
+        self.banner.setParent(central)  # floats over the tabs: showing it moves nothing
+        self.banner.area = self.tabs
+        self._banner_placer = _Resized(central, self.banner.place)
+        self.banner.go_button.clicked.connect(self._go_to_fixing_tab)
         self.setCentralWidget(central)
 
         self.models_panel.sigAddRequested.connect(self.add_model_dialog)
@@ -154,7 +237,9 @@ class MainWindow(TaskMixin, QMainWindow):
         self.random_hint.setObjectName("warningLabel")
         self.random_hint.linkActivated.connect(lambda _link: self.tabs.setCurrentWidget(self.finetune_panel))
         self.random_hint.hide()
-        self.models_panel.layout().insertWidget(0, self.random_hint)
+        # Below the table, which gives up the line: the summary and buttons above never move.
+        models_layout = self.models_panel.layout()
+        models_layout.insertWidget(models_layout.indexOf(self.models_panel.table) + 1, self.random_hint)
         self.retraining_panel.sigRunFinished.connect(self._show_final_plan)
         self.retraining_panel.sigRunFinished.connect(
             lambda report: self.export_panel.set_merged_dir(self.retraining_panel.last_out_dir, chosen=False))
@@ -255,6 +340,8 @@ class MainWindow(TaskMixin, QMainWindow):
             self.theme_actions[theme] = action
 
         help_menu = bar.addMenu("&Help")
+        self.readme_action = self._action(help_menu, "&README (how to use the studio)", self.open_readme,
+                                          QKeySequence.StandardKey.HelpContents, "Open the README")
         self._action(help_menu, "&About GEMEL Studio", self.show_about)
 
     # --- settings ---------------------------------------------------------------------------
@@ -326,6 +413,27 @@ class MainWindow(TaskMixin, QMainWindow):
 
     def clear_error(self) -> None:
         self.banner.hide()
+
+    open_url = staticmethod(QDesktopServices.openUrl)  # replaced by tests
+
+    def open_readme(self) -> bool:
+        url = readme_url()
+        if url is None:
+            self.show_error("the README is not installed with this copy of the studio; it is README.md in the "
+                            "project's source")
+            return False
+        if not self.open_url(url):
+            self.show_error(f"{url.toLocalFile()}: no application here opens it; read it in any text editor")
+            return False
+        return True
+
+    def _go_to_fixing_tab(self) -> None:
+        tab = self.banner.tab
+        for i in range(self.tabs.count()):
+            if self.tabs.tabText(i) == tab:
+                self.tabs.setCurrentIndex(i)
+                self.banner.hide()
+                return
 
     def show_about(self) -> QMessageBox:
         box = about_box(self)
@@ -405,9 +513,11 @@ class MainWindow(TaskMixin, QMainWindow):
         self.stop_task("cancel", "Cancelling…")
         self.retraining_panel.pause()
         self.finetune_panel.cancel()
+        self.proposals_panel.cancel_risk()
         self.preview_panel.stop()
         self.monitor_panel.stop()
         worker_pool().waitForDone(wait_ms)
+        self.proposals_panel.risk_pool.waitForDone(wait_ms)
         self.preview_panel.stop(wait_ms)
         self.monitor_panel.stop(wait_ms)
 

@@ -1,17 +1,22 @@
 """The Memory tab (pyqtgraph): what each layer of a model costs, and what merging saves.
 
 Top: one model's layers as bars, parameter bytes and output activation bytes side by side
-(analytic figures from the inventory; the two are different memories and never summed).
+(analytic figures from the inventory; the two are different memories and never summed). The
+bars are named: layer names on the axis where they fit (every n-th where they do not), and
+the layer under the pointer in the line above the plot and in its tooltip.
 Bottom: parameter bytes saved as share groups are merged in order (heaviest first), with
 the all-shareable bound as a horizontal line.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import Qt
-from PySide6.QtWidgets import QComboBox, QHBoxLayout, QLabel, QSplitter, QVBoxLayout, QWidget
+from PySide6.QtGui import QFontMetrics
+from PySide6.QtWidgets import QComboBox, QHBoxLayout, QLabel, QSizePolicy, QSplitter, QVBoxLayout, QWidget
 
 from ..analysis import WorkloadAnalysis
 from ..units import human_bytes
@@ -30,6 +35,45 @@ def style_plot(plot: pg.PlotItem, colors: dict) -> None:
     plot.titleLabel.setText(plot.titleLabel.text, color=colors["foreground"])
 
 
+class LayerAxis(pg.AxisItem):
+    """A bottom axis over bars at 0, 1, 2, ...: each bar's layer name where the names fit side by
+    side, else every n-th name (n as small as keeps them apart)."""
+
+    GAP = 12  # pixels between two names
+
+    def __init__(self):
+        super().__init__("bottom")
+        self.names: list[str] = []
+
+    def set_names(self, names: list[str]) -> None:
+        self.names = list(names)
+        self.picture = None
+        self.update()
+
+    def name_step(self, lo: int, hi: int, pixels_per_bar: float) -> int:
+        metrics = QFontMetrics(self.style.get("tickFont") or self.font())
+        widest = max(metrics.horizontalAdvance(n) for n in self.names[lo:hi + 1]) + self.GAP
+        return max(1, math.ceil(widest / max(pixels_per_bar, 1e-6)))
+
+    def tickValues(self, minVal, maxVal, size):
+        if not self.names:
+            return super().tickValues(minVal, maxVal, size)
+        lo, hi = max(0, math.ceil(minVal)), min(len(self.names) - 1, math.floor(maxVal))
+        if hi < lo or size <= 0:
+            return []
+        step = self.name_step(lo, hi, size / max(maxVal - minVal, 1e-6))
+        return [(float(step), [float(v) for v in range(-(-lo // step) * step, hi + 1, step)])]
+
+    def tickStrings(self, values, scale, spacing):
+        if not self.names:
+            return super().tickStrings(values, scale, spacing)
+        out = []
+        for v in values:
+            i = int(round(v))
+            out.append(self.names[i] if 0 <= i < len(self.names) else "")
+        return out
+
+
 class MemoryPanel(QWidget):
     def __init__(self, parent=None):
         super().__init__(parent)
@@ -40,17 +84,19 @@ class MemoryPanel(QWidget):
         self.model_combo.setMinimumWidth(220)
         self.model_combo.currentIndexChanged.connect(self._draw_layers)
         self.hover = QLabel("", self)
+        self.hover.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)  # never widens the window
         top = QHBoxLayout()
         top.addWidget(QLabel("Model", self))
         top.addWidget(self.model_combo)
         top.addSpacing(16)
         top.addWidget(self.hover, 1)
 
-        self.layers_plot = pg.PlotWidget(self)
+        self.layer_axis = LayerAxis()
+        self.layers_plot = pg.PlotWidget(self, axisItems={"bottom": self.layer_axis})
         self.layers_plot.setObjectName("layersPlot")
         self.layers_item = self.layers_plot.getPlotItem()
         self.layers_item.setLabel("left", "memory (MiB)")
-        self.layers_item.setLabel("bottom", "layer (execution order)")
+        self.layers_item.setLabel("bottom", "layer (execution order; hover a bar for its name)")
         self.layers_item.setTitle("Per-layer memory")
         self.layers_item.setMouseEnabled(y=False)
         self.legend = self.layers_item.addLegend(offset=(10, 10))
@@ -120,6 +166,8 @@ class MemoryPanel(QWidget):
         acts = np.array([layer.activation_bytes or 0 for layer in layers], dtype=float) / MIB
         self.param_bars.setOpts(x=x - 0.2, height=params, width=0.4)
         self.activation_bars.setOpts(x=x + 0.2, height=acts, width=0.4)
+        self.layer_axis.set_names([layer.name for layer in layers])
+        self.layers_plot.setToolTip("")
         if layers:
             self.layers_item.setTitle(f"Per-layer memory: {inv.name} ({inv.architecture}), "
                                       f"{human_bytes(inv.param_bytes)} parameters, "
@@ -163,9 +211,15 @@ class MemoryPanel(QWidget):
         x = self.layers_item.vb.mapSceneToView(pos).x()
         row = int(round(x))
         if 0 <= row < len(inv.layers):
-            layer = inv.layers[row]
-            self.hover.setText(f"{row}: {layer.name} ({layer.kind}) — params {human_bytes(layer.param_bytes)}, "
-                               f"activations {human_bytes(layer.activation_bytes)}")
+            text = self.layer_text(row)
+            self.hover.setText(text)
+            self.layers_plot.setToolTip(text)
+
+    def layer_text(self, row: int) -> str:
+        """What hovering bar `row` of the current model says."""
+        layer = self._current_inventory().layers[row]
+        return (f"{row}: {layer.name} ({layer.kind}) — params {human_bytes(layer.param_bytes)}, "
+                f"activations {human_bytes(layer.activation_bytes)}")
 
     # --- theme ------------------------------------------------------------------------------
 

@@ -377,3 +377,81 @@ def test_an_empty_workload_is_not_saved(window, qtbot, tmp_path):
     out = tmp_path / "empty.yaml"
     assert not window.save_as(out)
     assert not out.exists() and "no models" in window.banner.message
+
+
+def test_memory_bars_are_named_on_the_axis_and_on_hover(window, open_and_wait, reference, qtbot):
+    open_and_wait(window, QUICKSTART)
+    window.tabs.setCurrentWidget(window.memory_panel)
+    memory = window.memory_panel
+    first = reference.models[0]
+    axis = memory.layer_axis
+    assert axis.names == [layer.name for layer in first.layers]
+    # Names where they fit: at this width every n-th layer, n as small as keeps them apart.
+    window.resize(1024, 700)
+    qtbot.waitUntil(lambda: axis.width() < 1000)
+    (step, ticks), = axis.tickValues(-1, len(first.layers), axis.width())
+    assert 1 <= step < len(first.layers) and ticks[0] == 0 and all(b - a == step for a, b in zip(ticks, ticks[1:]))
+    assert axis.tickStrings(ticks[:2], 1, step) == [first.layers[0].name, first.layers[int(step)].name]
+    widest = max(axis.name_step(0, len(first.layers) - 1, 1e6), 1)
+    assert widest == 1  # with room for every name, each bar gets its own
+    # Hovering a bar names it, in the line above the plot and in the tooltip.
+    item = memory.layers_item
+    scene = item.vb.mapViewToScene(QPointF(3, 0.0))
+    memory._mouse_moved(scene)
+    assert memory.hover.text().startswith(f"3: {first.layers[3].name} ")
+    assert memory.layers_plot.toolTip() == memory.hover.text() == memory.layer_text(3)
+
+
+def test_the_error_banner_floats_and_points_to_the_tab_that_fixes_it(window, qtbot):
+    window.resize(1024, 700)
+    qtbot.waitUntil(lambda: window.tabs.width() < 1024)
+    before = window.tabs.geometry()
+    window.show_error("nothing to merge: accept groups in the Proposals tab to merge again")
+    banner = window.banner
+    assert banner.isVisible() and window.tabs.geometry() == before  # nothing moved
+    assert before.contains(banner.geometry()) and banner.geometry().bottom() > before.center().y()
+    assert banner.go_button.isVisible() and banner.go_button.text() == "Go to Proposals"
+    qtbot.mouseClick(banner.go_button, Qt.MouseButton.LeftButton)
+    assert window.tabs.currentWidget() is window.proposals_panel and banner.isHidden()
+    window.show_error("x.yaml: no such file")
+    assert not banner.go_button.isVisibleTo(banner)
+    window.show_error("model 'a': merging needs a torchvision or checkpoint source; reject its groups in the plan")
+    assert banner.tab == "Proposals"
+    window.resize(1400, 900)  # it follows the window
+    qtbot.waitUntil(lambda: banner.geometry().right() > 1100)
+    assert window.tabs.geometry().contains(banner.geometry())
+
+
+def test_the_random_weights_hint_moves_nothing_above_the_table(window, open_and_wait, qtbot, write_workload):
+    from ..conftest import tv
+
+    panel = window.models_panel
+    path = write_workload([tv("a", "resnet18", num_classes=2), tv("b", "resnet18", num_classes=2)],
+                          input_size=[3, 16, 16])
+    y = panel.add_button.mapTo(window, panel.add_button.rect().topLeft()).y()
+    open_and_wait(window, path)
+    assert window.random_hint.isVisibleTo(panel)
+    assert panel.add_button.mapTo(window, panel.add_button.rect().topLeft()).y() == y
+    assert window.random_hint.geometry().top() >= panel.table.geometry().bottom()
+
+
+def test_help_opens_the_readme(window, monkeypatch):
+    opened = []
+    monkeypatch.setattr(window, "open_url", lambda url: opened.append(url) or True)
+    window.readme_action.trigger()
+    assert len(opened) == 1 and opened[0].isLocalFile()
+    assert opened[0].toLocalFile() == str(ROOT / "README.md")
+    assert "GEMEL" in (ROOT / "README.md").read_text(encoding="utf-8")[:2000]
+
+
+def test_spin_box_arrows_are_images_of_each_theme(window):
+    import re
+
+    from PySide6.QtCore import QFile
+
+    from gemel_studio.ui import settings
+
+    for theme in settings.THEMES:
+        names = re.findall(r"url\(gemel:([\w.-]+)\)", settings.stylesheet(theme))
+        assert {f"arrow-{d}-{theme}{s}.svg" for d in ("up", "down") for s in ("", "-disabled")} <= set(names)
+        assert all(QFile.exists(f"gemel:{n}") for n in names)
