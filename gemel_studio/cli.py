@@ -17,7 +17,7 @@ from .errors import Cancelled, GemelError
 
 from .samples import DEFAULT_WORKLOAD  # noqa: F401  (the studio's default workload; found in a wheel too)
 from .system import versions
-from .units import human_bytes, text_table
+from .units import human_bytes
 
 
 # --- gemel info ----------------------------------------------------------------------------
@@ -47,32 +47,9 @@ def cmd_info(args) -> int:
 # --- gemel analyze -------------------------------------------------------------------------
 
 
-def format_analysis(analysis) -> str:
-    out = [f"workload {analysis.workload}: {len(analysis.models)} models, alignment: {analysis.alignment}", ""]
-    rows = [[m.name, m.architecture, m.task, f"{m.param_count:,}", human_bytes(m.param_bytes),
-             human_bytes(m.buffer_bytes), human_bytes(m.activation_bytes), str(len(m.layers))]
-            for m in analysis.models]
-    out.append(text_table(rows, ["model", "architecture", "task", "parameters", "param bytes", "buffers",
-                             "peak activations", "layers"]))
-    out.append("")
-    top = analysis.groups[:15]
-    rows = [[str(i + 1), g.kind, str(len(g.members)), human_bytes(g.bytes_per_copy), human_bytes(g.savings_bytes),
-             ", ".join(f"{m.model}:{m.layer}" for m in g.members)[:70]] for i, g in enumerate(top)]
-    out.append(f"{len(analysis.groups)} share groups (heaviest {len(top)} shown)")
-    if rows:
-        out.append(text_table(rows, ["#", "kind", "models", "per copy", "saves", "members"]))
-    out.append("")
-    out.append(f"total parameter bytes   {human_bytes(analysis.total_param_bytes)}")
-    out.append(f"all-shareable bound     {human_bytes(analysis.max_savings_bytes)} "
-               f"({analysis.max_savings_fraction:.1%} of the total)")
-    for m in analysis.models:
-        for note in m.notes:
-            out.append(f"note: {m.name}: {note}")
-    return "\n".join(out)
-
-
 def cmd_analyze(args) -> int:
     from .analysis import analyze_workload
+    from .analysis.text import format_analysis
     from .progress import terminal_progress
     from .workload import load_workload
 
@@ -89,32 +66,18 @@ def cmd_analyze(args) -> int:
 # --- gemel propose -------------------------------------------------------------------------
 
 
-def _check_output_file(path: Path) -> None:
-    if path.is_dir():
-        raise GemelError(f"{path}: is a folder; name the plan file to write, e.g. {path / 'plan.yaml'}")
-    if not path.parent.is_dir():
-        raise GemelError(f"{path}: the folder {path.parent} does not exist; create it or write the plan elsewhere")
-
-
 def cmd_propose(args) -> int:
     from .analysis import analyze_workload
-    from .merging import propose_plan, save_plan
+    from .merging.plan import InitSettings, PretrainedBase, check_plan_path, propose_plan, save_plan
     from .workload import load_workload
 
-    from .merging.plan import InitSettings, PretrainedBase
-
-    _check_output_file(args.output)  # before the analysis, not after it
+    check_plan_path(args.output)  # before the analysis, not after it
     workload = load_workload(args.workload)
     analysis = analyze_workload(workload, alignment=args.alignment)
     plan = propose_plan(workload, analysis)
-    base = None
-    if args.base:
-        arch, sep, weights = args.base.partition(":")
-        if not sep or not arch or not weights:
-            raise GemelError(f"--base {args.base}: expected ARCHITECTURE:WEIGHTS, e.g. mobilenet_v2:IMAGENET1K_V1")
-        base = PretrainedBase(architecture=arch, weights=weights)
-    elif args.init == "ties":
-        base = _common_base(workload)
+    base = PretrainedBase.parse(args.base) if args.base else None
+    if base is None and args.init == "ties":
+        base = PretrainedBase.common(workload)
         if base is None:
             raise GemelError("--init ties needs the models' common pretrained weights: name them with "
                              "--base ARCHITECTURE:WEIGHTS (the workload's models do not name one set)")
@@ -137,145 +100,85 @@ def cmd_propose(args) -> int:
     return 0
 
 
-def _common_base(workload):
-    """The torchvision weights every torchvision model of the workload names, if one set."""
-    from .merging.plan import PretrainedBase
-    from .workload import TorchvisionSource
-
-    named = {(s.source.architecture, s.source.weights) for s in workload.models
-             if isinstance(s.source, TorchvisionSource) and s.source.weights}
-    if len(named) == 1:
-        arch, weights = named.pop()
-        return PretrainedBase(architecture=arch, weights=weights)
-    return None
-
-
 # --- gemel finetune / merge ---------------------------------------------------------------
 
 
-def _settings_from_args(args, base):
-    updates = {k: v for k, v in {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
-                                 "device": args.device, "optimizer": args.optimizer,
-                                 "min_savings_bytes": (int(args.min_savings * 2**20)
-                                                       if getattr(args, "min_savings", None) is not None else None),
-                                 }.items() if v is not None}
-    return base.model_copy(update=updates)
-
-
-def _printer(args):
-    def on_step(step) -> None:
-        if args.json:
-            print(json.dumps({"event": "round", **vars(step)}), flush=True)
-        else:
-            acc = ", ".join(f"{k} {v:.3f}" for k, v in step.accuracy.items())
-            print(f"round {step.round}: {len(step.groups)} group(s), {human_bytes(step.savings_bytes)} -> "
-                  f"{step.outcome} ({step.next_action}); {acc}; saved so far {human_bytes(step.saved_bytes_after)}",
-                  flush=True)
-    return on_step
-
-
-def _require_merge_extra(command: str) -> None:
-    """Retraining needs the [merge] extra (detection mAP); say so in one line, before any work."""
-    import importlib.util
-
-    for module in ("torchmetrics", "pycocotools"):
-        try:
-            found = importlib.util.find_spec(module) is not None
-        except (ImportError, ValueError):
-            found = False
-        if not found:
-            raise GemelError(f"gemel {command} needs the [merge] extra ({module} is missing): "
-                             "pip install 'gemel-studio[merge]'")
+def _merge_options(command: str):
+    """The merging code's options module, or one line saying what to install."""
+    try:
+        from .merging import options
+    except ImportError as exc:
+        raise GemelError(f"gemel {command} needs the merging code ({exc.name} is missing): "
+                         "pip install 'gemel-studio[merge]'") from None
+    options.require_merge_extra(command)
+    return options
 
 
 def cmd_finetune(args) -> int:
-    _require_merge_extra("finetune")
+    _merge_options("finetune")
+    from .merging.options import FINETUNE_SETTINGS, MergeOptions, RetrainSettings
     from .merging.pipeline import finetune_workload
-    from .merging.plan import RetrainSettings
+    from .merging.report import format_finetune
+    from .options import from_args
     from .progress import terminal_progress
     from .workload import load_workload
 
+    settings = from_args(RetrainSettings, args, base=FINETUNE_SETTINGS)
+    limit = from_args(MergeOptions, args).limit
     workload = load_workload(args.workload)
-    settings = _settings_from_args(args, RetrainSettings(optimizer="adam", lr=1e-3, weight_decay=0.0, epochs=10))
-    summary = finetune_workload(workload, args.out, settings, limit=args.limit,
+    summary = finetune_workload(workload, args.out, settings, limit=limit,
                                 progress=None if args.json else terminal_progress())
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        for name, row in summary.items():
-            print(f"{name}: " + (f"{row['metric']} {row['accuracy']:.3f} (from {row['initial_accuracy']:.3f}) "
-                                 f"in {row['seconds']:.0f} s" if "accuracy" in row else row["skipped"]))
-        print(f"wrote {args.out / 'workload.yaml'}")
+    print(json.dumps(summary) if args.json else f"{format_finetune(summary)}\nwrote {args.out / 'workload.yaml'}")
     return 0
 
 
-@contextmanager
-def _ctrl_c_cancels(progress, message: str):
-    """While inside, the first Ctrl-C cancels `progress` (the work stops at its next step and
-    says so with `message`); a second one stops at once. The previous handler comes back after."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
-        yield
-        return
-
-    def handler(signum, frame):
-        if progress.cancelled:
-            raise KeyboardInterrupt
-        progress.cancel()
-        print(f"\n{message} (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 def cmd_merge(args) -> int:
-    _require_merge_extra("merge")
-    from .merging import load_plan
+    _merge_options("merge")
+    from .merging.options import MergeOptions, RetrainSettings
     from .merging.pipeline import merge_workload
-    from .progress import Progress, terminal_progress
+    from .merging.plan import check_plan_workload, load_plan
+    from .merging.report import format_report, round_printer
+    from .options import from_args
+    from .progress import Progress, cancel_on_ctrl_c, terminal_progress
     from .workload import load_workload
 
     workload = load_workload(args.workload)
     plan = load_plan(args.plan)
-    plan = plan.model_copy(update={"retraining": _settings_from_args(args, plan.retraining)})
+    check_plan_workload(plan, workload, origin=str(args.plan))  # before any work
+    options = from_args(MergeOptions, args, retraining=from_args(RetrainSettings, args, base=plan.retraining))
     progress = Progress() if args.json else terminal_progress()
     try:
         # A cancel checkpoints the exact step; the last epoch's checkpoint stays on a second Ctrl-C.
-        with _ctrl_c_cancels(progress, "stopping at the next step"):
-            report = merge_workload(workload, plan, args.out, strategy=args.strategy,
-                                    time_budget_s=args.time_budget, limit=args.limit, progress=progress,
-                                    on_step=_printer(args))
+        with cancel_on_ctrl_c(progress, "stopping at the next step"):
+            report = merge_workload(workload, plan, args.out, options, progress=progress,
+                                    on_step=round_printer(args.json))
     except Cancelled:
         print(f"stopped: the search is saved in {args.out}; run the same command again to resume", file=sys.stderr)
         return 130
     if args.json:
-        print(json.dumps({"event": "done", **{k: v for k, v in report.items() if k != "steps"}}))
+        print(json.dumps({"event": "done", **{k: v for k, v in report.to_dict().items() if k != "steps"}}))
         return 0
-    for name, row in report["models"].items():
-        unseen = (f"  | unseen split: unmerged {row['unmerged_test_accuracy']:.3f}  merged "
-                  f"{row['merged_test_accuracy']:.3f}" if row.get("merged_test_accuracy") is not None else "")
-        print(f"{name:16} {row['metric']:9} unmerged {row['unmerged_accuracy']:.3f}  merged "
-              f"{row['merged_accuracy']:.3f}  target {row['target']:.3f}  {'pass' if row['passed'] else 'FAIL'}"
-              f"{unseen}")
-    print(f"parameter bytes {human_bytes(report['bytes_before'])} -> {human_bytes(report['bytes_after'])} "
-          f"(saved {human_bytes(report['saved_bytes'])}, {report['fraction_of_bound']:.1%} of the all-shareable "
-          f"bound) in {report['rounds']} round(s), {report['retrain_seconds']:.0f} s of retraining")
+    print(format_report(report))
     print(f"wrote {args.out}/merged.safetensors, plan.yaml, report.json")
     return 0
 
 
-def _training_args(p) -> None:
-    p.add_argument("--device", help="auto (default: CUDA when present), cpu, cuda, cuda:N")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--optimizer", choices=["sgd", "adam"])
-    p.add_argument("--limit", type=int, help="use at most this many samples per dataset (quick runs)")
+def _training_flags(p, command: str) -> None:
+    """`gemel merge` / `finetune` flags, built from MergeOptions and RetrainSettings (torch-free)."""
+    from .options import add_arguments
+
+    try:
+        from .merging.options import FINETUNE_SETTINGS, MergeOptions, RetrainSettings
+    except ImportError:  # an edge box without the merging code: the command says what to install
+        p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        return
+
+    if command == "merge":  # --strategy, --limit, --min-savings; the retraining flags default to the plan's
+        add_arguments(p, MergeOptions)
+        add_arguments(p, RetrainSettings, defaults=dict.fromkeys(RetrainSettings.model_fields))
+    else:
+        add_arguments(p, MergeOptions, exclude=("strategy", "min_savings_mib"))
+        add_arguments(p, RetrainSettings, exclude=("time_budget_s",), defaults=FINETUNE_SETTINGS.model_dump())
     p.add_argument("--json", action="store_true", help="machine-readable progress, one JSON object a line")
 
 
@@ -284,8 +187,10 @@ def _training_args(p) -> None:
 
 def cmd_export(args) -> int:
     from .export import export_bundle
+    from .progress import terminal_progress
 
-    result = export_bundle(args.merged_dir, args.output, archive=args.archive)
+    result = export_bundle(args.merged_dir, args.output, archive=args.archive,
+                           progress=None if args.json else terminal_progress())
     if args.json:
         print(json.dumps(result.to_dict()))
         return 0 if result.ok else 1
@@ -302,83 +207,62 @@ def cmd_export(args) -> int:
 # --- gemel run -----------------------------------------------------------------------------
 
 
-def _parse_stream(spec: str, loop: bool) -> tuple:
-    from .runtime.sources import parse_source
+@contextmanager
+def _signals_stop(progress):
+    """While inside, Ctrl-C (SIGINT) or a service manager's SIGTERM cancels `progress`: the
+    run stops its streams and the summary is printed; a second signal stops at once. Yields a
+    list that names the first signal's stop ('interrupted' or 'terminated')."""
+    import signal
+    import threading
 
-    source, eq, models = spec.partition("=")
-    if not source:
-        raise GemelError(f"--stream '{spec}': name a source: synthetic[:FPS], a video path or camera:N")
-    names = [m.strip() for m in models.split(",") if m.strip()]
-    if eq and not names:
-        raise GemelError(f"--stream '{spec}': no model names after '='; write SOURCE=MODEL[,MODEL...]")
-    return parse_source(source, loop=loop), names
+    why: list[str] = []
+    if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
+        yield why
+        return
 
+    def handler(signum, frame):
+        if progress.cancelled:
+            raise KeyboardInterrupt
+        why.append("terminated" if signum == signal.SIGTERM else "interrupted")
+        progress.cancel()
+        again = "SIGTERM; a second one stops at once" if signum == signal.SIGTERM else "Ctrl-C again to stop at once"
+        print(f"\nstopping the streams ({again})", file=sys.stderr, flush=True)
 
-def format_run(summary: dict) -> str:
-    out = [f"{summary['bundle']}: policy {summary['policy']} (eviction {summary.get('eviction', 'belady')}"
-           f"{', no batching' if summary.get('batching') is False else ''}), "
-           f"budget {human_bytes(summary['budget_bytes'])}, "
-           f"device {summary['device']}, backend {summary['backend']}; ran {summary['elapsed_s']:.1f} s, "
-           f"stopped: {summary['stopped']}", ""]
-
-    def ms(v):
-        return "-" if v is None else f"{v:.1f}"
-
-    rows = [[s["name"], ",".join(s["models"]), f"{s['fps']:g}", str(s["frames_in"]), str(s["processed"]),
-             str(s["dropped"]), ms(s["latency_p50_ms"]), ms(s["latency_p99_ms"]), f"{s['throughput_fps']:.1f}",
-             s["end_reason"] or "-"] for s in summary["streams"]]
-    out.append(text_table(rows, ["stream", "models", "fps", "in", "processed", "dropped", "p50 ms", "p99 ms",
-                             "frames/s", "ended"]))
-    out.append("")
-    rows = [[n, human_bytes(m["bytes"]), str(m["runs"]), str(m["swaps"]), f"{m['load_seconds']:.3f}",
-             f"{m['load_wait_seconds']:.3f}", human_bytes(m["loaded_bytes"]), ms(m["mean_infer_ms"]),
-             str(m["refused"]), m["load"],
-             f"{m['mean_batch_size']:.1f}/{m['max_batch']}" if m.get("mean_batch_size") else "-"]
-            for n, m in summary["models"].items()]
-    out.append(text_table(rows, ["model", "bytes", "runs", "swaps", "load s", "waited s", "loaded", "infer ms",
-                             "refused", "load", "batch mean/max"]))
-    out.extend(f"note: {n} {m['load_note']}" for n, m in summary["models"].items() if "load_note" in m)
-    out.append("")
-    mem = summary["memory"]
-    out.append(f"runtime resident weights {human_bytes(mem['runtime_resident_bytes'])} "
-               f"(peak {human_bytes(mem['runtime_peak_resident_bytes'])}; all models "
-               f"{human_bytes(mem['all_models_bytes'])}); process RSS {human_bytes(mem['process_rss_bytes'])}")
-    if "torch_allocated_bytes" in mem:
-        out.append(f"torch allocated {human_bytes(mem['torch_allocated_bytes'])}, reserved "
-                   f"{human_bytes(mem['torch_reserved_bytes'])}; device used "
-                   f"{human_bytes(mem.get('device_used_bytes'))} of {human_bytes(mem.get('device_total_bytes'))}")
-    if summary.get("last_error"):
-        dropped = sum(s.get("dropped_error", 0) for s in summary["streams"])
-        out.append(f"{dropped} frame(s) dropped because a model failed; the last error: {summary['last_error']}")
-    if mem.get("static_set") is not None:
-        out.append(f"space-sharing keeps {', '.join(mem['static_set']) or 'no model'} resident")
-    return "\n".join(out)
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield why
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def cmd_run(args) -> int:
+    """`gemel run`: exit 0 when the run ends (duration, sources ended, Ctrl-C or SIGTERM, each
+    named in the summary's `stopped`), 2 on a user error, 130 on a second Ctrl-C."""
     from .devices import resolve_device
+    from .options import from_args
+    from .progress import Progress
     from .runtime import load_bundle
     from .runtime.engine import Engine
-    from .runtime.scheduler import device_capacity, parse_bytes
-    from .progress import Progress
+    from .runtime.options import RunOptions, parse_bytes
+    from .runtime.sources import StreamSpec
+    from .runtime.summary_text import format_run
+    from .runtime.telemetry import device_capacity
 
     if args.duration is not None and not args.duration > 0:
         raise GemelError(f"--duration {args.duration}: must be a positive number of seconds")
-    if args.deadline is not None and not args.deadline > 0:
-        raise GemelError(f"--deadline {args.deadline:g}: must be a positive number of milliseconds")
-    budget = parse_bytes(args.memory_budget) if args.memory_budget is not None else None
+    options = from_args(RunOptions, args)
     if args.metrics_host != "127.0.0.1" and args.metrics_port is None:
         raise GemelError(f"--metrics-host {args.metrics_host} without --metrics-port: add --metrics-port N "
                          "(0 picks a free port) to serve metrics")
-    rotate = parse_bytes(args.results_max_bytes) if args.results_max_bytes is not None else 100 * 2**20
-    if budget is None and args.policy != "unlimited":
-        # onnxruntime runs on the CPU here: "auto" means the CPU for it (as the engine decides).
-        where = resolve_device("cpu" if args.backend == "onnxruntime" and args.device == "auto" else args.device)
-        budget, chosen = device_capacity(where)
-        chosen = f"memory budget: {human_bytes(budget)} ({chosen}; --memory-budget sets another)"
-    else:
-        chosen = None
-    streams = [_parse_stream(spec, args.loop) for spec in args.stream]
+    rotate = (parse_bytes(args.results_max_bytes, "--results-max-bytes") if args.results_max_bytes is not None
+              else 100 * 2**20)
+    chosen = None
+    if options.memory_budget is None and options.policy != "unlimited":
+        budget, where = device_capacity(resolve_device(options.budget_device))
+        options = options.model_copy(update={"memory_budget": budget})
+        chosen = f"memory budget: {human_bytes(budget)} ({where}; --memory-budget sets another)"
+    streams = [StreamSpec.parse(text).stream(loop=args.loop) for text in args.stream]
     with contextlib.ExitStack() as stack:
         sinks = []
         if args.results is not None:
@@ -386,29 +270,28 @@ def cmd_run(args) -> int:
 
             sinks.append(stack.enter_context(JsonlSink(args.results, max_bytes=rotate)))
         bundle = stack.enter_context(load_bundle(args.bundle))
-        engine = Engine(bundle, streams, args.policy, budget, args.device, args.backend, args.load,
-                        deadline_s=args.deadline / 1000.0 if args.deadline is not None else None,
-                        eviction=args.eviction, batching=not args.no_batching, sinks=sinks)
+        engine = Engine(bundle, streams, options, sinks=sinks)
         if chosen:
             print(chosen, file=sys.stderr, flush=True)
         progress = Progress()
         engine.profile_batches()  # before Ctrl-C is handed to the run: it takes a moment
-        until = f"for {args.duration:g} s" if args.duration else "until the sources end"
-        batches = ", ".join(f"{m} {b}" for m, b in engine.max_batch.items())
-        print(f"running {len(streams)} stream(s) {until}; largest batch per model: {batches}; "
-              "Ctrl-C stops and prints the summary", file=sys.stderr, flush=True)
         if args.metrics_port is not None:
             from .runtime.metrics import MetricsServer
 
-            server = stack.enter_context(MetricsServer(engine.snapshot, args.metrics_port, args.metrics_host))
+            server = stack.enter_context(MetricsServer(engine.snapshot, args.metrics_port, args.metrics_host,
+                                                       instance=args.instance, bundle=bundle))
             print(f"metrics: {server.url}/metrics (Prometheus), {server.url}/metrics.json (JSON)",
                   file=sys.stderr, flush=True)
-        with _ctrl_c_cancels(progress, "stopping the streams"):  # the summary is still printed
-            summary = engine.run(args.duration, progress).to_dict()
-    if summary["stopped"] == "cancelled":
-        summary["stopped"] = "interrupted"  # Ctrl-C is what cancels from a terminal
+        with _signals_stop(progress) as why:  # the summary is still printed
+            until = f"for {args.duration:g} s" if args.duration else "until the sources end"
+            batches = ", ".join(f"{m} {b}" for m, b in engine.max_batch.items())
+            print(f"running {len(streams)} stream(s) {until}; largest batch per model: {batches}; "
+                  "Ctrl-C stops and prints the summary", file=sys.stderr, flush=True)
+            summary = engine.run(args.duration, progress)
+    if summary.stopped == "cancelled":
+        summary.stopped = why[0] if why else "interrupted"  # a signal is what cancels from a terminal
     # With results on standard output, the summary goes to standard error.
-    print(json.dumps(summary) if args.json else format_run(summary),
+    print(json.dumps(summary.to_dict()) if args.json else format_run(summary),
           file=sys.stderr if args.results == "-" else sys.stdout)
     return 0
 
@@ -486,20 +369,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="train each model alone (the unmerged baseline) and write a workload of them")
     p.add_argument("workload", type=Path)
     p.add_argument("--out", type=Path, required=True)
-    _training_args(p)
+    _training_flags(p, "finetune")
     p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("merge", help="apply a plan, retrain jointly, write merged weights, plan and report")
+    p = sub.add_parser("merge", help="apply a plan, retrain jointly, write merged weights, plan and report",
+                       description="Apply a plan, retrain jointly, write merged weights, plan and report. The "
+                                   "retraining flags replace the plan's retraining settings for this merge.")
     p.add_argument("workload", type=Path)
     p.add_argument("--plan", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--strategy", choices=["bisect", "gemel", "predict"], default="bisect",
-                   help="bisect: all candidates first, split on failure (default); gemel: the reference loop; "
-                        "predict: low-risk groups first by the plan's merge risk, split safer-first")
-    p.add_argument("--time-budget", type=float, help="seconds; stop the search when they run out")
-    p.add_argument("--min-savings", type=float, metavar="MIB",
-                   help="do not try candidates (or halves of failed ones) that save less than this many MiB")
-    _training_args(p)
+    _training_flags(p, "merge")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("export", help="write a deployable bundle (manifest, weights once, ONNX) from a merged folder")
@@ -514,14 +393,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="append", required=True, metavar="SOURCE[=MODEL,...]",
                    help="synthetic[:FPS], a video file or camera:N, and the models its frames go through "
                         "(default: every model); repeat for more streams")
-    p.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
-                   help="torch (default) or onnxruntime (CPU; sessions read the resident weights in place)")
-    p.add_argument("--device", default="auto", help="auto (default: CUDA when present), cpu, cuda, cuda:N")
-    p.add_argument("--load", choices=["whole", "layered"], default="whole",
-                   help="whole: a model's missing weights load before it runs (default); layered: MemA-style, "
-                        "each layer's weights load while the layers before it run (torch backend)")
-    p.add_argument("--memory-budget", metavar="BYTES", help="e.g. 200MiB, 1.5GiB or a number of bytes")
-    p.add_argument("--policy", choices=["merged", "time-sharing", "space-sharing", "unlimited"], default="merged")
+    # --backend, --device, --load, --memory-budget, --policy, --deadline, --eviction, --no-batching
+    # (torch-free: the command starts without importing torch)
+    from .options import add_arguments
+    from .runtime.options import RunOptions
+
+    add_arguments(p, RunOptions)
     p.add_argument("--duration", type=float, metavar="S", help="seconds to run (default: until the sources end "
                    "or Ctrl-C)")
     p.add_argument("--loop", action="store_true", help="start video files over at their end")
@@ -530,13 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-host", default="127.0.0.1", metavar="ADDRESS",
                    help="the address the metrics port binds (default 127.0.0.1, this machine only; "
                         "0.0.0.0 exposes it to the network)")
+    p.add_argument("--instance", metavar="NAME", help="this box's name on every metric series (the `instance` "
+                   "label a fleet's Prometheus keeps; default: the hostname)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
-    p.add_argument("--deadline", type=float, metavar="MS", help="milliseconds each frame has from its arrival "
-                   "(default: its stream's frame interval)")
-    p.add_argument("--eviction", choices=["belady", "lru"], default="belady",
-                   help="what to evict: belady (default: what the queued frames need furthest in the future; "
-                        "most recently used otherwise) or lru (least recently used, for comparison)")
-    p.add_argument("--no-batching", action="store_true", help="run every frame alone (for comparison)")
     p.add_argument("--results", metavar="FILE.jsonl", help="write one JSON line per processed frame to FILE "
                    "(appended, rotated by size) or to - (standard output; the summary then goes to standard error)")
     p.add_argument("--results-max-bytes", metavar="SIZE", help="rotate the results file past this size "

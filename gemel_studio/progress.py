@@ -2,6 +2,8 @@
 
 Long functions take a `Progress` and call `step()`; they never know who is watching.
 `step()` raises `Cancelled` once `cancel()` was called, so work stops at the next step.
+The studio's worker turns the updates into signals; `terminal_progress()` into a tqdm bar
+on a terminal (and nothing when output is piped), for the `gemel` commands.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from typing import Callable, TextIO
 
 from .errors import Cancelled
@@ -66,17 +69,70 @@ class Progress:
             self._callback(self.done, self.total, self.message)
 
 
-def terminal_progress(stream: TextIO = sys.stderr) -> Progress:
-    """A Progress that draws a one-line bar on a terminal, and prints nothing when piped."""
-    if not stream.isatty():
-        return Progress()
+class _TerminalBar:
+    """A tqdm bar fed by a Progress's updates; each `start()` (a new total) begins a new bar."""
 
-    def draw(done: int, total: int, message: str) -> None:
-        width = 30
-        filled = int(width * done / total) if total else 0
-        stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {message[:40]:<40}")
+    def __init__(self, stream: TextIO):
+        self.stream = stream
+        self.bar = None
+
+    def __call__(self, done: int, total: int, message: str) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None or total != self.bar.total or done < self.bar.n:
+            self.close()
+            # Progress throttles already: tqdm draws every update it gets.
+            self.bar = tqdm(total=total, desc=message[:40] or None, file=self.stream, mininterval=0, miniters=1,
+                            dynamic_ncols=True, leave=True, disable=False)
+        elif message:
+            self.bar.set_description_str(message[:40], refresh=False)
+        self.bar.update(done - self.bar.n)
         if total and done >= total:
-            stream.write("\n")
-        stream.flush()
+            self.close()
 
-    return Progress(draw, min_interval=0.1)
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def terminal_progress(stream: TextIO | None = None) -> Progress:
+    """A Progress that draws a tqdm bar on `stream` (standard error) when it is a terminal,
+    and prints nothing when it is not (piped, redirected, or under --json)."""
+    stream = sys.stderr if stream is None else stream
+    isatty = getattr(stream, "isatty", None)
+    if not (isatty and isatty()):
+        return Progress()
+    return Progress(_TerminalBar(stream), min_interval=0.1)
+
+
+def write_line(text: str, stream: TextIO | None = None) -> None:
+    """Print a line (on standard output) above any bar that terminal_progress is drawing."""
+    from tqdm import tqdm
+
+    stream = sys.stdout if stream is None else stream
+    tqdm.write(text, file=stream)
+    stream.flush()
+
+
+@contextmanager
+def cancel_on_ctrl_c(progress: Progress, message: str):
+    """While inside, the first Ctrl-C cancels `progress` (the work stops at its next step and
+    says so with `message`); a second one stops at once. The previous handler comes back after."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
+        yield
+        return
+
+    def handler(signum, frame):
+        if progress.cancelled:
+            raise KeyboardInterrupt
+        progress.cancel()
+        print(f"\n{message} (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

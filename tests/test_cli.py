@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import subprocess
@@ -163,3 +164,59 @@ def test_ctrl_c_during_merge_saves_the_step_and_the_same_command_resumes(tmp_pat
     report = json.loads((out / "report.json").read_text())
     assert report["steps"][0] == {k: v for k, v in first.items() if k != "event"}  # round 1 was not redone
     assert report["stopped"] == "time budget"
+
+
+class _FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_terminal_progress_is_quiet_when_piped_and_draws_a_bar_to_the_total_on_a_terminal():
+    from gemel_studio.progress import terminal_progress
+
+    piped = io.StringIO()
+    progress = terminal_progress(piped)
+    progress.start(3, "training")
+    for _ in range(3):
+        progress.step("epoch")
+    assert piped.getvalue() == ""
+
+    tty = _FakeTerminal()
+    progress = terminal_progress(tty)
+    progress.start(3, "training")
+    for i in range(3):
+        progress.step(f"epoch {i + 1}")
+    drawn = tty.getvalue()
+    assert "3/3" in drawn and "100%" in drawn and drawn.endswith("\n")
+    # A second start (the next phase of the work) begins a new bar.
+    progress.start(2, "evaluating")
+    progress.step()
+    progress.step()
+    assert tty.getvalue()[len(drawn):].count("2/2") >= 1
+
+
+def test_training_flags_come_from_the_options_model(tmp_path, capsys):
+    from gemel_studio.cli import build_parser
+    from gemel_studio.merging.options import FINETUNE_SETTINGS
+
+    args = build_parser().parse_args(["merge", "w.yaml", "--plan", "p.yaml", "--out", "o", "--epochs", "3",
+                                      "--time-budget", "5", "--min-savings", "0.5", "--strategy", "gemel"])
+    assert (args.epochs, args.time_budget_s, args.min_savings_mib, args.strategy) == (3, 5.0, 0.5, "gemel")
+    assert not hasattr(args, "lr")  # unset: the plan's value applies
+    help_text = build_parser()._subparsers._group_actions[0].choices["finetune"].format_help()
+    assert "--time-budget" not in help_text and f"(default {FINETUNE_SETTINGS.epochs})" in help_text
+    # A bad value is one line naming the flag, before any work.
+    workload = SAMPLES / "quickstart.yaml"
+    assert main(["finetune", str(workload), "--out", str(tmp_path), "--epochs", "0"]) == 2
+    assert "--epochs 0: input should be greater than 0" in _one_line_error(capsys)
+
+
+def test_merge_with_a_plan_for_another_workload_is_one_line_naming_it(tmp_path, write_workload, capsys):
+    plan = tmp_path / "plan.yaml"
+    assert main(["propose", str(SAMPLES / "quickstart.yaml"), "-o", str(plan), "--no-risk"]) == 0
+    capsys.readouterr()
+    other = write_workload([tv("a", "resnet18")])
+    assert main(["merge", str(other), "--plan", str(plan), "--out", str(tmp_path / "out")]) == 2
+    err = _one_line_error(capsys)
+    assert "made for workload 'quickstart'" in err and f"gemel propose {other} -o {plan}" in err
+    assert not (tmp_path / "out").exists()

@@ -44,6 +44,31 @@ def test_folder_names_its_files_and_what_a_fresh_start_would_delete(tmp_path):
     assert list(folder.path.iterdir()) == []
 
 
+def test_report_json_keeps_its_exact_format_through_the_typed_report(tmp_path):
+    """An older folder's report.json (fewer keys, in its own order) reads as a MergeReport and
+    converts back to exactly the dict on disk; unknown keys are kept."""
+    from gemel_studio.merging.report import MergeReport, format_report
+
+    old = {"workload": "w", "strategy": "gemel", "stopped": "done", "device": "cpu",
+           "models": {"a": {"unmerged_accuracy": 0.6, "merged_accuracy": 0.5, "target": 0.01, "passed": True}},
+           "bytes_before": 10_000, "bytes_after": 7_952, "saved_bytes": 2048, "all_shareable_bytes": 4096,
+           "fraction_of_bound": 0.5, "retrain_seconds": 1.0, "rounds": 1, "steps": [{"round": 1}],
+           "from_the_future": [1, 2]}
+    folder = MergedFolder(tmp_path / "m")
+    folder.path.mkdir()
+    (folder.path / "report.json").write_text(json.dumps(old))
+    report = folder.report()
+    assert isinstance(report, MergeReport) and report.to_dict() == old and report == old
+    assert report.models["a"].passed and report.models["a"].metric == "accuracy" and report.passed == 1
+    assert report["saved_bytes"] == 2048  # read as the dict it was
+    assert "a                accuracy  unmerged 0.600  merged 0.500  target 0.010  pass" in format_report(report)
+    folder.write_report(report)
+    assert json.loads((folder.path / "report.json").read_text()) == old
+    assert (folder.path / "report.json").read_text() == json.dumps(old, indent=2)
+    (folder.path / "report.json").write_text(json.dumps({"models": "not a table"}))
+    assert folder.report() is None
+
+
 def test_random_init_models_are_the_same_every_time_and_leave_the_global_rng_alone(small):
     spec = small.models[0]
     torch.manual_seed(1)

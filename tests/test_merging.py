@@ -7,7 +7,7 @@ import torch
 import yaml
 
 from gemel_studio.analysis import analyze_workload
-from gemel_studio.merging import GroupState, PlanError, apply_plan, load_plan, propose_plan, save_plan, unique_param_bytes
+from gemel_studio.merging import GroupState, MergePlan, PlanError, apply_plan, load_plan, propose_plan, save_plan, unique_param_bytes
 from gemel_studio.models import build_model
 from gemel_studio.workload import load_workload
 
@@ -57,6 +57,45 @@ def test_bad_plans_are_refused_with_a_clear_message(tmp_path, small, edit, expec
     _edit(path, edit)
     with pytest.raises(PlanError, match=expected):
         load_plan(path, w, analysis)
+
+
+def test_a_plan_for_another_workload_names_it_and_the_command_in_one_line(tmp_path, small, write_workload):
+    w, analysis = small
+    path = tmp_path / "plan.yaml"
+    save_plan(propose_plan(w, analysis), path)
+    other = load_workload(write_workload([tv("a", "resnet18", num_classes=3)], name="other.yaml"))
+    other = other.model_copy(update={"name": "cameras"})
+    with pytest.raises(PlanError) as caught:
+        load_plan(path, other, analyze_workload(other))
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(f"{path}: made for workload '{w.name}'")
+    assert f"not for 'cameras'" in message and f"gemel propose {other.path} -o {path}" in message
+    # Another version of the same workload (its content changed): says so, with the same fix.
+    _edit(path, lambda d: d["workload"].update(sha256="0" * 64))
+    with pytest.raises(PlanError) as caught:
+        load_plan(path, w, analysis)
+    message = str(caught.value)
+    assert "\n" not in message and f"another version of workload '{w.name}' (sha256 000000000000)" in message
+    assert f"gemel propose {w.path} -o {path}" in message
+
+
+def test_merge_options_state_the_search_and_retraining_once():
+    from typing import get_args
+
+    from gemel_studio.errors import GemelError
+    from gemel_studio.merging.heuristic import STRATEGIES
+    from gemel_studio.merging.options import MIB, MergeOptions, RetrainSettings, Strategy
+    from gemel_studio.merging.pipeline import merge_options
+
+    assert set(get_args(Strategy)) == set(STRATEGIES)
+    plan = MergePlan(workload={"name": "w", "sha256": "0" * 64}, retraining={"epochs": 3, "time_budget_s": 9})
+    options = merge_options(plan, strategy="gemel", limit=5)
+    assert (options.strategy, options.limit, options.retraining.epochs) == ("gemel", 5, 3)
+    assert merge_options(plan, time_budget_s=2).retraining.time_budget_s == 2
+    assert MergeOptions(min_savings_mib=1.5).settings.min_savings_bytes == int(1.5 * MIB)
+    assert MergeOptions().settings == RetrainSettings()
+    with pytest.raises(GemelError, match="--strategy 'fastest'"):
+        merge_options(plan, strategy="fastest")
 
 
 def _real_models(w):

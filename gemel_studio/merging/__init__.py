@@ -1,10 +1,22 @@
-"""Merging: merge plans (the operator-edited recipe) and weight tying (Qt-free).
+"""Merging: merge plans (the operator-edited recipe), the merge's options, weight tying, the
+search and joint retraining (Qt-free).
 
-Joint retraining and the incremental heuristic build on these (not built yet).
+The names below are imported on first use: `merging.options` (the flags' models) loads
+without torch, so the command line builds its parser without importing the merging code.
 """
 
-from .plan import GroupState, MergePlan, PlanError, PlannedGroup, load_plan, propose_plan, save_plan, validate_plan
-from .tying import apply_plan, unique_param_bytes
+from importlib import import_module
 
-__all__ = ["GroupState", "MergePlan", "PlanError", "PlannedGroup", "apply_plan", "load_plan", "propose_plan",
-           "save_plan", "unique_param_bytes", "validate_plan"]
+_WHERE = {"GroupState": "plan", "MergePlan": "plan", "PlanError": "plan", "PlannedGroup": "plan",
+          "load_plan": "plan", "propose_plan": "plan", "save_plan": "plan", "validate_plan": "plan",
+          "apply_plan": "tying", "unique_param_bytes": "tying"}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{_WHERE[name]}", __name__), name)
+    globals()[name] = value
+    return value

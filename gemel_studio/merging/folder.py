@@ -12,6 +12,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import ValidationError
+
+from .report import MergeReport
+
 STATE = "search.state"  # the search after its last finished round
 ROUND = "search.state.round"  # the round in progress, at its last epoch or exact step
 REPORT = "report.json"  # written last: the search finished
@@ -47,9 +51,20 @@ class MergedFolder:
         """A search stopped before its report (the search keeps its state after finishing, too)."""
         return self.has_checkpoint and not self.has_report
 
-    def report(self) -> dict | None:
-        """report.json, or None when there is none (or it cannot be read)."""
-        return _read_json(self.path / REPORT)
+    def report(self) -> MergeReport | None:
+        """report.json, or None when there is none (or it cannot be read as a report)."""
+        data = _read_json(self.path / REPORT)
+        if not isinstance(data, dict):
+            return None
+        try:
+            return MergeReport.from_dict(data)
+        except ValidationError:
+            return None
+
+    def write_report(self, report: MergeReport | dict) -> None:
+        """report.json, written last (a finished merge); its format is MergeReport.to_dict()'s."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        _atomic_json(self.path / REPORT, report.to_dict() if isinstance(report, MergeReport) else report)
 
     def baseline(self) -> dict | None:
         """{'models': {name: {'unmerged_accuracy': a, 'target': t}}} or None."""

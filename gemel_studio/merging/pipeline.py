@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 from ..analysis import WorkloadAnalysis, analyze_workload
 from ..errors import GemelError
+from ..options import validate
 from ..models import build_model
 from ..models.zoo import construct
 from ..preprocessing import pinned
@@ -30,9 +31,11 @@ from ..progress import Progress
 from ..workload import PATH_FIELDS, CheckpointSource, TorchvisionSource, Workload, save_workload
 from .datasets import ModelData, distill, load_model_data
 from .folder import MergedFolder
-from .heuristic import STRATEGIES, SearchResult, Step, search
+from .heuristic import SearchResult, Step, search
 from .initialise import load_base
-from .plan import GroupState, MergePlan, RetrainSettings, save_plan, validate_plan
+from .options import MergeOptions, RetrainSettings
+from .plan import GroupState, MergePlan, save_plan, validate_plan
+from .report import MergeReport, ModelOutcome
 from .retrain import evaluate, joint_retrain, metric_name, resolve_device
 from .tying import apply_plan, unique_param_bytes
 
@@ -118,7 +121,7 @@ def prepare_merge(workload: Workload, plan: MergePlan, *, limit: int | None = No
 
 
 def write_merged_folder(out_dir: Path, workload: Workload, models: dict[str, torch.nn.Module], plan,
-                        report: dict | None = None) -> int:
+                        report: MergeReport | dict | None = None) -> int:
     """What `gemel export` reads: merged.safetensors (each shared tensor once), plan.yaml, a copy
     of the workload (beside the weights, the folder is self-contained; a copy, so the caller's
     workload keeps standing for its own file) and, when given, report.json. Returns the bytes
@@ -128,7 +131,7 @@ def write_merged_folder(out_dir: Path, workload: Workload, models: dict[str, tor
     save_plan(plan, out_dir / "plan.yaml")
     save_workload(workload.model_copy(deep=True), out_dir / "workload.yaml")
     if report is not None:
-        _atomic_text(out_dir / "report.json", json.dumps(report, indent=2))
+        MergedFolder(out_dir).write_report(report)
     return written
 
 
@@ -158,16 +161,30 @@ def _atomic_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def merge_workload(workload: Workload, plan: MergePlan, out_dir: Path, *, strategy: str = "bisect",
-                   time_budget_s: float | None = None, limit: int | None = None, progress: Progress | None = None,
-                   on_step=None, on_epoch=None, on_targets=None) -> dict:
+def merge_options(plan: MergePlan, options: MergeOptions | None = None, *, strategy: str | None = None,
+                  time_budget_s: float | None = None, limit: int | None = None) -> MergeOptions:
+    """`options` (default: the bisect search with the plan's retraining settings) with the
+    keywords that are given replacing its fields; validated, so a bad value is one line."""
+    values = (options or MergeOptions(retraining=plan.retraining)).model_dump()
+    values.update({k: v for k, v in {"strategy": strategy, "limit": limit}.items() if v is not None})
+    if time_budget_s is not None:
+        values["retraining"]["time_budget_s"] = time_budget_s
+    return validate(MergeOptions, values)
+
+
+def merge_workload(workload: Workload, plan: MergePlan, out_dir: Path, options: MergeOptions | None = None, *,
+                   strategy: str | None = None, time_budget_s: float | None = None, limit: int | None = None,
+                   progress: Progress | None = None, on_step=None, on_epoch=None, on_targets=None) -> MergeReport:
     """Apply, retrain and write the merged workload; a rerun with the same folder resumes.
 
+    `options` says how (see `merge_options`: its retraining settings replace the plan's);
+    `strategy`, `time_budget_s` and `limit` are shorthands for its fields.
     `on_targets({model: (unmerged accuracy, target)})` is called once the unmerged accuracy
     is measured, before retraining starts; `on_step` after every round, `on_epoch` after
     every epoch of retraining."""
-    if strategy not in STRATEGIES:
-        raise GemelError(f"strategy '{strategy}' is unknown; use one of {', '.join(STRATEGIES)}")
+    options = merge_options(plan, options, strategy=strategy, time_budget_s=time_budget_s, limit=limit)
+    plan = plan.model_copy(update={"retraining": options.settings})
+    strategy, limit = options.strategy, options.limit
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     folder = MergedFolder(out_dir)
@@ -179,7 +196,7 @@ def merge_workload(workload: Workload, plan: MergePlan, out_dir: Path, *, strate
     if on_targets:
         on_targets({n: (ctx.unmerged_accuracy[n], ctx.targets[n]) for n in ctx.names})
     result: SearchResult = search(ctx.build_models, ctx.base_state, plan, ctx.data, ctx.targets, strategy,
-                                  progress=progress, time_budget_s=time_budget_s or plan.retraining.time_budget_s,
+                                  progress=progress, time_budget_s=plan.retraining.time_budget_s,
                                   on_step=on_step, state_path=out_dir / "search.state", on_epoch=on_epoch,
                                   init_base=load_base(workload, ctx.names, plan.init)
                                   if plan.init.method == "ties" else None)
@@ -199,30 +216,23 @@ def merge_workload(workload: Workload, plan: MergePlan, out_dir: Path, *, strate
         m.to("cpu")
     written = write_merged_folder(out_dir, workload, models, result.plan)
     participants_bytes = sum(ctx.analysis.model(n).param_bytes for n in ctx.names)
-    report = {
-        "workload": workload.name,
-        "strategy": strategy,
-        "stopped": result.stopped,
-        "device": str(device),
-        "models": {n: {"labels": ctx.workload.model(n).dataset.labels,  # distill: accuracy = agreement
-                       "metric": metric_name(ctx.data[n].task),
-                       "unmerged_accuracy": ctx.unmerged_accuracy[n], "merged_accuracy": merged_accuracy[n],
-                       "target": ctx.targets[n], "passed": merged_accuracy[n] >= ctx.targets[n] - 1e-9,
-                       # on the split the search never saw (None: the dataset is too small for one)
-                       "unmerged_test_accuracy": unmerged_test.get(n), "merged_test_accuracy": merged_test.get(n)}
-                   for n in ctx.names},
-        "bytes_before": ctx.analysis.total_param_bytes,
-        "bytes_after": ctx.analysis.total_param_bytes - participants_bytes + written,
-        "predicted_bytes_after": ctx.analysis.total_param_bytes - result.saved_bytes,
-        "saved_bytes": result.saved_bytes,
-        "all_shareable_bytes": ctx.analysis.max_savings_bytes,
-        "fraction_of_bound": result.saved_bytes / ctx.analysis.max_savings_bytes if ctx.analysis.max_savings_bytes else 0,
-        "retrain_seconds": result.retrain_seconds,
-        "rounds": len(result.steps),
-        "wall_seconds": time.monotonic() - started,
-        "steps": [asdict(s) for s in result.steps],
-    }
-    _atomic_text(out_dir / "report.json", json.dumps(report, indent=2))
+    bound = ctx.analysis.max_savings_bytes
+    report = MergeReport(
+        workload=workload.name, strategy=strategy, stopped=result.stopped, device=str(device),
+        models={n: ModelOutcome(labels=ctx.workload.model(n).dataset.labels,  # distill: accuracy = agreement
+                                metric=metric_name(ctx.data[n].task),
+                                unmerged_accuracy=ctx.unmerged_accuracy[n], merged_accuracy=merged_accuracy[n],
+                                target=ctx.targets[n], passed=merged_accuracy[n] >= ctx.targets[n] - 1e-9,
+                                unmerged_test_accuracy=unmerged_test.get(n), merged_test_accuracy=merged_test.get(n))
+                for n in ctx.names},
+        bytes_before=ctx.analysis.total_param_bytes,
+        bytes_after=ctx.analysis.total_param_bytes - participants_bytes + written,
+        predicted_bytes_after=ctx.analysis.total_param_bytes - result.saved_bytes,
+        saved_bytes=result.saved_bytes, all_shareable_bytes=bound,
+        fraction_of_bound=result.saved_bytes / bound if bound else 0,
+        retrain_seconds=result.retrain_seconds, rounds=len(result.steps),
+        wall_seconds=time.monotonic() - started, steps=[asdict(s) for s in result.steps])
+    folder.write_report(report)
     return report
 
 
@@ -244,9 +254,10 @@ def unseen_accuracy(ctx: MergeContext, merged: dict[str, torch.nn.Module],
 
 
 def finetune_workload(workload: Workload, out_dir: Path, settings: RetrainSettings, *, limit: int | None = None,
-                      progress: Progress | None = None) -> dict:
+                      progress: Progress | None = None, on_epoch=None) -> dict:
     """Train each model alone on its dataset (the unmerged baseline) and write a workload whose
-    models load the results: `out_dir/workload.yaml` and one safetensors file per model."""
+    models load the results: `out_dir/workload.yaml` and one safetensors file per model.
+    `on_epoch(EpochRecord)` is called after every epoch of every model (its dicts name the model)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     new = workload.model_copy(deep=True)
     new.path = (out_dir / "workload.yaml").resolve()
@@ -270,7 +281,7 @@ def finetune_workload(workload: Workload, out_dir: Path, settings: RetrainSettin
         module = build_seeded(workload, workload.model(spec.name)).module
         data = load_model_data(workload, workload.model(spec.name), limit=limit)
         result = joint_retrain({spec.name: module}, {spec.name: data}, {spec.name: 1.0}, settings,
-                               progress=progress, early_stop=False)
+                               progress=progress, early_stop=False, on_epoch=on_epoch)
         path = out_dir / f"{spec.name}.safetensors"
         state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
         save_file(state, str(path.with_name(path.name + ".tmp")))
@@ -288,5 +299,5 @@ def finetune_workload(workload: Workload, out_dir: Path, settings: RetrainSettin
     return summary
 
 
-__all__ = ["MergeContext", "Step", "finetune_workload", "merge_workload", "prepare_merge", "write_merged_folder",
-           "write_merged_weights"]
+__all__ = ["MergeContext", "MergeOptions", "MergeReport", "Step", "finetune_workload", "merge_options",
+           "merge_workload", "prepare_merge", "write_merged_folder", "write_merged_weights"]

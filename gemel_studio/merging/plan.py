@@ -19,7 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..analysis import WorkloadAnalysis
 from ..errors import GemelError
-from ..workload import Workload, workload_to_dict
+from ..workload import TorchvisionSource, Workload, workload_to_dict
+from .options import RetrainSettings  # noqa: F401  (a plan's `retraining:`; stated with the merge's options)
 
 PLAN_VERSION = 2
 SUPPORTED_VERSIONS = (1, 2)  # version 1: no init (first member's weights, statistics kept), no risk
@@ -79,6 +80,24 @@ class PretrainedBase(_Strict):
     architecture: str
     weights: str  # a torchvision weight name (found in the torch hub cache) or a file
 
+    @classmethod
+    def parse(cls, text: str, what: str = "--base") -> "PretrainedBase":
+        """'ARCHITECTURE:WEIGHTS', e.g. 'mobilenet_v2:IMAGENET1K_V1'."""
+        arch, sep, weights = text.partition(":")
+        if not sep or not arch or not weights:
+            raise PlanError(f"{what} {text}: expected ARCHITECTURE:WEIGHTS, e.g. mobilenet_v2:IMAGENET1K_V1")
+        return cls(architecture=arch, weights=weights)
+
+    @classmethod
+    def common(cls, workload: Workload) -> "PretrainedBase | None":
+        """The torchvision weights every torchvision model of the workload names, if one set."""
+        named = {(s.source.architecture, s.source.weights) for s in workload.models
+                 if isinstance(s.source, TorchvisionSource) and s.source.weights}
+        if len(named) == 1:
+            arch, weights = named.pop()
+            return cls(architecture=arch, weights=weights)
+        return None
+
 
 class InitSettings(_Strict):
     """How a shared tensor starts (merging/initialise.py)."""
@@ -88,23 +107,6 @@ class InitSettings(_Strict):
     fisher_batches: int = Field(4, gt=0)
     base: PretrainedBase | None = None  # for ties
     ties_density: float = Field(0.2, gt=0, le=1)  # fraction of each task vector TIES keeps
-
-
-class RetrainSettings(_Strict):
-    optimizer: str = "sgd"
-    lr: float = Field(1e-3, gt=0)
-    momentum: float = Field(0.9, ge=0)
-    weight_decay: float = Field(5e-4, ge=0)
-    epochs: int = Field(10, gt=0)
-    batch_size: int = Field(32, gt=0)
-    device: str = "auto"
-    time_budget_s: float | None = Field(None, gt=0)
-    # Candidates (or halves of a failed one) that would save fewer bytes are not tried: the
-    # tail of tiny layers costs as many retraining rounds as the heavy ones and saves little.
-    min_savings_bytes: int = Field(0, ge=0)
-    # Evaluate a tied candidate before its first training step; bank it if every model meets
-    # its target already (zero retraining).
-    check_before_training: bool = True
 
 
 class PlanWorkload(_Strict):
@@ -145,13 +147,26 @@ def propose_plan(workload: Workload, analysis: WorkloadAnalysis) -> MergePlan:
                      alignment=analysis.alignment, groups=groups)
 
 
+def check_plan_workload(plan: MergePlan, workload: Workload, origin: str = "plan") -> None:
+    """Refuse a plan proposed for another workload, or for another version of this one, in one
+    line that names the workload the plan was made for and the command that makes a new plan."""
+    current = workload_hash(workload)
+    if plan.workload.sha256 == current:
+        return
+    made = f"'{plan.workload.name}' (sha256 {plan.workload.sha256[:12]})"
+    what = (f"made for another version of workload {made}; this one's is {current[:12]}, so its models, datasets "
+            f"or targets changed" if plan.workload.name == workload.name
+            else f"made for workload {made}, not for '{workload.name}'")
+    where = str(workload.path) if workload.path is not None else "WORKLOAD.yaml"
+    target = origin if origin.endswith((".yaml", ".yml")) else "PLAN.yaml"
+    raise PlanError(f"{origin}: {what}; propose a plan for this workload: gemel propose {where} -o {target}")
+
+
 def validate_plan(plan: MergePlan, workload: Workload, analysis: WorkloadAnalysis, origin: str = "plan") -> None:
     if plan.version not in SUPPORTED_VERSIONS:
         raise PlanError(f"{origin}: plan version {plan.version} is not supported (expected one of "
                         f"{', '.join(map(str, SUPPORTED_VERSIONS))})")
-    if plan.workload.sha256 != workload_hash(workload):
-        raise PlanError(f"{origin}: made for another version of workload '{plan.workload.name}' (its hash differs); "
-                        "propose a new plan for this workload")
+    check_plan_workload(plan, workload, origin)
     inventories = {m.name: m for m in analysis.models}
     used: dict[tuple[str, str], str] = {}
     for group in plan.groups:
@@ -178,6 +193,14 @@ def validate_plan(plan: MergePlan, workload: Workload, analysis: WorkloadAnalysi
             used[key] = group.id
         if group.bytes_per_copy != inventories[group.members[0].model].layer(group.members[0].layer).param_bytes:
             raise PlanError(f"{origin}: group {group.id}: bytes_per_copy does not match the layer's parameters")
+
+
+def check_plan_path(path: Path) -> None:
+    """Before a plan is made: `path` must name a file in a folder that exists."""
+    if path.is_dir():
+        raise PlanError(f"{path}: is a folder; name the plan file to write, e.g. {path / 'plan.yaml'}")
+    if not path.parent.is_dir():
+        raise PlanError(f"{path}: the folder {path.parent} does not exist; create it or write the plan elsewhere")
 
 
 def save_plan(plan: MergePlan, path: Path | str) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import pyqtgraph as pg
@@ -33,9 +34,11 @@ from PySide6.QtWidgets import (QAbstractItemView, QComboBox, QFileDialog, QFormL
 from ..analysis import WorkloadAnalysis
 from ..units import human_bytes
 from ..merging.folder import RUN_PLAN, MergedFolder
-from ..merging.heuristic import STRATEGIES, candidates
+from ..merging.heuristic import candidates
+from ..merging.options import STRATEGY_NAMES, MergeOptions, RetrainSettings
 from ..merging.pipeline import merge_workload
-from ..merging.plan import GroupState, MergePlan, PlanError, RetrainSettings, load_plan, save_plan
+from ..merging.plan import GroupState, MergePlan, PlanError, load_plan, save_plan
+from ..merging.report import MergeReport, ModelOutcome
 from ..merging.retrain import EpochRecord
 from ..tasks import plural
 from ..workload import Workload
@@ -82,6 +85,41 @@ def plan_for_run(plan: MergePlan) -> MergePlan:
     return plan.model_copy(deep=True, update={"groups": [
         g.model_copy(update={"state": GroupState.accepted}) if g.state is GroupState.kept else g
         for g in plan.groups]})
+
+
+def field_range(model, name: str) -> tuple[float | None, float | None]:
+    """The lowest and highest value a pydantic field allows (its ge/gt and le/lt bounds)."""
+    low = high = None
+    for constraint in model.model_fields[name].metadata:
+        for attr in ("ge", "gt"):
+            low = getattr(constraint, attr, low)
+        for attr in ("le", "lt"):
+            high = getattr(constraint, attr, high)
+    return low, high
+
+
+def field_choices(model, name: str) -> list[str]:
+    """A Literal field's values, in the model's order (its default first where the model says so)."""
+    return [str(v) for v in get_args(model.model_fields[name].annotation)]
+
+
+def _int_range(spin: QSpinBox, model, name: str, low: int | None = None) -> None:
+    """The spin box's range from the field's bounds (a whole number above gt=N starts at N+1)."""
+    lo, hi = field_range(model, name)
+    if low is None:
+        above = any(getattr(c, "gt", None) is not None for c in model.model_fields[name].metadata)
+        low = 0 if lo is None else int(lo) + above
+    spin.setRange(low, int(hi) if hi is not None else 2**31 - 1)
+
+
+def as_report(report) -> MergeReport | None:
+    """A report as the panel reads it (a stand-in for the merge may hand back the dict)."""
+    return report if report is None or isinstance(report, MergeReport) else MergeReport.from_dict(report)
+
+
+# The form's row for each option, named in a bad value's message.
+FORM_LABELS = {"device": "Device", "strategy": "Strategy", "optimizer": "Optimizer", "epochs": "Epochs per round",
+               "lr": "Learning rate", "batch_size": "Batch size", "time_budget_s": "Time budget"}
 
 
 class StepLogModel(QAbstractTableModel):
@@ -161,12 +199,12 @@ class ReportModel(QAbstractTableModel):
 
     def __init__(self, parent=None):
         super().__init__(parent)
-        self.rows: list[tuple[str, dict]] = []
+        self.rows: list[tuple[str, ModelOutcome]] = []
         self._colors = PALETTES["dark"]
 
-    def set_report(self, report: dict | None) -> None:
+    def set_report(self, report: MergeReport | None) -> None:
         self.beginResetModel()
-        self.rows = list((report or {}).get("models", {}).items())
+        self.rows = list(report.models.items()) if report is not None else []
         self.endResetModel()
 
     def set_colors(self, colors: dict) -> None:
@@ -189,11 +227,11 @@ class ReportModel(QAbstractTableModel):
             if column == "Model":
                 return name
             if column == "Passed":
-                return "yes" if row["passed"] else "no"
-            key = {"Unmerged": "unmerged_accuracy", "Merged": "merged_accuracy", "Target": "target"}[column]
-            return f"{row[key]:.3f}"
+                return "yes" if row.passed else "no"
+            value = {"Unmerged": row.unmerged_accuracy, "Merged": row.merged_accuracy, "Target": row.target}[column]
+            return f"{value:.3f}"
         if role == Qt.ItemDataRole.ForegroundRole and column == "Passed":
-            return QBrush(QColor(self._colors["savings" if row["passed"] else "bound"]))
+            return QBrush(QColor(self._colors["savings" if row.passed else "bound"]))
         if role == Qt.ItemDataRole.TextAlignmentRole and column != "Model":
             return int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
         return None
@@ -249,7 +287,7 @@ def _plot(parent: QWidget, title: str, left: str, bottom: str,
 
 class RetrainingPanel(TaskMixin, QWidget):
     sigWorkerStarted = Signal(object)  # each run's Worker as it starts
-    sigRunFinished = Signal(dict)  # the report
+    sigRunFinished = Signal(object)  # the MergeReport
     sigError = Signal(str)
     sigPlanRestored = Signal(object)  # the path of a plan a resumed merge started with
 
@@ -260,7 +298,7 @@ class RetrainingPanel(TaskMixin, QWidget):
         self.workload: Workload | None = None
         self.analysis: WorkloadAnalysis | None = None
         self.plan: MergePlan | None = None
-        self.report: dict | None = None
+        self.report: MergeReport | None = None
         self.curves: dict[str, ModelCurves] = {}
         self.saved_points: list[tuple[float, int]] = []  # (elapsed seconds, bytes saved) per round
         self._out_dir_chosen = False
@@ -274,22 +312,23 @@ class RetrainingPanel(TaskMixin, QWidget):
         self.device_combo.addItems(["auto", "cpu"] + (["cuda"] if torch.cuda.is_available() else []))
         self.device_combo.setToolTip("auto: the GPU when there is one, else the CPU")
         self.strategy_combo = QComboBox(self)
-        self.strategy_combo.addItems(["bisect", *[s for s in STRATEGIES if s != "bisect"]])
+        self.strategy_combo.addItems(list(STRATEGY_NAMES))
+        self.strategy_combo.setCurrentText(MergeOptions().strategy)
         self.strategy_combo.setToolTip("bisect: try every group at once, split on failure (fewer rounds when "
                                        "merges succeed)\ngemel: candidates heaviest first, halve on failure")
         self.optimizer_combo = QComboBox(self)
-        self.optimizer_combo.addItems(["sgd", "adam"])
+        self.optimizer_combo.addItems(field_choices(RetrainSettings, "optimizer"))
         self.epochs_spin = QSpinBox(self)
-        self.epochs_spin.setRange(1, 10_000)
+        _int_range(self.epochs_spin, RetrainSettings, "epochs")
         self.epochs_spin.setToolTip("Most epochs per round; a round stops early once every model meets its target")
         self.lr_edit = QLineEdit(self)
-        validator = QDoubleValidator(0.0, 10.0, 8, self)
+        validator = QDoubleValidator(*(float(b) for b in field_range(RetrainSettings, "lr")), 8, self)
         validator.setNotation(QDoubleValidator.Notation.ScientificNotation)
         self.lr_edit.setValidator(validator)
         self.batch_spin = QSpinBox(self)
-        self.batch_spin.setRange(1, 65_536)
+        _int_range(self.batch_spin, RetrainSettings, "batch_size")
         self.budget_spin = QSpinBox(self)
-        self.budget_spin.setRange(0, 10_000_000)
+        _int_range(self.budget_spin, RetrainSettings, "time_budget_s", low=0)  # 0: none
         self.budget_spin.setSuffix(" s")
         self.budget_spin.setSpecialValueText("none")
         self.budget_spin.setToolTip("Stop the search after this many seconds (0: no limit)")
@@ -363,7 +402,7 @@ class RetrainingPanel(TaskMixin, QWidget):
 
         # live plots
         self.accuracy_plot, self.accuracy_item, self.accuracy_legend = _plot(
-            self, "Accuracy (dashed: target)", "held-out accuracy", "epoch (all rounds)")
+            self, "Accuracy", "held-out accuracy (dashed: target)", "epoch (all rounds)")
         self.accuracy_item.setYRange(0, 1.02, padding=0)
         self.loss_plot, self.loss_item, self.loss_legend = _plot(
             self, "Training loss", "cross-entropy", "epoch (all rounds)")
@@ -458,8 +497,9 @@ class RetrainingPanel(TaskMixin, QWidget):
         self.batch_spin.setValue(s.batch_size)
         self.budget_spin.setValue(round(s.time_budget_s or 0))
 
-    def retrain_settings(self) -> RetrainSettings:
-        """The settings shown, over the plan's (momentum and weight decay come from the plan)."""
+    def merge_options(self) -> MergeOptions:
+        """The form's options, over the plan's retraining settings (momentum and weight decay
+        come from the plan), validated by MergeOptions; a bad value raises ValueError naming it."""
         base = self.plan.retraining if self.plan is not None else RetrainSettings()
         text = self.lr_edit.text().strip()
         try:
@@ -470,11 +510,17 @@ class RetrainingPanel(TaskMixin, QWidget):
                   "epochs": self.epochs_spin.value(), "lr": lr, "batch_size": self.batch_spin.value(),
                   "time_budget_s": float(self.budget_spin.value()) or None}
         try:
-            return RetrainSettings.model_validate({**base.model_dump(), **update})
+            return MergeOptions.model_validate({"strategy": self.strategy_combo.currentText(),
+                                                "retraining": {**base.model_dump(), **update}})
         except ValidationError as exc:
             err = exc.errors()[0]
-            field = ".".join(str(p) for p in err["loc"])
-            raise ValueError(f"retraining setting '{field}': {err['msg']}") from None
+            field = str(err["loc"][-1]) if err["loc"] else "?"
+            raise ValueError(f"retraining setting '{field}' ({FORM_LABELS.get(field, field)}): "
+                             f"{err['msg']}") from None
+
+    def retrain_settings(self) -> RetrainSettings:
+        """The retraining settings shown (see `merge_options`)."""
+        return self.merge_options().retraining
 
     def out_dir(self) -> Path:
         return Path(self.out_edit.text().strip()).expanduser()
@@ -569,7 +615,7 @@ class RetrainingPanel(TaskMixin, QWidget):
 
     def _run(self, out_dir: Path, resumed: bool) -> Worker | None:
         try:
-            retraining = self.retrain_settings()
+            options = self.merge_options()
         except ValueError as exc:
             self._fail(str(exc))
             return None
@@ -577,8 +623,8 @@ class RetrainingPanel(TaskMixin, QWidget):
             self._fail("choose an output folder for the merged workload")
             return None
         workload = self.workload
-        plan = plan_for_run(self.plan).model_copy(update={"retraining": retraining})
-        strategy = self.strategy_combo.currentText()
+        plan = plan_for_run(self.plan).model_copy(update={"retraining": options.retraining})
+        strategy = options.strategy
         self._remember_run(out_dir, plan, strategy)
         self._set_plan_line(plan)
         self.report = None
@@ -755,29 +801,28 @@ class RetrainingPanel(TaskMixin, QWidget):
         return (np.asarray(x if x is not None else [], dtype=float),
                 np.asarray(y if y is not None else [], dtype=float))
 
-    def on_task_done(self, report: dict) -> None:
+    def on_task_done(self, report: MergeReport) -> None:
+        report = as_report(report)
         self._show_report(report)
-        passed = sum(r["passed"] for r in report["models"].values())
-        self.set_status_line(f"Done in {self.task_elapsed:.1f} s: {passed}/{len(report['models'])} models meet "
+        self.set_status_line(f"Done in {self.task_elapsed:.1f} s: {report.passed}/{len(report.models)} models meet "
                              f"their targets. Written to {self._run_out_dir}")
         self.sigRunFinished.emit(report)
 
-    def _show_report(self, report: dict) -> None:
+    def _show_report(self, report: MergeReport) -> None:
         self.report = report
         # The report is the record: it holds every round, also those run before a pause.
-        self.steps_model.set_steps(report["steps"])
+        self.steps_model.set_steps(report.steps)
         self._draw_saved()
-        for name, row in report["models"].items():
+        for name, row in report.models.items():
             c = self._curves(name)
-            c.target = row["target"]
+            c.target = row.target
             c.redraw()
         self.report_model.set_report(report)
-        fraction = report["fraction_of_bound"]
         self.report_label.setText(
-            f"Parameters {human_bytes(report['bytes_before'])} → {human_bytes(report['bytes_after'])}: saved "
-            f"{human_bytes(report['saved_bytes'])}, {fraction:.1%} of the all-shareable "
-            f"{human_bytes(report['all_shareable_bytes'])}. {plural(report['rounds'], 'round')}, "
-            f"{report['retrain_seconds']:.1f} s retraining on {report['device']}; stopped: {report['stopped']}.")
+            f"Parameters {human_bytes(report.bytes_before)} → {human_bytes(report.bytes_after)}: saved "
+            f"{human_bytes(report.saved_bytes)}, {report.fraction_of_bound:.1%} of the all-shareable "
+            f"{human_bytes(report.all_shareable_bytes)}. {plural(report.rounds, 'round')}, "
+            f"{report.retrain_seconds:.1f} s retraining on {report.device}; stopped: {report.stopped}.")
 
     def on_task_failed(self, message: str) -> None:
         self.report_label.setText("No report: the run failed")

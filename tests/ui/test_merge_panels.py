@@ -17,6 +17,7 @@ from PySide6.QtCore import Qt  # noqa: E402
 from gemel_studio.analysis import analyze_workload  # noqa: E402
 from gemel_studio.units import human_bytes  # noqa: E402
 from gemel_studio.merging.plan import GroupState, load_plan, propose_plan, save_plan  # noqa: E402
+from gemel_studio.merging.report import MergeReport  # noqa: E402
 from gemel_studio.ui.proposals_view import RAW_ROLE  # noqa: E402
 from gemel_studio.workload import load_workload  # noqa: E402
 
@@ -166,36 +167,37 @@ def test_a_short_run_draws_curves_logs_rounds_and_writes_the_report(proposed, qt
         qtbot.mouseClick(panel.start_button, Qt.MouseButton.LeftButton)
         assert panel.running and panel.pause_button.isEnabled() and not panel.start_button.isEnabled()
     report = blocker.args[0]
+    assert isinstance(report, MergeReport) and report is panel.report
     assert not panel.running and panel.start_button.isEnabled()
-    assert json.loads((out / "report.json").read_text()) == report
+    assert json.loads((out / "report.json").read_text()) == report.to_dict()
     # The Proposals tab now shows the outcome: the final plan with its kept groups.
     shown = window.proposals_panel.plan
     assert window.proposals_panel.plan_path == out / "plan.yaml"
-    assert sum(g.savings_bytes for g in shown.groups if g.state.value == "kept") == report["saved_bytes"] > 0
+    assert sum(g.savings_bytes for g in shown.groups if g.state.value == "kept") == report.saved_bytes > 0
 
-    assert report["strategy"] == "bisect" and report["rounds"] == len(report["steps"]) >= 1
-    assert panel.steps_model.steps == report["steps"]
-    assert panel.steps_view.model().rowCount() == report["rounds"]
+    assert report.strategy == "bisect" and report.rounds == len(report.steps) >= 1
+    assert panel.steps_model.steps == report.steps
+    assert panel.steps_view.model().rowCount() == report.rounds
     x, saved = panel.saved_series()
-    assert list(saved * MIB) == pytest.approx([0] + [s["saved_bytes_after"] for s in report["steps"]])
-    assert list(x) == pytest.approx([0] + [s["elapsed_seconds"] for s in report["steps"]])
+    assert list(saved * MIB) == pytest.approx([0] + [s["saved_bytes_after"] for s in report.steps])
+    assert list(x) == pytest.approx([0] + [s["elapsed_seconds"] for s in report.steps])
 
-    assert set(panel.curves) == set(report["models"])
-    for name, row in report["models"].items():
+    assert set(panel.curves) == set(report.models)
+    for name, row in report.models.items():
         curves = panel.curves[name]
         ax, ay = curves.accuracy_curve.getData()
         lx, ly = curves.loss_curve.getData()
         assert len(ax) == len(ay) == len(ly) >= 1 and all(0 <= a <= 1 for a in ay) and all(v > 0 for v in ly)
-        assert curves.target_line.isVisible() and curves.target_line.value() == pytest.approx(row["target"])
+        assert curves.target_line.isVisible() and curves.target_line.value() == pytest.approx(row.target)
 
     report_table = panel.report_model
-    assert report_table.rowCount() == len(report["models"])
-    for r, (name, row) in enumerate(report["models"].items()):
+    assert report_table.rowCount() == len(report.models)
+    for r, (name, row) in enumerate(report.models.items()):
         assert report_table.data(report_table.index(r, 0)) == name
-        assert report_table.data(report_table.index(r, 2)) == f"{row['merged_accuracy']:.3f}"
-        assert report_table.data(report_table.index(r, 4)) == ("yes" if row["passed"] else "no")
-    assert human_bytes(report["bytes_before"]) in panel.report_label.text()
-    assert human_bytes(report["bytes_after"]) in panel.report_label.text()
+        assert report_table.data(report_table.index(r, 2)) == f"{row.merged_accuracy:.3f}"
+        assert report_table.data(report_table.index(r, 4)) == ("yes" if row.passed else "no")
+    assert human_bytes(report.bytes_before) in panel.report_label.text()
+    assert human_bytes(report.bytes_after) in panel.report_label.text()
     assert not panel.resume_button.isEnabled()  # a finished search leaves nothing to resume
 
 
@@ -220,9 +222,9 @@ def test_pause_then_resume_continues_without_redoing_a_round(proposed, qtbot, tm
     with qtbot.waitSignal(panel.sigRunFinished, timeout=120_000) as blocker:
         qtbot.mouseClick(panel.resume_button, Qt.MouseButton.LeftButton)
     report = blocker.args[0]
-    assert report["steps"][0] == first  # the first round was not redone: same figures, same time
-    assert report["rounds"] == len(report["steps"]) >= 2
-    assert panel.steps_model.steps == report["steps"]
+    assert report.steps[0] == first  # the first round was not redone: same figures, same time
+    assert report.rounds == len(report.steps) >= 2
+    assert panel.steps_model.steps == report.steps
     assert sum(len(c.epochs) for c in panel.curves.values()) > points  # resumed curves go on
     assert (out / "report.json").exists()
 
