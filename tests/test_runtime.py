@@ -280,16 +280,17 @@ def test_a_truncated_video_ends_its_stream_while_a_synthetic_stream_goes_on(load
     data = path.read_bytes()
     (tmp_path / "half.avi").write_bytes(data[: len(data) // 2])
     streams = [(VideoSource(tmp_path / "half.avi"), ["size"]), (VideoSource(tmp_path / "gone.avi"), ["size"]),
-               (SyntheticSource(fps=10, size=(16, 16)), ["size", "color"])]
-    # A long deadline: no frame is given up for lateness, however busy this machine is.
-    summary = run(loaded, streams, policy="merged", budget_bytes=200 * 2**20, duration_s=1.5, deadline_s=30.0)
+               (SyntheticSource(fps=10, size=(16, 16), frames=12), ["size", "color"])]
+    # Sources that end (no wall-clock duration) and a long deadline: no frame is given up for
+    # lateness and the run lasts until every frame is through, however busy this machine is.
+    summary = run(loaded, streams, policy="merged", budget_bytes=200 * 2**20, deadline_s=30.0)
     _check_counts(summary)
     video, gone, synthetic = summary.streams
     assert video.end_reason.startswith("truncated") and 0 < video.frames_in < 30, video
     assert gone.end_reason.startswith("unreadable") and gone.frames_in == 0, gone
-    assert summary.stopped == "duration" and synthetic.end_reason == "stopped", synthetic
-    # It went on for the whole run: frames kept arriving and the worker kept running its models.
-    assert synthetic.frames_in >= 10 and summary.models["color"].runs > 0, synthetic
+    # It went on to its own end: every frame arrived and the worker ran its models.
+    assert summary.stopped == "sources ended" and synthetic.end_reason == "ended", synthetic
+    assert synthetic.frames_in == 12 and synthetic.processed >= 1 and summary.models["color"].runs > 0, synthetic
     json.dumps(summary.to_dict())
 
 
@@ -403,17 +404,21 @@ def test_a_snapshot_round_trips_through_its_json(loaded):
 # --- gemel run -------------------------------------------------------------------------------
 
 
-def test_gemel_run_prints_a_json_summary(bundle, capsys):  # noqa: F811
-    rc = main(["run", str(bundle[1]), "--stream", "synthetic:10=size,color", "--stream", "synthetic:5=spare",
-               "--memory-budget", "200MiB", "--duration", "2", "--json", "--device", "cpu"])
+def test_gemel_run_prints_a_json_summary(bundle, capsys, tmp_path):  # noqa: F811
+    # Videos that end and a long deadline: the run lasts until every frame is through, so what
+    # it counts does not depend on how busy this machine is.
+    first_clip = _write_video(tmp_path / "a.avi", frames=12, fps=10)
+    second_clip = _write_video(tmp_path / "b.avi", frames=6, fps=5)
+    rc = main(["run", str(bundle[1]), "--stream", f"{first_clip}=size,color", "--stream", f"{second_clip}=spare",
+               "--memory-budget", "200MiB", "--deadline", "30000", "--json", "--device", "cpu"])
     out = capsys.readouterr().out
     assert rc == 0
     summary = json.loads(out)
-    assert summary["stopped"] == "duration" and summary["policy"] == "merged"
+    assert summary["stopped"] == "sources ended" and summary["policy"] == "merged"
     assert summary["budget_bytes"] == 200 * 2**20 and summary["device"] == "cpu"
     first, second = summary["streams"]
     assert first["models"] == ["size", "color"] and second["models"] == ["spare"]
-    assert first["frames_in"] >= 12 and summary["models"]["size"]["runs"] > 0, first
+    assert (first["frames_in"], second["frames_in"]) == (12, 6) and summary["models"]["size"]["runs"] > 0, first
     assert first["frames_in"] == first["processed"] + first["dropped"]
     assert set(summary["models"]) == {"size", "color", "spare"}
     assert summary["memory"]["runtime_resident_bytes"] <= 200 * 2**20
@@ -728,11 +733,14 @@ def _check_counts_dicts(streams):
 
 def test_gemel_run_writes_one_result_line_per_processed_frame(bundle, tmp_path, capsys):  # noqa: F811
     results = tmp_path / "out" / "results.jsonl"
-    rc = main(["run", str(bundle[1]), "--stream", "synthetic:10=size,color", "--stream", "synthetic:5=spare",
-               "--memory-budget", "200MiB", "--duration", "1.5", "--json", "--device", "cpu",
+    # Videos that end and a long deadline: frames are processed however busy this machine is.
+    both = _write_video(tmp_path / "both.avi", frames=10, fps=10)
+    spare = _write_video(tmp_path / "spare.avi", frames=5, fps=5)
+    rc = main(["run", str(bundle[1]), "--stream", f"{both}=size,color", "--stream", f"{spare}=spare",
+               "--memory-budget", "200MiB", "--json", "--device", "cpu",
                "--deadline", "20000", "--results", str(results)])
     summary = json.loads(capsys.readouterr().out)
-    assert rc == 0
+    assert rc == 0 and summary["stopped"] == "sources ended"
     lines = [json.loads(x) for x in results.read_text().splitlines()]
     processed = {s["name"]: s["processed"] for s in summary["streams"]}
     assert sum(processed.values()) == len(lines) > 0
@@ -742,7 +750,7 @@ def test_gemel_run_writes_one_result_line_per_processed_frame(bundle, tmp_path, 
         assert key not in seen  # exactly one line per frame
         seen.add(key)
         assert isinstance(rec["timestamp"], float) and rec["latency_ms"] >= 0
-        want = {"synthetic:10#0": {"size", "color"}, "synthetic:10": {"size", "color"}}.get(rec["stream"], {"spare"})
+        want = {"size", "color"} if rec["stream"] == str(both) else {"spare"}
         assert set(rec["models"]) == want
         for out in rec["models"].values():
             assert out["task"] == "classification" and len(out["labels"]) == len(out["scores"]) >= 1
