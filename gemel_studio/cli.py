@@ -134,6 +134,7 @@ def cmd_finetune(args) -> int:
 
 def cmd_merge(args) -> int:
     _merge_options("merge")
+    from .merging import distributed
     from .merging.options import MergeOptions, RetrainSettings
     from .merging.pipeline import merge_workload
     from .merging.plan import check_plan_workload, load_plan
@@ -146,15 +147,28 @@ def cmd_merge(args) -> int:
     plan = load_plan(args.plan)
     check_plan_workload(plan, workload, origin=str(args.plan))  # before any work
     options = from_args(MergeOptions, args, retraining=from_args(RetrainSettings, args, base=plan.retraining))
-    progress = Progress() if args.json else terminal_progress()
-    try:
-        # A cancel checkpoints the exact step; the last epoch's checkpoint stays on a second Ctrl-C.
-        with cancel_on_ctrl_c(progress, "stopping at the next step"):
-            report = merge_workload(workload, plan, args.out, options, progress=progress,
-                                    on_step=round_printer(args.json))
-    except Cancelled:
-        print(f"stopped: the search is saved in {args.out}; run the same command again to resume", file=sys.stderr)
-        return 130
+    if args.nproc != 1 and not distributed.launched():  # N copies of this command, one per rank
+        return distributed.launch(args.nproc, args.argv, device=options.retraining.device)
+    with distributed.process_group(options.retraining.device), distributed.rank_folder(args.out) as out:
+        main_rank = distributed.is_main()  # only rank 0 prints and writes the folder named
+        progress = Progress() if args.json or not main_rank else terminal_progress()
+        try:
+            # A cancel checkpoints the exact step; the last epoch's checkpoint stays on a second Ctrl-C.
+            with cancel_on_ctrl_c(progress, "stopping at the next step"):
+                report = merge_workload(workload, plan, out, options, progress=progress,
+                                        on_step=round_printer(args.json) if main_rank else None)
+        except Cancelled:
+            if main_rank:
+                print(f"stopped: the search is saved in {args.out}; run the same command again to resume",
+                      file=sys.stderr)
+            return 130
+        except RuntimeError as exc:
+            if distributed.lost_peer(exc):  # another rank died: say so in one line, the launcher names it
+                raise GemelError(f"rank {distributed.rank()} lost another process of the retraining "
+                                 f"({str(exc).splitlines()[0][:120]})") from None
+            raise
+    if not main_rank:
+        return 0
     if args.json:
         print(json.dumps({"event": "done", **{k: v for k, v in report.to_dict().items() if k != "steps"}}))
         return 0
@@ -174,6 +188,9 @@ def _training_flags(p, command: str) -> None:
         return
 
     if command == "merge":  # --strategy, --limit, --min-savings; the retraining flags default to the plan's
+        p.add_argument("--nproc", type=int, default=1, metavar="N",
+                       help="retrain on N processes of this machine with torch.distributed (one per GPU with "
+                            "NCCL, gloo on CPUs); each reads its shard of the data, the global batch is kept")
         add_arguments(p, MergeOptions)
         add_arguments(p, RetrainSettings, defaults=dict.fromkeys(RetrainSettings.model_fields))
     else:
@@ -434,6 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
     except GemelError as exc:

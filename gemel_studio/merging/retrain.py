@@ -7,6 +7,10 @@ per model; the loss is a weighted sum that pushes the models furthest below thei
 on CUDA. After every epoch the state is checkpointed atomically; a cancel checkpoints the
 exact step, and a rerun resumes from there with nothing lost. A GPU out-of-memory error
 halves the batch size and retries the epoch, and says so.
+
+Under torch.distributed (`gemel merge --nproc N`, or torchrun) the same loop runs on every rank
+over DistributedDataParallel: each rank reads its shard of every model's data and the ranks
+together read the global batch; see distributed.py.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..devices import resolve_device
 from ..errors import Cancelled, GemelError
 from ..progress import Progress
+from . import distributed
 from .datasets import ModelData, detection_collate
 from .plan import RetrainSettings
 
@@ -140,7 +145,8 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoint whole
 
 
-def _load_checkpoint(path: Path, names: list[str]) -> dict | None:
+def _load_checkpoint(path: Path, names: list[str], seed: int) -> dict | None:
+    """The checkpoint at `path`, or None when there is none or it is an earlier round's."""
     if not path.exists():
         return None
     try:
@@ -148,6 +154,10 @@ def _load_checkpoint(path: Path, names: list[str]) -> dict | None:
     except Exception as exc:  # corrupt or truncated: refuse, keep the file for inspection
         raise GemelError(f"{path}: checkpoint is corrupt ({str(exc).splitlines()[0][:120]}); "
                          "delete it to start this retraining afresh") from None
+    if state.get("seed", seed) != seed:
+        # The search seeds every round apart: this is an earlier round's, left by a kill after the
+        # search banked that round and before it deleted this file. That round is done.
+        return None
     if state.get("version") != CHECKPOINT_VERSION or sorted(state.get("models", {})) != sorted(names):
         raise GemelError(f"{path}: checkpoint belongs to another retraining (other models or version); "
                          "delete it or choose another output folder")
@@ -164,7 +174,7 @@ def joint_retrain(models: Mapping[str, torch.nn.Module], data: Mapping[str, Mode
     check_first, models that all meet their targets before the first step are not trained at
     all (stopped: 'targets met before training')."""
     progress = progress or Progress()
-    device = resolve_device(settings.device)
+    device = distributed.rank_device(resolve_device(settings.device))
     names = list(models)
     for m in models.values():
         m.to(device)
@@ -177,7 +187,9 @@ def joint_retrain(models: Mapping[str, torch.nn.Module], data: Mapping[str, Mode
     started = time.monotonic()
     initial = {n: evaluate(models[n], data[n].val, device, task=data[n].task) for n in names}
 
-    state = _load_checkpoint(checkpoint, names) if checkpoint else None
+    state = _load_checkpoint(checkpoint, names, seed) if checkpoint else None
+    if state is None and checkpoint is not None and checkpoint.exists():
+        events.append(f"ignored {checkpoint.name}: an earlier round's (another seed)")
     if state is not None:
         for n in names:
             models[n].load_state_dict(state["models"][n])
@@ -189,7 +201,8 @@ def joint_retrain(models: Mapping[str, torch.nn.Module], data: Mapping[str, Mode
         events.append(f"resumed from {checkpoint.name} at epoch {start_epoch + 1}, step {start_step}")
 
     def snapshot(epoch: int, step: int) -> dict:
-        return {"version": CHECKPOINT_VERSION, "epoch": epoch, "step": step, "batch_size": batch_size,
+        return {"version": CHECKPOINT_VERSION, "seed": seed, "world_size": distributed.world_size(),
+                "epoch": epoch, "step": step, "batch_size": batch_size,
                 "models": {n: models[n].state_dict() for n in names}, "optimizer": optimizer.state_dict(),
                 "initial_accuracy": initial, "history": [vars(h) for h in history]}
 
@@ -199,6 +212,15 @@ def joint_retrain(models: Mapping[str, torch.nn.Module], data: Mapping[str, Mode
         return RetrainResult(initial_accuracy=initial, accuracy=dict(initial), targets=dict(targets), history=[],
                              seconds=time.monotonic() - started, batch_size=batch_size,
                              stopped="targets met before training", events=events)
+    if state is not None and early_stop and _cannot_reach(history, targets, settings.epochs):
+        # Saved after the epoch that gave up, before the caller took the result: stop as that run did.
+        return RetrainResult(initial_accuracy=initial, accuracy=accuracy, targets=dict(targets), history=history,
+                             seconds=time.monotonic() - started, batch_size=batch_size,
+                             stopped="cannot reach target", events=events)
+    joint = distributed.JointModel(models, lambda n, model, batch: task_loss(model, batch, data[n].task, device))
+    # DDP across ranks (rank 0's weights to all), the joint model itself alone. A detector's step may
+    # leave some parameters without a gradient.
+    runner = distributed.wrap(joint, device, find_unused=any(data[n].task == "detection" for n in names))
     epoch = start_epoch
     while epoch < settings.epochs:
         if early_stop and all(accuracy[n] >= targets[n] for n in names) and epoch > 0:
@@ -208,9 +230,7 @@ def joint_retrain(models: Mapping[str, torch.nn.Module], data: Mapping[str, Mode
             stopped = "time budget"
             break
         weights = {n: loss_weight(targets[n], accuracy[n]) for n in names}
-        loaders = {n: loader(data[n].train, data[n].task, batch_size, shuffle=True,
-                             drop_last=len(data[n].train) > batch_size,
-                             generator=torch.Generator().manual_seed(seed * 1000 + epoch)) for n in names}
+        loaders = {n: _epoch_loader(data[n], batch_size, seed * 1000 + epoch) for n in names}
         steps = max(len(loader) for loader in loaders.values())
         iters = {n: iter(loaders[n]) for n in names}
         first_step = start_step if epoch == start_epoch else 0
@@ -231,14 +251,14 @@ def joint_retrain(models: Mapping[str, torch.nn.Module], data: Mapping[str, Mode
                 if step < first_step:
                     progress.done = step + 1
                     continue
+                if distributed.any_rank(progress.cancelled):  # every rank stops at the same step
+                    progress.cancel()
                 progress.check()  # before the update: a cancel never leaves a step half-counted
                 optimizer.zero_grad(set_to_none=True)
-                total = 0.0
                 with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    for n in names:
-                        loss = task_loss(models[n], batches[n], data[n].task, device)
-                        losses[n] += loss.item()
-                        total = total + weights[n] * loss
+                    total, parts = runner(batches, weights)
+                for n in names:
+                    losses[n] += parts[n].item()
                 total.backward()
                 total = total.detach()
                 optimizer.step()
@@ -259,7 +279,10 @@ def joint_retrain(models: Mapping[str, torch.nn.Module], data: Mapping[str, Mode
             progress.message = events[-1]
             start_epoch, start_step = epoch, 0
             continue
-        accuracy = {n: evaluate(models[n], data[n].val, device, task=data[n].task) for n in names}
+        distributed.sync_buffers(joint)  # batch-norm statistics as rank 0 has them, before evaluating
+        accuracy = distributed.from_main({n: evaluate(models[n], data[n].val, device, task=data[n].task)
+                                          for n in names})
+        losses = distributed.mean_over_ranks(losses)
         record = EpochRecord(epoch=epoch + 1, seconds=time.monotonic() - t0,
                              loss={n: losses[n] / max(1, steps - first_step) for n in names}, accuracy=accuracy)
         history.append(record)
@@ -276,6 +299,14 @@ def joint_retrain(models: Mapping[str, torch.nn.Module], data: Mapping[str, Mode
             stopped = "targets met"
     return RetrainResult(initial_accuracy=initial, accuracy=accuracy, targets=dict(targets), history=history,
                          seconds=time.monotonic() - started, batch_size=batch_size, stopped=stopped, events=events)
+
+
+def _epoch_loader(data: ModelData, batch_size: int, seed: int) -> DataLoader:
+    """One epoch's loader, shuffled with `seed`: this rank's part of each batch (the whole batch
+    for a single process), so that step k reads the same samples on any number of ranks."""
+    part = distributed.shard(len(data.train), batch_size, seed, drop_last=len(data.train) > batch_size)
+    return DataLoader(data.train, batch_sampler=part,
+                      collate_fn=detection_collate if data.task == "detection" else None)
 
 
 def _cannot_reach(history: list[EpochRecord], targets: Mapping[str, float], epochs: int) -> bool:
