@@ -64,7 +64,7 @@ def test_the_estimates_interpolate_between_measured_batch_sizes():
     est.observe("m", 1, 0.010)
     est.observe("m", 4, 0.016)
     assert est.run("m", 2) == pytest.approx(0.012) and est.run("m", 8) == pytest.approx(0.032)
-    est.observe("m", 1, 0.020)  # a moving average
+    est.observe("m", 1, 0.020)  # the median of the recent runs
     assert 0.010 < est.run("m", 1) < 0.020
     est.observe_load(10**6, 0.001)
     assert est.load(2 * 10**6) == pytest.approx(0.002)

@@ -8,14 +8,17 @@ costs on this device (as GEMEL's evaluation and Nexus do it).
   each frame's finish is estimated from the measured latency of its remaining models (and the
   load of the next one when it is not resident); a frame that cannot make it is dropped then.
 - Compute is shared max-min fairly: the next batch serves the stream that has had the least
-  compute so far, unless a frame due sooner would be lost by waiting and fits in before it
-  without making it late.
+  compute recently (`usage`: the engine's decaying sums, see engine.FAIR_SHARE_TIME_S), unless
+  a frame due sooner would be lost by waiting and fits in before it without making it late,
+  and its stream is not already more than one of the first's runs ahead in compute (else a
+  stream with a long deadline would be passed over for as long as sooner frames kept coming).
 
 `BatchPlanner` has no clock of its own (`now` is given), so tests drive it with a fake one.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 import time
 from typing import Callable
@@ -45,24 +48,38 @@ class Job:
 
 
 class LatencyEstimates:
-    """Measured seconds per model and batch size (a moving average of the runs, seeded by the
-    profile), and the load rate in bytes per second. Unknown figures estimate as 0 (nothing
-    is dropped on a guess)."""
+    """Measured seconds per model and batch size, and the load rate in bytes per second: each
+    the median of its last `window` measurements (seeded by the profile). Unknown figures
+    estimate as 0 (nothing is dropped on a guess).
 
-    def __init__(self, alpha: float = 0.3):
-        self.alpha = alpha
-        self.seconds: dict[str, dict[int, float]] = {}
+    A median of recent runs, not an average of all of them: the estimate is what a run costs
+    now. One slow run (a swap, a collection, the machine busy for a moment) moves it not at
+    all, a sustained change moves it within half a window, and when the machine gets fast
+    again it falls back as soon as a few fast runs are measured. (An average weighted over
+    the history kept slow times for long, and a model whose estimate is too high runs less,
+    so its estimate is corrected less.)"""
+
+    def __init__(self, window: int = 5):
+        if window < 1:
+            raise ValueError(f"window {window}: must be at least 1")
+        self.window = window
+        self.seconds: dict[str, dict[int, float]] = {}  # model -> batch size -> the estimate
+        self._recent: dict[tuple[str, int], deque] = {}
         self.load_rate: float | None = None  # bytes per second
+        self._load_rates: deque = deque(maxlen=window)
 
     def observe(self, model: str, batch: int, seconds: float, replace: bool = False) -> None:
-        row = self.seconds.setdefault(model, {})
-        old = row.get(batch)
-        row[batch] = seconds if old is None or replace else (1 - self.alpha) * old + self.alpha * seconds
+        """One measured run of `batch` frames of `model`; `replace`: forget the earlier ones."""
+        recent = self._recent.get((model, batch))
+        if recent is None or replace:
+            recent = self._recent[(model, batch)] = deque(maxlen=self.window)
+        recent.append(float(seconds))
+        self.seconds.setdefault(model, {})[batch] = _median(recent)
 
     def observe_load(self, nbytes: int, seconds: float) -> None:
         if nbytes > 0 and seconds > 0:
-            rate = nbytes / seconds
-            self.load_rate = rate if self.load_rate is None else (1 - self.alpha) * self.load_rate + self.alpha * rate
+            self._load_rates.append(nbytes / seconds)
+            self.load_rate = _median(self._load_rates)
 
     def run(self, model: str, batch: int = 1) -> float:
         row = self.seconds.get(model)
@@ -84,6 +101,12 @@ class LatencyEstimates:
         return nbytes / self.load_rate if self.load_rate and nbytes > 0 else 0.0
 
 
+def _median(values) -> float:
+    ordered = sorted(values)
+    n = len(ordered)
+    return ordered[n // 2] if n % 2 else 0.5 * (ordered[n // 2 - 1] + ordered[n // 2])
+
+
 class BatchPlanner:
     """Picks the next batch to run from the waiting frames (no clock of its own: `now` is
     given, so tests drive it with a fake one). See the module's docstring for the rules."""
@@ -99,7 +122,7 @@ class BatchPlanner:
     def plan(self, now: float, waiting: list[Job], usage: list[float],
              load_s: Callable[[str], float] = lambda m: 0.0) -> tuple[list[Job], list[Job]]:
         """(the batch to run now, all for one model; the frames to drop, which can no longer
-        meet their deadline). `usage[i]`: the compute stream i has had."""
+        meet their deadline). `usage[i]`: the compute stream i has had (recently)."""
         est = self.estimates
         loads: dict[str, float] = {}
 
@@ -127,8 +150,12 @@ class BatchPlanner:
             second = load(lead.model) + est.run(lead.model, 1)
             lost = now + second + first + self.rest(soonest) > soonest.deadline
             # Twice the inserted work must fit: estimates are averages, and a lead pushed out by
-            # one bad guess after another would starve.
-            if lost and now + 2 * first + second + self.rest(lead) <= lead.deadline:
+            # one bad guess after another would starve. And only while the sooner stream is not
+            # already a run of the lead's ahead in compute: a lead whose frame is replaced by a
+            # newer one (an over-rate stream, latest frame first) has fresh slack every time, and
+            # a sooner stream could otherwise take all of it, every time, for as long as it lasts.
+            ahead = usage[soonest.stream] - usage[lead.stream]
+            if lost and ahead <= second and now + 2 * first + second + self.rest(lead) <= lead.deadline:
                 lead = soonest
         m = lead.model
         limit = max(1, self.max_batch.get(m, 1))

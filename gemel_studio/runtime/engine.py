@@ -22,6 +22,7 @@ passed, every source ended, `progress.cancel()` was called or Ctrl-C was pressed
 from __future__ import annotations
 
 import copy
+import math
 import queue
 import threading
 import time
@@ -42,6 +43,10 @@ from .telemetry import (ModelRow, RunSnapshot, RunSummary, StreamStats, SummaryM
 
 MAX_CONSECUTIVE_ERRORS = 50  # batches in a row whose models fail before the run stops with the error
 OVERRATE_SLACK = 2.0  # a frame's deadline is at least this times its stream's models' latency
+# Fair shares are of recent compute: what a stream had decays with this time constant (seconds).
+# A share over the whole run would charge a stream forever for compute inflated while the
+# machine was slow, and starve it for as long once the machine is fast again.
+FAIR_SHARE_TIME_S = 5.0
 
 
 class Engine:
@@ -92,6 +97,8 @@ class Engine:
         self.profile: dict[str, dict[str, float]] = {}  # model -> batch size -> ms (the start's profile)
         self.clock = time.monotonic
         self._waiting: list[Job] = []
+        self._usage = [0.0] * len(self.streams)  # recent compute per stream (see FAIR_SHARE_TIME_S)
+        self._usage_at: float | None = None
         self._profiling = False
         self.profiled = False
         self._running = False
@@ -175,8 +182,8 @@ class Engine:
         make their deadline); False when there was nothing to run."""
         if not self._waiting:
             return False
-        usage = [s.compute_s for s in self.stats]
-        batch, drop = self.planner.plan(self.clock(), self._waiting, usage, self._load_estimate)
+        now = self.clock()
+        batch, drop = self.planner.plan(now, self._waiting, self.recent_usage(now), self._load_estimate)
         for j in drop:
             self._waiting.remove(j)
             self.stats[j.stream].dropped_late += 1
@@ -186,6 +193,16 @@ class Engine:
             self._waiting.remove(j)
         self._run_batch(batch)
         return True
+
+    def recent_usage(self, now: float) -> list[float]:
+        """Per stream, the compute it had recently: each second of it counts e^(-age /
+        FAIR_SHARE_TIME_S) (the planner shares compute max-min fairly on these)."""
+        if self._usage_at is not None and now > self._usage_at:
+            keep = math.exp(-(now - self._usage_at) / FAIR_SHARE_TIME_S)
+            self._usage = [u * keep for u in self._usage]
+        if self._usage_at is None or now > self._usage_at:
+            self._usage_at = now
+        return list(self._usage)
 
     def _run_batch(self, batch: list[Job]) -> None:
         m = batch[0].model
@@ -201,9 +218,12 @@ class Engine:
                 self.stats[j.stream].dropped_error += 1
             raise
         finally:
-            spent = self.clock() - started
+            ended = self.clock()
+            spent = ended - started
+            self.recent_usage(ended)
             for j in batch:
                 self.stats[j.stream].compute_s += spent / len(batch)
+                self._usage[j.stream] += spent / len(batch)
             loaded = sched.loaded_bytes - before_bytes
             if loaded:
                 self.estimates.observe_load(loaded, sched.load_seconds - before_load)
@@ -461,4 +481,4 @@ def run(bundle, streams: list[tuple[FrameSource, list[str]]], options: RunOption
     return Engine(bundle, streams, options, sinks=sinks).run(duration_s, progress, on_update)
 
 
-__all__ = ["Engine", "MAX_CONSECUTIVE_ERRORS", "OVERRATE_SLACK", "run"]
+__all__ = ["Engine", "FAIR_SHARE_TIME_S", "MAX_CONSECUTIVE_ERRORS", "OVERRATE_SLACK", "run"]
