@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-from contextlib import contextmanager
 import json
 import sys
 from pathlib import Path
@@ -224,41 +223,12 @@ def cmd_export(args) -> int:
 # --- gemel run -----------------------------------------------------------------------------
 
 
-@contextmanager
-def _signals_stop(progress):
-    """While inside, Ctrl-C (SIGINT) or a service manager's SIGTERM cancels `progress`: the
-    run stops its streams and the summary is printed; a second signal stops at once. Yields a
-    list that names the first signal's stop ('interrupted' or 'terminated')."""
-    import signal
-    import threading
-
-    why: list[str] = []
-    if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
-        yield why
-        return
-
-    def handler(signum, frame):
-        if progress.cancelled:
-            raise KeyboardInterrupt
-        why.append("terminated" if signum == signal.SIGTERM else "interrupted")
-        progress.cancel()
-        again = "SIGTERM; a second one stops at once" if signum == signal.SIGTERM else "Ctrl-C again to stop at once"
-        print(f"\nstopping the streams ({again})", file=sys.stderr, flush=True)
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield why
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
 def cmd_run(args) -> int:
     """`gemel run`: exit 0 when the run ends (duration, sources ended, Ctrl-C or SIGTERM, each
     named in the summary's `stopped`), 2 on a user error, 130 on a second Ctrl-C."""
     from .devices import resolve_device
     from .options import from_args
-    from .progress import Progress
+    from .progress import Progress, cancel_on_signals
     from .runtime import load_bundle
     from .runtime.engine import Engine
     from .runtime.options import RunOptions, parse_bytes
@@ -299,7 +269,7 @@ def cmd_run(args) -> int:
                                                        instance=args.instance, bundle=bundle))
             print(f"metrics: {server.url}/metrics (Prometheus), {server.url}/metrics.json (JSON)",
                   file=sys.stderr, flush=True)
-        with _signals_stop(progress) as why:  # the summary is still printed
+        with cancel_on_signals(progress, "stopping the streams", terminate=True) as why:  # the summary is still printed
             until = f"for {args.duration:g} s" if args.duration else "until the sources end"
             batches = ", ".join(f"{m} {b}" for m, b in engine.max_batch.items())
             print(f"running {len(streams)} stream(s) {until}; largest batch per model: {batches}; "

@@ -116,23 +116,35 @@ def write_line(text: str, stream: TextIO | None = None) -> None:
 
 
 @contextmanager
-def cancel_on_ctrl_c(progress: Progress, message: str):
-    """While inside, the first Ctrl-C cancels `progress` (the work stops at its next step and
-    says so with `message`); a second one stops at once. The previous handler comes back after."""
+def cancel_on_signals(progress: Progress, message: str, terminate: bool = False):
+    """While inside, the first Ctrl-C (SIGINT; with `terminate`, a service manager's SIGTERM
+    too) cancels `progress`: the work stops at its next step and says so with `message`; a
+    second signal stops at once. Yields a list that names the first signal's stop
+    ('interrupted' or 'terminated'). The previous handlers come back after."""
     import signal
 
+    why: list[str] = []
     if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
-        yield
+        yield why
         return
 
     def handler(signum, frame):
         if progress.cancelled:
             raise KeyboardInterrupt
+        why.append("terminated" if signum == signal.SIGTERM else "interrupted")
         progress.cancel()
-        print(f"\n{message} (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+        again = "SIGTERM; a second one stops at once" if signum == signal.SIGTERM else "Ctrl-C again to stop at once"
+        print(f"\n{message} ({again})", file=sys.stderr, flush=True)
 
-    previous = signal.signal(signal.SIGINT, handler)
+    signals = (signal.SIGINT, signal.SIGTERM) if terminate else (signal.SIGINT,)
+    previous = {s: signal.signal(s, handler) for s in signals}
     try:
-        yield
+        yield why
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def cancel_on_ctrl_c(progress: Progress, message: str):
+    """`cancel_on_signals` for Ctrl-C alone."""
+    return cancel_on_signals(progress, message)

@@ -241,15 +241,19 @@ class MonitorPanel(QWidget):
             item.setClipToView(True)
             item.setDownsampling(auto=True, mode="peak")
 
+        # The boxes beside the curves, not above them: the tab keeps the height it had for one box.
         plots = QSplitter(Qt.Orientation.Horizontal, self)
+        plots.addWidget(titled(self, "Boxes (select one for its gauges and tables)", self.box_view))
         plots.addWidget(self.fps_plot)
         plots.addWidget(self.resident_plot)
+        plots.setSizes([220, 400, 400])
         body = QSplitter(Qt.Orientation.Vertical, self)
-        body.addWidget(titled(self, "Boxes (select one for its gauges and tables)", self.box_view))
         body.addWidget(plots)
         body.addWidget(titled(self, "Streams", self.stream_view))
         body.addWidget(titled(self, "Models (swaps: loads of a model's weights)", self.model_view))
-        body.setSizes([90, 400, 150, 150])
+        body.setSizes([400, 150, 150])
+        for view in (self.box_view, self.stream_view, self.model_view):  # a short window scrolls them
+            view.setMinimumHeight(40)
 
         layout = QVBoxLayout(self)
         layout.addLayout(top)
