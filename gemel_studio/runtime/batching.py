@@ -18,12 +18,15 @@ costs on this device (as GEMEL's evaluation and Nexus do it).
 
 from __future__ import annotations
 
+import copy
 from collections import deque
 from dataclasses import dataclass, field
 import time
 from typing import Callable
 
 import torch
+
+from .backends import prepare_input
 
 MAX_BATCH = 16  # the profile tries batch sizes 1, 2, 4, ... up to this
 PROFILE_STOP_S = 0.25  # the profile tries no larger batch once one takes this long
@@ -206,4 +209,40 @@ def profile_latency(run: Callable[[int], object], estimates: LatencyEstimates, m
     return best, row
 
 
-__all__ = ["BatchPlanner", "Job", "LatencyEstimates", "MAX_BATCH", "PROFILE_STOP_S", "profile_latency"]
+def profile_engine(engine) -> None:
+    """The short profile made at the start of a run: per model, the latency of batches of
+    1, 2, 4, ... frames on this device and backend, until a batch would take longer than
+    the longest deadline of the streams that use the model (or fails: an ONNX graph with a
+    fixed batch of one); the largest batch size within it is the model's maximum. The
+    weights are loaded through the scheduler (the budget holds); the counters are put back
+    afterwards and, for the policies that load on demand, the run starts with nothing
+    resident, as without a profile (see batching.profile_latency)."""
+    sched = engine.scheduler
+    saved = (copy.deepcopy(sched.stats), dict(engine.infer_seconds), sched.peak_resident_bytes)
+    engine._profiling = True
+    try:
+        for m in engine.max_batch:
+            if sched.refuses(m):
+                continue
+            deadlines = [engine.stream_deadline(i) for i, s in enumerate(engine.stats) if m in s.models]
+            longest = max(deadlines) if deadlines else 1.0
+            c, h, w = engine.inputs[m]
+            frame = torch.rand(c, h, w, generator=torch.Generator().manual_seed(0))
+            one = prepare_input(frame, engine.preprocessing[m], engine.device)
+            best, row = profile_latency(lambda b: engine._run_model(m, torch.cat([one] * b)), engine.estimates, m,
+                                        longest, MAX_BATCH if engine.batching else 1)
+            engine.max_batch[m] = best
+            engine.profile[m] = row
+    finally:
+        engine._profiling = False
+        engine.profiled = True
+        sched.stats, engine.infer_seconds, peak = saved
+        if engine._ort is not None:
+            engine._ort.sessions_made = {n: 0 for n in engine._ort.sessions_made}
+        if sched.policy in ("merged", "time-sharing"):
+            sched.release()
+            sched.peak_resident_bytes = peak
+
+
+__all__ = ["BatchPlanner", "Job", "LatencyEstimates", "MAX_BATCH", "PROFILE_STOP_S", "profile_engine",
+           "profile_latency"]

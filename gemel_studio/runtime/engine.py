@@ -21,7 +21,6 @@ passed, every source ended, `progress.cancel()` was called or Ctrl-C was pressed
 
 from __future__ import annotations
 
-import copy
 import math
 import queue
 import threading
@@ -33,7 +32,7 @@ import torch
 from ..devices import resolve_device
 from ..errors import GemelError
 from .backends import OrtRunner, TorchRunner, prepare_input
-from .batching import MAX_BATCH, BatchPlanner, Job, LatencyEstimates, profile_latency
+from .batching import BatchPlanner, Job, LatencyEstimates, profile_engine
 from .layered import plan_layers, run_layered
 from .options import RunOptions
 from .scheduler import ModelScheduler
@@ -316,38 +315,8 @@ class Engine:
                 self.scheduler.finish(pending)
 
     def profile_batches(self) -> None:
-        """The short profile made at the start of a run: per model, the latency of batches of
-        1, 2, 4, ... frames on this device and backend, until a batch would take longer than
-        the longest deadline of the streams that use the model (or fails: an ONNX graph with a
-        fixed batch of one); the largest batch size within it is the model's maximum. The
-        weights are loaded through the scheduler (the budget holds); the counters are put back
-        afterwards and, for the policies that load on demand, the run starts with nothing
-        resident, as without a profile (see batching.profile_latency)."""
-        sched = self.scheduler
-        saved = (copy.deepcopy(sched.stats), dict(self.infer_seconds), sched.peak_resident_bytes)
-        self._profiling = True
-        try:
-            for m in self.max_batch:
-                if sched.refuses(m):
-                    continue
-                deadlines = [self.stream_deadline(i) for i, s in enumerate(self.stats) if m in s.models]
-                longest = max(deadlines) if deadlines else 1.0
-                c, h, w = self.inputs[m]
-                frame = torch.rand(c, h, w, generator=torch.Generator().manual_seed(0))
-                one = prepare_input(frame, self.preprocessing[m], self.device)
-                best, row = profile_latency(lambda b: self._run_model(m, torch.cat([one] * b)), self.estimates, m,
-                                            longest, MAX_BATCH if self.batching else 1)
-                self.max_batch[m] = best
-                self.profile[m] = row
-        finally:
-            self._profiling = False
-            self.profiled = True
-            sched.stats, self.infer_seconds, peak = saved
-            if self._ort is not None:
-                self._ort.sessions_made = {n: 0 for n in self._ort.sessions_made}
-            if sched.policy in ("merged", "time-sharing"):
-                sched.release()
-                sched.peak_resident_bytes = peak
+        """The short profile made at the start of a run (batching.profile_engine)."""
+        profile_engine(self)
 
     def run(self, duration_s: float | None = None, progress=None,
             on_update: Callable[[RunSnapshot], None] | None = None, update_every_s: float = 0.5) -> RunSummary:
