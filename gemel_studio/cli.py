@@ -139,7 +139,7 @@ def cmd_merge(args) -> int:
     from .merging.plan import check_plan_workload, load_plan
     from .merging.report import format_report, round_printer
     from .options import from_args
-    from .progress import Progress, cancel_on_ctrl_c, terminal_progress
+    from .progress import Progress, cancel_on_signals, terminal_progress
     from .workload import load_workload
 
     workload = load_workload(args.workload)
@@ -153,7 +153,7 @@ def cmd_merge(args) -> int:
         progress = Progress() if args.json or not main_rank else terminal_progress()
         try:
             # A cancel checkpoints the exact step; the last epoch's checkpoint stays on a second Ctrl-C.
-            with cancel_on_ctrl_c(progress, "stopping at the next step"):
+            with cancel_on_signals(progress, "stopping at the next step"):
                 report = merge_workload(workload, plan, out, options, progress=progress,
                                         on_step=round_printer(args.json) if main_rank else None)
         except Cancelled:

@@ -143,8 +143,3 @@ def cancel_on_signals(progress: Progress, message: str, terminate: bool = False)
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-
-
-def cancel_on_ctrl_c(progress: Progress, message: str):
-    """`cancel_on_signals` for Ctrl-C alone."""
-    return cancel_on_signals(progress, message)
