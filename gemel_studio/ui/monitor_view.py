@@ -8,9 +8,10 @@ back one snapshot per `instance` it scrapes; the boxes it lists are the rows. Ei
 half second one `Worker` fetches everything off the GUI thread, on the panel's own one-thread
 pool, never more than one at a time.
 
-Each box is one row of the Boxes table and one set of curves: each stream's processed frames per
-second (from the change of its `processed` counter, `runtime.rates.RunHistory`, not the run's
-average) and the box's resident weights. The gauges and the stream and model tables below show
+Each box is one row of the Boxes table (named by the `instance` its snapshot reports, or its
+address until it does; the row's tooltip has both) and one set of curves: each stream's
+processed frames per second (from the change of its `processed` counter,
+`runtime.rates.RunHistory`, not the run's average) and the box's resident weights. The gauges and the stream and model tables below show
 the selected row's box (the first by default), with the shared widgets of the Live preview.
 
 When a box goes away its last values stay, its row says whether its run had finished or was
@@ -25,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtCore import QThreadPool, Qt, QTimer, Signal
+from PySide6.QtCore import QModelIndex, QThreadPool, Qt, QTimer, Signal
 from PySide6.QtWidgets import (QAbstractItemView, QComboBox, QHBoxLayout, QLabel, QLineEdit, QPushButton, QSplitter,
                                QVBoxLayout, QWidget)
 
@@ -33,6 +34,7 @@ from ..errors import GemelError
 from ..runtime.fleet import fleet_snapshots
 from ..runtime.metrics import fetch_snapshot
 from ..runtime.rates import HISTORY, RATE_WINDOW_S, RunHistory  # noqa: F401  (HISTORY: re-exported)
+from ..tasks import plural
 from ..units import human_bytes
 from . import settings
 from .memory_view import style_plot
@@ -69,7 +71,8 @@ def split_addresses(text: str) -> list[str]:
 
 class BoxWatch:
     """What the monitor knows of one box: its last snapshot, its rate history, and whether it
-    answers. `key` is its address (Boxes mode) or its `instance` (Prometheus mode)."""
+    answers. `key` is its address (Boxes mode) or its `instance` (Prometheus mode); `name` is
+    the `instance` its snapshot reports, once it does (the address until then)."""
 
     def __init__(self, key: str):
         self.key = key
@@ -79,6 +82,16 @@ class BoxWatch:
         self.ever_connected = False
         self.run_end = ""  # once its run went away: 'finished' or 'lost'
         self.problem = ""  # why the last poll failed
+
+    @property
+    def name(self) -> str:
+        instance = (self.snapshot or {}).get("instance")
+        return str(instance) if instance else self.key
+
+    @property
+    def label(self) -> str:
+        """Its name, with its address when that says something more: 'edge-07 (10.0.0.7:9400)'."""
+        return self.key if self.name == self.key else f"{self.name} ({self.key})"
 
     def on_snapshot(self, snap: dict) -> bool:
         """A fresh snapshot; True when it added a point to the curves."""
@@ -111,24 +124,64 @@ class BoxWatch:
             return self.run_end
         return f"not answering: {self.problem}" if self.problem else "waiting"
 
+    def details(self) -> str:
+        """Everything its row stands for, one fact a line (the row's tooltip)."""
+        snap = self.snapshot or {}
+        streams = snap.get("streams", [])
+        lines = [self.name if self.name == self.key else f"{self.name} at {self.key}",
+                 f"status: {self.status()}"]
+        if snap:
+            resident = int(snap.get("memory", {}).get("runtime_resident_bytes", 0))
+            lines += [f"run: {snap.get('state', '?')}, {float(snap.get('elapsed_s', 0.0)):.1f} s",
+                      f"bundle: {snap.get('bundle_name') or snap.get('bundle', '-')}",
+                      f"{plural(len(streams), 'stream')}: {sum(s.get('frames_in', 0) for s in streams)} frames in, "
+                      f"{sum(s.get('dropped', 0) for s in streams)} dropped, "
+                      f"{sum(self.history.latest_fps().values()):.1f} processed/s",
+                      f"resident weights: {human_bytes(resident)}"]
+        return "\n".join(lines)
+
+
+def _streams(b: BoxWatch) -> list[dict]:
+    return (b.snapshot or {}).get("streams", [])
+
+
+def _dropped_share(streams: list[dict]) -> str:
+    arrived = sum(s.get("frames_in", 0) for s in streams)
+    return f"{sum(s.get('dropped', 0) for s in streams) / arrived:.1%}" if arrived else "-"
+
 
 class BoxTableModel(SnapshotTableModel):
-    """One row per box watched: whether it answers, its run's state and its figures now."""
+    """One row per box watched, in five short columns so the table fits beside the curves: its
+    name, its figures now, and its run's state (or why it is not seen). A row's tooltip holds
+    the rest (address, bundle, streams, frames in and dropped: `BoxWatch.details`)."""
 
-    TEXT = frozenset({"Box", "Status", "State", "Bundle"})
+    TEXT = frozenset({"Box", "Status"})
     STRETCH = "Status"
     COLUMNS = (
-        ("Box", lambda b: b.key),
-        ("State", lambda b: str((b.snapshot or {}).get("state", "")) or "-"),
-        ("Streams", lambda b: str(len((b.snapshot or {}).get("streams", [])))),
-        ("Processed fps", lambda b: f"{sum(b.history.latest_fps().values()):.1f}" if b.snapshot else "-"),
-        ("In", lambda b: str(sum(s.get("frames_in", 0) for s in (b.snapshot or {}).get("streams", [])))),
-        ("Dropped", lambda b: str(sum(s.get("dropped", 0) for s in (b.snapshot or {}).get("streams", [])))),
+        ("Box", lambda b: b.name),
+        ("fps", lambda b: f"{sum(b.history.latest_fps().values()):.1f}" if b.snapshot else "-"),
+        ("Dropped", lambda b: _dropped_share(_streams(b)) if b.snapshot else "-"),
         ("Resident", lambda b: human_bytes(int((b.snapshot or {}).get("memory", {}).get("runtime_resident_bytes", 0)))
          if b.snapshot else "-"),
-        ("Bundle", lambda b: str((b.snapshot or {}).get("bundle_name") or (b.snapshot or {}).get("bundle", "-"))),
-        ("Status", lambda b: b.status()),
+        # What a connected box runs ('running', 'stopped (eos)'), else why it is not seen.
+        ("Status", lambda b: str((b.snapshot or {}).get("state") or "connected") if b.connected else b.status()),
     )
+    HEADER_TIPS = {"Box": "The box's instance name once its snapshot reports it, else its address "
+                          "(hover a row for both)",
+                   "fps": f"Frames processed per second, all its streams (over {RATE_WINDOW_S:g} s)",
+                   "Dropped": "The share of the frames that arrived that were dropped, all its streams",
+                   "Resident": "Model weights the runtime holds resident",
+                   "Status": "Its run's state while it answers; else finished, lost or not answering"}
+
+    def data(self, index: QModelIndex, role=Qt.ItemDataRole.DisplayRole):
+        if role == Qt.ItemDataRole.ToolTipRole and index.isValid():
+            return self.rows[index.row()].details()
+        return super().data(index, role)
+
+    def headerData(self, section: int, orientation, role=Qt.ItemDataRole.DisplayRole):
+        if orientation == Qt.Orientation.Horizontal and role == Qt.ItemDataRole.ToolTipRole:
+            return self.HEADER_TIPS[self.COLUMNS[section][0]]
+        return super().headerData(section, orientation, role)
 
 
 def _fetch_boxes(addresses: list[str]) -> dict[str, tuple[bool, object]]:
@@ -219,16 +272,19 @@ class MonitorPanel(QWidget):
 
         self.fps_plot = pg.PlotWidget(self)
         self.fps_item = self.fps_plot.getPlotItem()
-        self.fps_item.setTitle(f"Processed frames per second, per stream (over {RATE_WINDOW_S:g} s)")
-        self.fps_item.setLabel("left", "frames/s")
+        # Short titles: in a 1024-pixel window each plot is about 300 px wide, and pyqtgraph
+        # widens a plot to its title's width, pushing the next one out of the window.
+        self.fps_item.setTitle("Processed frames/s per stream")
+        self.fps_item.setLabel("left", f"frames/s (over {RATE_WINDOW_S:g} s)")
         self.fps_item.setLabel("bottom", "run time (s)")
         self.fps_item.setMenuEnabled(False)
         self.fps_legend = self.fps_item.addLegend(offset=(-10, 10))
         self.fps_curves: dict[tuple[str, str], pg.PlotDataItem] = {}  # (box, stream) -> curve
+        self._legend_names: list[str] = []  # the box names the legends were drawn with
         self.resident_plot = pg.PlotWidget(self)
         self.resident_item = self.resident_plot.getPlotItem()
-        self.resident_item.setTitle("Resident weights per box (dashed: budget)")
-        self.resident_item.setLabel("left", "MiB")
+        self.resident_item.setTitle("Resident weights per box")
+        self.resident_item.setLabel("left", "MiB (dashed: budget)")
         self.resident_item.setLabel("bottom", "run time (s)")
         self.resident_item.setMenuEnabled(False)
         self.resident_legend = self.resident_item.addLegend(offset=(-10, 10))
@@ -243,10 +299,12 @@ class MonitorPanel(QWidget):
 
         # The boxes beside the curves, not above them: the tab keeps the height it had for one box.
         plots = QSplitter(Qt.Orientation.Horizontal, self)
-        plots.addWidget(titled(self, "Boxes (select one for its gauges and tables)", self.box_view))
+        boxes = titled(self, "Boxes (select one)", self.box_view)
+        boxes.setToolTip("Select a box for its gauges and its stream and model tables")
+        plots.addWidget(boxes)
         plots.addWidget(self.fps_plot)
         plots.addWidget(self.resident_plot)
-        plots.setSizes([220, 400, 400])
+        plots.setSizes([390, 310, 310])
         body = QSplitter(Qt.Orientation.Vertical, self)
         body.addWidget(plots)
         body.addWidget(titled(self, "Streams", self.stream_view))
@@ -469,12 +527,13 @@ class MonitorPanel(QWidget):
                     + (f", {len(boxes) - len(answering)} gone" if len(answering) < len(boxes) else ""))
         elif len(boxes) == 1:
             b = boxes[0]
-            text = f"Connected to {b.key}" if b.connected else f"disconnected: {b.problem} (last values kept; retrying)"
+            text = (f"Connected to {b.label}" if b.connected
+                    else f"disconnected: {b.problem} (last values kept; retrying)")
         elif len(answering) == len(boxes):
             text = f"Connected to all {len(boxes)} boxes"
         else:
             text = (f"Connected to {len(answering)} of {len(boxes)} boxes; not answering: "
-                    f"{', '.join(b.key for b in boxes if not b.connected)} (retrying)")
+                    f"{', '.join(b.label for b in boxes if not b.connected)} (retrying)")
         self.connection_label.setText(text)
 
     def select_box(self, key: str) -> None:
@@ -503,7 +562,7 @@ class MonitorPanel(QWidget):
         self.gauges.show_snapshot(snap)
         self.stream_model.set_rows(snap["streams"])
         self.model_model.set_models(snap["models"])
-        label = f"{box.key}: " if len(self.boxes) > 1 else ""
+        label = f"{box.label}: " if len(self.boxes) > 1 else ""
         self.state_label.setText(label + (box.end_text() if box.run_end else run_state_text(snap)))
         self.state_label.setProperty("runEnd", box.run_end)
         self.state_label.style().polish(self.state_label)
@@ -529,7 +588,10 @@ class MonitorPanel(QWidget):
     def _redraw_curves(self) -> None:
         many = len(self.boxes) > 1
         wanted = [(key, name) for key, b in self.boxes.items() for name in b.history.fps]
-        if list(self.fps_curves) != wanted or list(self.resident_curves) != list(self.boxes):
+        names = [b.name for b in self.boxes.values()]  # a box's instance arrives with its first snapshot
+        if list(self.fps_curves) != wanted or list(self.resident_curves) != list(self.boxes) \
+                or names != self._legend_names:
+            self._legend_names = names
             for curve in self.fps_curves.values():
                 self.fps_item.removeItem(curve)
             for curve in self.resident_curves.values():
@@ -540,12 +602,12 @@ class MonitorPanel(QWidget):
             for key, name in wanted:
                 curve = self.fps_item.plot([], [], symbol="o", symbolSize=4)
                 self.fps_curves[(key, name)] = curve
-                self.fps_legend.addItem(curve, f"{key} {name}" if many else name)
+                self.fps_legend.addItem(curve, f"{self.boxes[key].name} {name}" if many else name)
             for key in self.boxes:
                 curve = self.resident_item.plot([], [])
                 self.resident_curves[key] = curve
                 if many:
-                    self.resident_legend.addItem(curve, key)
+                    self.resident_legend.addItem(curve, self.boxes[key].name)
             self._color_curves()
         top = peak = 0.0
         for (key, name), curve in self.fps_curves.items():

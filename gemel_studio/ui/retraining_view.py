@@ -27,9 +27,9 @@ import torch
 from pydantic import ValidationError
 from PySide6.QtCore import QAbstractTableModel, QModelIndex, Qt, Signal
 from PySide6.QtGui import QBrush, QColor, QDoubleValidator
-from PySide6.QtWidgets import (QAbstractItemView, QComboBox, QFileDialog, QFormLayout, QGridLayout, QHBoxLayout,
-                               QHeaderView, QLabel, QLineEdit, QProgressBar, QPushButton, QSpinBox, QSplitter,
-                               QTableView, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (QAbstractItemView, QComboBox, QFileDialog, QFormLayout, QFrame, QGridLayout,
+                               QHBoxLayout, QHeaderView, QLabel, QLineEdit, QMenu, QProgressBar, QPushButton,
+                               QScrollArea, QSizePolicy, QSpinBox, QSplitter, QTableView, QVBoxLayout, QWidget)
 
 from ..analysis import WorkloadAnalysis
 from ..units import human_bytes
@@ -122,11 +122,57 @@ FORM_LABELS = {"device": "Device", "strategy": "Strategy", "optimizer": "Optimiz
                "lr": "Learning rate", "batch_size": "Batch size", "time_budget_s": "Time budget"}
 
 
-class StepLogModel(QAbstractTableModel):
-    """The search's rounds, as `Step` dicts (the report's `steps` have the same keys)."""
+def _lowest(accuracy: dict[str, float]) -> str:
+    if not accuracy:
+        return "-"
+    model = min(accuracy, key=accuracy.get)
+    return f"{accuracy[model]:.3f} {model}"
 
-    HEADERS = ("Round", "Groups", "Saves if kept", "Outcome", "Accuracy", "Next action", "Saved after",
-               "Retrain", "Elapsed", "Models")
+
+def step_details(s: dict) -> str:
+    """Everything a round logged, one fact a line: the step log's tooltip on each of its cells."""
+    accuracy = ", ".join(f"{m} {a:.3f}" for m, a in s["accuracy"].items()) or "-"
+    epochs = s.get("epochs")
+    trained = f" ({plural(epochs, 'epoch')})" if epochs is not None else ""
+    return "\n".join([
+        f"Round {s['round']}: {', '.join(s['groups'])}",
+        f"Models: {', '.join(s['models'])}",
+        f"Saves if kept: {human_bytes(s['savings_bytes'])}",
+        f"Outcome: {s['outcome']}; next: {s['next_action']}",
+        f"Accuracy: {accuracy}",
+        f"Saved after the round: {human_bytes(s['saved_bytes_after'])}",
+        f"Retraining {s['retrain_seconds']:.1f} s{trained}, {s['elapsed_seconds']:.1f} s into the search"])
+
+
+class StepLogModel(QAbstractTableModel):
+    """The search's rounds, as `Step` dicts (the report's `steps` have the same keys).
+
+    The columns are short so the log reads in a narrow window: COLUMNS holds each one's header,
+    what the header means (its tooltip) and its text. The last four are hidden until asked for
+    (the header's context menu); every cell's tooltip holds the whole round (`step_details`),
+    every model's accuracy included."""
+
+    COLUMNS = (
+        ("#", "Round", lambda s: str(s["round"])),
+        ("Groups", "The round's candidate groups (hover a row for their ids)",
+         lambda s: s["groups"][0] if len(s["groups"]) == 1 else f"{len(s['groups'])} groups"),
+        ("Saves", "Saves if kept: the parameter bytes the round's groups save once merged",
+         lambda s: human_bytes(s["savings_bytes"])),
+        ("Outcome", "kept: every model met its target after retraining; failed: some model did not",
+         lambda s: s["outcome"]),
+        ("Lowest", "The lowest held-out accuracy at the end of the round, and its model (hover a row for "
+                   "every model's)", lambda s: _lowest(s["accuracy"])),
+        ("Next", "Next action: what the search did after this round", lambda s: s["next_action"]),
+        ("Saved after", "Parameter bytes saved by every group kept so far, after this round",
+         lambda s: human_bytes(s["saved_bytes_after"])),
+        ("Retrain", "Seconds spent retraining in this round", lambda s: f"{s['retrain_seconds']:.1f} s"),
+        ("Elapsed", "Seconds since the search started, at the end of this round",
+         lambda s: f"{s['elapsed_seconds']:.1f} s"),
+        ("Models", "The models retrained in this round", lambda s: ", ".join(s["models"])),
+    )
+    HEADERS = tuple(h for h, _, _ in COLUMNS)
+    STRETCH = ("Next",)  # share the spare width, elided; the others fit their contents
+    HIDDEN = ("Saved after", "Retrain", "Elapsed", "Models")  # by default: in the tooltip, the menu (and the plot)
 
     def __init__(self, parent=None):
         super().__init__(parent)
@@ -148,54 +194,81 @@ class StepLogModel(QAbstractTableModel):
         if self.steps:
             self.dataChanged.emit(self.index(0, 0), self.index(self.rowCount() - 1, self.columnCount() - 1))
 
+    def text(self, row: int, header: str) -> str:
+        """The cell under `header` in `row`, as shown."""
+        return self.data(self.index(row, self.HEADERS.index(header)))
+
     def rowCount(self, parent=QModelIndex()) -> int:
         return 0 if parent.isValid() else len(self.steps)
 
     def columnCount(self, parent=QModelIndex()) -> int:
-        return 0 if parent.isValid() else len(self.HEADERS)
+        return 0 if parent.isValid() else len(self.COLUMNS)
 
     def data(self, index: QModelIndex, role=Qt.ItemDataRole.DisplayRole):
         if not index.isValid():
             return None
         s = self.steps[index.row()]
-        column = self.HEADERS[index.column()]
+        header, _tip, text = self.COLUMNS[index.column()]
         if role == Qt.ItemDataRole.DisplayRole:
-            if column == "Round":
-                return str(s["round"])
-            if column == "Groups":
-                ids = s["groups"]
-                return ids[0] if len(ids) == 1 else f"{len(ids)} groups"
-            if column == "Models":
-                return ", ".join(s["models"])
-            if column == "Saves if kept":
-                return human_bytes(s["savings_bytes"])
-            if column == "Outcome":
-                return s["outcome"]
-            if column == "Next action":
-                return s["next_action"]
-            if column == "Accuracy":
-                return ", ".join(f"{m} {a:.3f}" for m, a in s["accuracy"].items())
-            if column == "Retrain":
-                return f"{s['retrain_seconds']:.1f} s"
-            if column == "Saved after":
-                return human_bytes(s["saved_bytes_after"])
-            return f"{s['elapsed_seconds']:.1f} s"
-        if role == Qt.ItemDataRole.ForegroundRole and column == "Outcome":
+            return text(s)
+        if role == Qt.ItemDataRole.ToolTipRole:
+            return step_details(s)
+        if role == Qt.ItemDataRole.ForegroundRole and header == "Outcome":
             return QBrush(QColor(self._colors["savings" if s["outcome"] == "kept" else "bound"]))
-        if role == Qt.ItemDataRole.ToolTipRole and column == "Groups":
-            return ", ".join(s["groups"])
+        if role == Qt.ItemDataRole.TextAlignmentRole and header in ("#", "Saves", "Saved after", "Retrain",
+                                                                    "Elapsed"):
+            return int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
         return None
 
     def headerData(self, section: int, orientation, role=Qt.ItemDataRole.DisplayRole):
-        if orientation == Qt.Orientation.Horizontal and role == Qt.ItemDataRole.DisplayRole:
-            return self.HEADERS[section]
+        if orientation != Qt.Orientation.Horizontal:
+            return None
+        if role == Qt.ItemDataRole.DisplayRole:
+            return self.COLUMNS[section][0]
+        if role == Qt.ItemDataRole.ToolTipRole:
+            return f"{self.COLUMNS[section][1]}\n(right-click the header to show or hide columns)"
         return None
 
 
-class ReportModel(QAbstractTableModel):
-    """The report's per-model rows: accuracy before and after merging, and the target."""
+def column_menu(view: QTableView, headers: tuple[str, ...], hidden: tuple[str, ...], key: str):
+    """Columns `hidden` by default, and a header context menu that shows or hides any column;
+    the columns hidden are kept in settings under `key`. Returns what builds the menu (a
+    right-click on the header opens it), for a test to read."""
+    header = view.horizontalHeader()
+    chosen = settings.studio_settings().value(key, ",".join(hidden), type=str)
+    for column, name in enumerate(headers):
+        header.setSectionHidden(column, name in chosen.split(","))
 
-    HEADERS = ("Model", "Unmerged", "Merged", "Target", "Passed")
+    def toggle(column: int, shown: bool) -> None:
+        header.setSectionHidden(column, not shown)
+        settings.studio_settings().setValue(
+            key, ",".join(h for c, h in enumerate(headers) if header.isSectionHidden(c)))
+
+    def menu(pos) -> QMenu:
+        m = QMenu(view)
+        m.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+        for column, name in enumerate(headers):
+            action = m.addAction(name)
+            action.setCheckable(True)
+            action.setChecked(not header.isSectionHidden(column))
+            # The last column shown stays: a table with no column cannot get its menu back.
+            action.setEnabled(header.isSectionHidden(column) or header.hiddenSectionCount() < len(headers) - 1)
+            action.toggled.connect(lambda shown, c=column: toggle(c, shown))
+        return m
+
+    header.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
+    header.customContextMenuRequested.connect(lambda pos: menu(pos).popup(header.mapToGlobal(pos)))
+    return menu
+
+
+class ReportModel(QAbstractTableModel):
+    """The report's per-model rows: accuracy before and after merging, and the target. Short
+    headers, each explained by its tooltip: the table sits in the narrow column of controls."""
+
+    HEADERS = ("Model", "Before", "After", "Target", "Met")
+    TIPS = {"Model": "The model", "Before": "Held-out accuracy of the unmerged model",
+            "After": "Held-out accuracy of the merged, retrained model",
+            "Target": "The accuracy the merged model had to reach", "Met": "Whether it reached its target"}
 
     def __init__(self, parent=None):
         super().__init__(parent)
@@ -226,11 +299,11 @@ class ReportModel(QAbstractTableModel):
         if role == Qt.ItemDataRole.DisplayRole:
             if column == "Model":
                 return name
-            if column == "Passed":
+            if column == "Met":
                 return "yes" if row.passed else "no"
-            value = {"Unmerged": row.unmerged_accuracy, "Merged": row.merged_accuracy, "Target": row.target}[column]
+            value = {"Before": row.unmerged_accuracy, "After": row.merged_accuracy, "Target": row.target}[column]
             return f"{value:.3f}"
-        if role == Qt.ItemDataRole.ForegroundRole and column == "Passed":
+        if role == Qt.ItemDataRole.ForegroundRole and column == "Met":
             return QBrush(QColor(self._colors["savings" if row.passed else "bound"]))
         if role == Qt.ItemDataRole.TextAlignmentRole and column != "Model":
             return int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
@@ -239,6 +312,8 @@ class ReportModel(QAbstractTableModel):
     def headerData(self, section: int, orientation, role=Qt.ItemDataRole.DisplayRole):
         if orientation == Qt.Orientation.Horizontal and role == Qt.ItemDataRole.DisplayRole:
             return self.HEADERS[section]
+        if orientation == Qt.Orientation.Horizontal and role == Qt.ItemDataRole.ToolTipRole:
+            return self.TIPS[self.HEADERS[section]]
         return None
 
 
@@ -395,7 +470,6 @@ class RetrainingPanel(TaskMixin, QWidget):
         left_layout.addLayout(controls)
         left_layout.addWidget(self.progress_bar)
         left_layout.addWidget(self.status_label)
-        left_layout.addStretch(1)
         left.setMinimumWidth(250)
         left.setMaximumWidth(340)
         self.init_task(self.status_label, self.progress_bar)
@@ -421,10 +495,21 @@ class RetrainingPanel(TaskMixin, QWidget):
         # step log and report
         self.steps_model = StepLogModel(self)
         self.steps_view = self._table(self.steps_model)
-        self.steps_view.horizontalHeader().setStretchLastSection(True)
+        header = self.steps_view.horizontalHeader()
+        for name in StepLogModel.STRETCH:  # the long texts take the spare width, elided
+            header.setSectionResizeMode(StepLogModel.HEADERS.index(name), QHeaderView.ResizeMode.Stretch)
+        self.steps_view.setTextElideMode(Qt.TextElideMode.ElideRight)
+        self.step_columns_menu = column_menu(self.steps_view, StepLogModel.HEADERS, StepLogModel.HIDDEN,
+                                             "retraining/hidden_step_columns")
         self.report_model = ReportModel(self)
         self.report_view = self._table(self.report_model)
         self.report_view.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
+        # The report takes the height left under the controls (a table's own size hint would
+        # make the column scroll in a 700-pixel window), at least its header and two rows.
+        policy = self.report_view.sizePolicy()
+        policy.setVerticalPolicy(QSizePolicy.Policy.Ignored)
+        self.report_view.setSizePolicy(policy)
+        self.report_view.setMinimumHeight(3 * 24 + 4)
         self.report_label = QLabel("No report yet", self)
         self.report_label.setWordWrap(True)
         self.report_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
@@ -434,19 +519,25 @@ class RetrainingPanel(TaskMixin, QWidget):
         plots = QSplitter(Qt.Orientation.Horizontal, self)
         for w in (self.accuracy_plot, self.loss_plot, self.saved_plot):
             plots.addWidget(w)
-        tables = QSplitter(Qt.Orientation.Horizontal, self)
-        tables.addWidget(steps_box)
-        tables.addWidget(report_box)
-        tables.setStretchFactor(0, 1)
-        tables.setStretchFactor(1, 0)
-        tables.setSizes([640, 390])
+        # The report goes under the run's controls, the step log gets the width under the
+        # plots: side by side, neither read in a 1024-pixel window.
+        left_layout.addWidget(report_box, 1)
         right = QSplitter(Qt.Orientation.Vertical, self)
         right.addWidget(plots)
-        right.addWidget(tables)
+        right.addWidget(steps_box)
         right.setSizes([480, 320])
 
+        # A short window scrolls the settings and the report rather than growing the window's
+        # minimum height (every tab's minimum is the window's).
+        left_scroll = QScrollArea(self)
+        left_scroll.setWidget(left)
+        left_scroll.setWidgetResizable(True)
+        left_scroll.setFrameShape(QFrame.Shape.NoFrame)
+        left_scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        left_scroll.setMinimumWidth(left.minimumWidth())
+        left_scroll.setMaximumWidth(left.maximumWidth())
         layout = QHBoxLayout(self)
-        layout.addWidget(left)
+        layout.addWidget(left_scroll)
         layout.addWidget(right, 1)
         self.set_colors(self.colors)
         self._update_enabled()

@@ -1,8 +1,10 @@
 """The Sharing tab: share groups (rows, heaviest savings first) by models (columns).
 
-A filled cell means the model holds a layer of that group; its tooltip names the signature,
-the layer and the bytes. Selecting a group highlights its layer in every model's layer list
-shown below the matrix, side by side, so the models can be compared like a diff.
+A row is named by its first member's layer, kind, models and savings; a filled cell means the
+model holds a layer of that group, and its tooltip names the signature, the layer and the
+bytes. The line above the matrix gives the all-shareable bound (every group merged).
+Selecting a group highlights its layer in every model's layer list shown below the matrix,
+side by side, so the models can be compared like a diff.
 
 Workloads of any size: the matrix is a QTableView over a QAbstractTableModel, so Qt draws
 only the visible cells and no cell owns a widget. What the tab draws is capped: at most
@@ -30,6 +32,20 @@ HIGHLIGHT_ROLE = Qt.ItemDataRole.UserRole + 3  # bool: the layer belongs to the 
 MAX_MODELS = 200  # models drawn as matrix columns
 MAX_GROUPS = 2000  # groups drawn as matrix rows, heaviest first
 MAX_LAYER_LISTS = 12  # models whose layer list is shown below the matrix
+
+
+def group_name(group: ShareGroup) -> str:
+    """A group as a person names it: its first member's layer and the layers' kind, e.g.
+    'layer1.0.conv1 (Conv2d)' (the counterparts in the other models may be named otherwise)."""
+    return f"{group.members[0].layer} ({group.kind})"
+
+
+def bound_text(analysis: WorkloadAnalysis | None) -> str:
+    """The all-shareable bound in one line: what merging every group would save."""
+    if analysis is None or not analysis.models:
+        return ""
+    return (f"{len(analysis.groups):,} groups; all-shareable bound {human_bytes(analysis.max_savings_bytes)} "
+            f"({analysis.max_savings_fraction:.1%} of {human_bytes(analysis.total_param_bytes)} parameters)")
 
 
 class ShareMatrixModel(QAbstractTableModel):
@@ -94,8 +110,8 @@ class ShareMatrixModel(QAbstractTableModel):
             return None
         group = self.groups[section]
         if role == Qt.ItemDataRole.DisplayRole:
-            first = group.members[0].layer
-            return f"{section + 1}. {first} · {group.kind} · saves {human_bytes(group.savings_bytes)}"
+            return f"{section + 1}. {group_name(group)} · {len(group.members)} models · saves " \
+                   f"{human_bytes(group.savings_bytes)}"
         if role == Qt.ItemDataRole.ToolTipRole:
             return (f"{group.members[0].layer} ({group.members[0].model}) and its counterparts\n{group.signature}\n"
                     f"{len(group.members)} members, {human_bytes(group.bytes_per_copy)} per copy")
@@ -233,6 +249,10 @@ class SharingPanel(QWidget):
         self.alignment.setToolTip("How layers are matched across models")
         self.alignment.currentIndexChanged.connect(
             lambda _i: self.sigAlignmentChanged.emit(self.alignment.currentData()))
+        self.bound_label = QLabel("", self)  # what merging every group would save
+        self.bound_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.bound_label.setToolTip("The all-shareable bound: the parameter bytes saved if every group below "
+                                    "were merged (one copy of each shared layer)")
         self.detail = QLabel("Select a group to see its layer in every model.", self)
         self.detail.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.max_layer_lists = MAX_LAYER_LISTS
@@ -246,7 +266,7 @@ class SharingPanel(QWidget):
         top.addWidget(QLabel("Align layers", self))
         top.addWidget(self.alignment)
         top.addSpacing(16)
-        top.addWidget(self.detail, 1)
+        top.addWidget(self.bound_label, 1)
 
         self.lists_host = QWidget(self)
         self.lists_layout = QHBoxLayout(self.lists_host)
@@ -264,6 +284,7 @@ class SharingPanel(QWidget):
         splitter.setSizes([480, 320])
         layout = QVBoxLayout(self)
         layout.addLayout(top)
+        layout.addWidget(self.detail)  # a line of its own: a layer's name may be long
         layout.addWidget(self.limit_note)
         layout.addWidget(splitter, 1)
         self._colors = PALETTES["dark"]
@@ -295,6 +316,7 @@ class SharingPanel(QWidget):
                 self.lists_layout.addWidget(panel)
                 self.layer_lists[inventory.name] = panel
         self._update_limit_note(analysis)
+        self.bound_label.setText(bound_text(analysis))
         header = self.view.horizontalHeader()
         if self.matrix.columnCount() <= 8:  # few models: use the width; many: fixed columns and scroll
             header.setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
@@ -344,7 +366,7 @@ class SharingPanel(QWidget):
         if group is None:
             self.detail.setText("Select a group to see its layer in every model.")
         else:
-            self.detail.setText(f"Group {row + 1}: {group.kind} in {len(group.members)} models, "
+            self.detail.setText(f"Group {row + 1}: {group_name(group)} in {len(group.members)} models, "
                                 f"{human_bytes(group.bytes_per_copy)} per copy, saves "
                                 f"{human_bytes(group.savings_bytes)}")
             self.detail.setToolTip(group.signature)

@@ -14,6 +14,7 @@ import pytest
 
 pytest.importorskip("PySide6")
 
+from PySide6.QtCore import Qt  # noqa: E402
 from prometheus_client.exposition import generate_latest  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from prometheus_client.registry import CollectorRegistry  # noqa: E402
@@ -31,8 +32,10 @@ class ScriptedRun:
     """A run's snapshots: every call half a second later, `rate` more frames processed per
     second on each stream, `resident` bytes of weights."""
 
-    def __init__(self, streams: list[str], rate: float, resident: int = 4 << 20, state: str = "running"):
+    def __init__(self, streams: list[str], rate: float, resident: int = 4 << 20, state: str = "running",
+                 instance: str | None = None):
         self.streams, self.rate, self.resident, self.state = streams, rate, resident, state
+        self.instance = instance  # the box's name, in the snapshot as a run that reports it serves it
         self.t = 0.0
         self.lock = threading.Lock()
 
@@ -43,6 +46,8 @@ class ScriptedRun:
             row = snap["streams"][0]
             done = int(self.rate * self.t)
             snap.update(state=self.state, elapsed_s=self.t)
+            if self.instance:
+                snap["instance"] = self.instance
             snap["streams"] = [{**row, "name": n, "frames_in": done + 1, "processed": done, "dropped": 1,
                                 "dropped_late": 1, "dropped_refused": 0} for n in self.streams]
             snap["memory"] = {"budget_bytes": 64 << 20, "runtime_resident_bytes": self.resident,
@@ -66,41 +71,49 @@ def test_the_rate_history_is_the_qt_free_one():
 
 
 def test_several_boxes_each_get_a_row_and_their_curves_and_one_going_away_leaves_the_other(panel, qtbot):
-    runs = {"a": ScriptedRun(["cam-1", "cam-2"], rate=10.0), "b": ScriptedRun(["door"], rate=4.0, resident=8 << 20)}
+    runs = {"a": ScriptedRun(["cam-1", "cam-2"], rate=10.0, instance="box-a"),
+            "b": ScriptedRun(["door"], rate=4.0, resident=8 << 20, instance="box-b")}
     servers = {k: MetricsServer(run, instance=f"box-{k}") for k, run in runs.items()}
     try:
         addresses = {k: f"127.0.0.1:{s.port}" for k, s in servers.items()}
         panel.set_address(f"{addresses['a']}, {addresses['b']} {addresses['a']}")  # the repeat is dropped
         assert panel.connect_to()
         assert panel.instances() == [addresses["a"], addresses["b"]]
+        # Named by the address until a snapshot says which box answers there.
+        assert [panel.box_row_text(a, "Box") for a in addresses.values()] == list(addresses.values())
         qtbot.waitUntil(lambda: all(len(panel.box_history(a)) >= 3 for a in addresses.values()), timeout=WAIT_MS)
         assert panel.connection_label.text() == "Connected to all 2 boxes"
         assert panel.box_model.rowCount() == 2
-        assert [panel.box_row_text(a, "Status") for a in addresses.values()] == ["connected", "connected"]
-        assert panel.box_row_text(addresses["b"], "Streams") == "1"
+        assert [panel.box_row_text(a, "Box") for a in addresses.values()] == ["box-a", "box-b"]
+        assert [panel.box_row_text(a, "Status") for a in addresses.values()] == ["running", "running"]
+        tip = panel.box_model.data(panel.box_model.index(1, 0), Qt.ItemDataRole.ToolTipRole)
+        assert tip.startswith(f"box-b at {addresses['b']}\nstatus: connected") and "\n1 stream: " in tip
+        assert [item[1].text for item in panel.resident_legend.items] == ["box-a", "box-b"]
         # One set of curves per box: a rate curve per stream, a resident curve per box.
         assert list(panel.fps_curves) == [(addresses["a"], "cam-1"), (addresses["a"], "cam-2"),
                                           (addresses["b"], "door")]
         assert list(panel.resident_curves) == list(addresses.values())
         t, fps = panel.fps_series("door", addresses["b"])
         assert len(t) >= 3 and fps[-1] == pytest.approx(4.0, abs=1.0)  # from the counter's change
-        assert float(panel.box_row_text(addresses["a"], "Processed fps")) == pytest.approx(20.0, abs=2.0)
+        assert float(panel.box_row_text(addresses["a"], "fps")) == pytest.approx(20.0, abs=2.0)
         # The gauges and tables show the selected box: the first, then the one chosen.
         assert panel.stream_model.rowCount() == 2
         panel.select_box(addresses["b"])
         assert panel.stream_model.rowCount() == 1 and panel.stream_model.text(0, "Stream") == "door"
-        assert panel.state_label.text().startswith(f"{addresses['b']}: running")
+        assert panel.state_label.text().startswith(f"box-b ({addresses['b']}): running")
         assert panel.budget_line.isVisible() and panel.budget_line.value() == 64
         with qtbot.waitSignal(panel.sigDisconnected, timeout=WAIT_MS) as gone:
             servers["b"].close()  # box b is killed while running
         assert "cannot connect" in gone.args[0] and "\n" not in gone.args[0]
         assert panel.box_row_text(addresses["b"], "Status") == "lost"
-        assert panel.state_label.text().startswith(f"{addresses['b']}: lost: stopped answering while running")
-        assert panel.connection_label.text().startswith(f"Connected to 1 of 2 boxes; not answering: {addresses['b']}")
+        assert panel.state_label.text().startswith(f"box-b ({addresses['b']}): lost: stopped answering while running")
+        assert panel.connection_label.text().startswith(f"Connected to 1 of 2 boxes; not answering: box-b "
+                                                        f"({addresses['b']})")
         before = len(panel.box_history(addresses["a"]))
         qtbot.waitUntil(lambda: len(panel.box_history(addresses["a"])) > before, timeout=WAIT_MS)  # a goes on
-        assert panel.box_row_text(addresses["a"], "Status") == "connected"
+        assert panel.box_row_text(addresses["a"], "Status") == "running"
         assert panel.stream_model.text(0, "Stream") == "door"  # b's last values stay
+        assert panel.box_row_text(addresses["b"], "Box") == "box-b"  # named by its last snapshot
     finally:
         for s in servers.values():
             s.close()
@@ -180,8 +193,9 @@ def test_prometheus_mode_lists_the_instances_it_scrapes_and_notices_one_gone(pan
         assert panel.connection_label.text() == (f"Connected to Prometheus at {fake.address}: "
                                                  "2 box(es) with current series")
         assert [panel.box_row_text(n, "Box") for n in ("box-a", "box-b")] == ["box-a", "box-b"]
-        assert panel.box_row_text("box-a", "Bundle") == "bundle-test"
-        assert panel.box_row_text("box-b", "State") == "running"
+        tip = panel.box_model.data(panel.box_model.index(0, 0), Qt.ItemDataRole.ToolTipRole)
+        assert tip.startswith("box-a\nstatus: connected") and "\nbundle: bundle-test\n" in tip
+        assert panel.box_row_text("box-b", "Status") == "running"
         assert list(panel.fps_curves) == [("box-a", "cam-1"), ("box-b", "door")]
         t, fps = panel.fps_series("cam-1", "box-a")
         assert fps[-1] == pytest.approx(6.0, abs=1.5)

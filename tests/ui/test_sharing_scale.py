@@ -71,7 +71,14 @@ def test_a_fleet_is_drawn_within_the_limits_and_says_so(panel):
     assert matrix.data(last, LAYER_ROLE) == analysis.groups[MAX_GROUPS - 1].layer_of("cam0000")
     assert all(panel.view.indexWidget(matrix.index(r, c)) is None for r in (0, 50, MAX_GROUPS - 1) for c in (0, 199))
     header = matrix.headerData(0, Qt.Orientation.Vertical)
-    assert header == f"1. {LAYERS[7].name} · Conv2d · saves {human_bytes(LAYERS[7].param_bytes * 999)}"
+    assert header == (f"1. {LAYERS[7].name} (Conv2d) · 1000 models · saves "
+                      f"{human_bytes(LAYERS[7].param_bytes * 999)}")
+    assert matrix.headerData(1, Qt.Orientation.Vertical).startswith(f"2. {analysis.groups[1].members[0].layer} "
+                                                                     "(Conv2d) · 3 models · saves ")
+    bound = analysis.max_savings_bytes
+    assert panel.bound_label.text() == (f"{MAX_GROUPS + 500:,} groups; all-shareable bound {human_bytes(bound)} "
+                                        f"({analysis.max_savings_fraction:.1%} of "
+                                        f"{human_bytes(analysis.total_param_bytes)} parameters)")
     panel.view.scrollTo(matrix.index(MAX_GROUPS - 1, MAX_MODELS - 1))
     assert not panel.grab().isNull()  # paints the visible cells only
 
@@ -81,7 +88,7 @@ def test_a_fleet_is_drawn_within_the_limits_and_says_so(panel):
     for name, layer_list in panel.layer_lists.items():
         rows = layer_list.highlighted_rows()
         assert [layer_list.layers.data(layer_list.layers.index(r, 0), LAYER_ROLE) for r in rows] == [LAYERS[7].name]
-    assert "in 1000 models" in panel.detail.text()
+    assert panel.detail.text().startswith(f"Group 1: {LAYERS[7].name} (Conv2d) in 1000 models, ")
     panel.select_group(-1)
     assert all(p.highlighted_rows() == [] for p in panel.layer_lists.values())
 
@@ -104,3 +111,4 @@ def test_a_small_workload_is_drawn_whole_without_a_note(panel):
     assert len(panel.layer_lists) == 4
     panel.set_analysis(None)
     assert panel.limit_note.isHidden() and panel.matrix.rowCount() == 0 and panel.layer_lists == {}
+    assert panel.bound_label.text() == ""
