@@ -139,13 +139,13 @@ def test_ctrl_c_during_merge_saves_the_step_and_the_same_command_resumes(tmp_pat
     import signal
 
     entries = [tv(t, "resnet18", num_classes=3, target={"absolute": 1.0},  # unreachable: rounds fail and split
-                  dataset={"kind": "synthetic", "task": t, "samples": 64, "seed": i})
+                  dataset={"kind": "synthetic", "task": t, "samples": 40, "seed": i})
                for i, t in enumerate(("color", "shape"))]
     workload = write_workload(entries, input_size=[3, 16, 16])
     plan, out = tmp_path / "plan.yaml", tmp_path / "merged"
     assert main(["propose", str(workload), "-o", str(plan)]) == 0
     cmd = [sys.executable, "-m", "gemel_studio.cli", "merge", str(workload), "--plan", str(plan), "--out", str(out),
-           "--json", "--epochs", "3", "--batch-size", "8", "--device", "cpu"]
+           "--json", "--epochs", "2", "--batch-size", "8", "--device", "cpu"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     first = json.loads(proc.stdout.readline())  # the first round ended: the second is under way

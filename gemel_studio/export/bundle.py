@@ -10,13 +10,13 @@ stored tensors from there as ONNX external data, so no graph carries a copy of a
 
 from __future__ import annotations
 
-import json
 import shutil
 import tarfile
 import tempfile
 from pathlib import Path
 
 from ..errors import Cancelled, GemelError
+from ..merging.folder import save_shared_weights
 from ..progress import Progress
 from ..runtime.bundle import MANIFEST, WEIGHTS
 from .checks import TOLERANCE_TEXT, ExportCheck, ExportResult, ModelExport, run_checks
@@ -37,13 +37,9 @@ def _prepare_out(out: Path) -> None:
 
 def write_weights(merged: MergedFolder, folder: Path) -> Path:
     """`weights.safetensors` (with the plan and the merge report beside it) in `folder`."""
-    from safetensors.torch import save_file
-
     weights = folder / WEIGHTS
     if merged.untouched:
-        full_map = {s.name: s.tensors for s in merged.specs}
-        save_file(merged.stored, str(weights),
-                  metadata={"gemel.format": "1", "gemel.tensor_map": json.dumps(full_map)})
+        save_shared_weights(weights, merged.stored, {s.name: s.tensors for s in merged.specs})
     else:
         shutil.copyfile(merged.weights, weights)  # already each tensor once
     shutil.copyfile(merged.path / "plan.yaml", folder / "plan.yaml")

@@ -3,19 +3,19 @@ deployable model's manifest entry, the stored tensors and the models built over 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..errors import GemelError
+from ..merging.folder import WEIGHTS, read_tensor_map
 from ..models import build_model
 from ..runtime.bundle import BundleModel, build_models
 from ..workload import CheckpointSource, ModelSpec, TorchvisionSource, Workload, load_workload
 from .manifest import bundle_model, onnx_file_name
 
-MERGED_FILES = ("merged.safetensors", "plan.yaml", "report.json", "workload.yaml")
+MERGED_FILES = (WEIGHTS, "plan.yaml", "report.json", "workload.yaml")
 
 
 @dataclass
@@ -30,24 +30,11 @@ class MergedFolder:
 
     @property
     def weights(self) -> Path:
-        return self.path / "merged.safetensors"
+        return self.path / WEIGHTS
 
 
 def _tensor_map(merged_dir: Path) -> dict[str, dict[str, str]]:
-    from safetensors import safe_open
-
-    weights = merged_dir / "merged.safetensors"
-    try:
-        with safe_open(str(weights), "pt") as f:
-            meta = f.metadata() or {}
-    except Exception as exc:  # safetensors raises its own error types
-        raise GemelError(f"{weights}: unreadable ({exc}); run `gemel merge` again") from None
-    if "gemel.tensor_map" not in meta:
-        raise GemelError(f"{weights}: no gemel.tensor_map metadata; it was not written by `gemel merge`")
-    try:
-        return json.loads(meta["gemel.tensor_map"])
-    except ValueError:
-        raise GemelError(f"{weights}: its gemel.tensor_map is not valid JSON; run `gemel merge` again") from None
+    return read_tensor_map(merged_dir / WEIGHTS)
 
 
 def _deployable(spec: ModelSpec) -> bool:
@@ -84,7 +71,7 @@ def read_merged_folder(merged_dir: Path) -> MergedFolder:
                              "does not have; run `gemel merge` again") from None
         add(spec, tensors)
 
-    stored = load_file(str(merged_dir / "merged.safetensors"))
+    stored = load_file(str(merged_dir / WEIGHTS))
     # Models the merge did not touch (no group of theirs was merged) still run on the edge box:
     # their own weights go into the bundle too, unshared.
     untouched, notes = [], []

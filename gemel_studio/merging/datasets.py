@@ -205,9 +205,11 @@ class UnlabelledImages(Dataset):
     def __init__(self, path: Path, size: "tuple[int, int, int] | ImagePreprocessing", limit: int | None = None):
         from torchvision.datasets.folder import IMG_EXTENSIONS
 
+        from .annotations_images import image_files
+
         if not path.is_dir():
             raise DatasetError(f"{path}: no such folder; give the folder that holds the images")
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+        files = image_files(path)
         if not files:
             raise DatasetError(f"{path}: no images ({', '.join(IMG_EXTENSIONS)}); "
                                "put the images in this folder or fix the path")

@@ -22,6 +22,38 @@ REPORT = "report.json"  # written last: the search finished
 BASELINE = "baseline.json"  # each model's unmerged accuracy and target, measured once per merge
 RUN = "studio-run.json"  # what the studio started the merge with (strategy, folder), to offer a resume
 RUN_PLAN = "studio-plan.yaml"  # the plan, with its retraining settings, that the studio started with
+WEIGHTS = "merged.safetensors"  # every distinct tensor once; its metadata maps model tensors to them
+TENSOR_MAP = "gemel.tensor_map"  # the metadata key: {model: {state_dict key: stored key}}
+
+
+def save_shared_weights(path: Path, tensors: dict, mapping: dict[str, dict[str, str]]) -> None:
+    """`tensors` (each distinct tensor once) to safetensors at `path`, with the map from every
+    model's tensor names to the stored keys in its metadata; written beside and renamed, so a
+    crash leaves the old file or the new one. `gemel merge` and `gemel export` both write this."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"gemel.format": "1", TENSOR_MAP: json.dumps(mapping)})
+    os.replace(tmp, path)
+
+
+def read_tensor_map(path: Path) -> dict[str, dict[str, str]]:
+    """The tensor map `save_shared_weights` wrote, or a one-line error naming what is wrong."""
+    from safetensors import safe_open
+
+    from ..errors import GemelError
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error types
+        raise GemelError(f"{path}: unreadable ({exc}); run `gemel merge` again") from None
+    if TENSOR_MAP not in meta:
+        raise GemelError(f"{path}: no {TENSOR_MAP} metadata; it was not written by `gemel merge`")
+    try:
+        return json.loads(meta[TENSOR_MAP])
+    except ValueError:
+        raise GemelError(f"{path}: its {TENSOR_MAP} is not valid JSON; run `gemel merge` again") from None
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from ..preprocessing import pinned
 from ..progress import Progress
 from ..workload import PATH_FIELDS, CheckpointSource, TorchvisionSource, Workload, save_workload
 from .datasets import ModelData, distill, load_model_data
-from .folder import MergedFolder
+from .folder import WEIGHTS, MergedFolder, save_shared_weights
 from .heuristic import SearchResult, Step, search
 from .initialise import load_base
 from .options import MergeOptions, RetrainSettings
@@ -127,7 +127,7 @@ def write_merged_folder(out_dir: Path, workload: Workload, models: dict[str, tor
     workload keeps standing for its own file) and, when given, report.json. Returns the bytes
     of parameter data written."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = write_merged_weights(models, out_dir / "merged.safetensors")
+    written = write_merged_weights(models, out_dir / WEIGHTS)
     save_plan(plan, out_dir / "plan.yaml")
     save_workload(workload.model_copy(deep=True), out_dir / "workload.yaml")
     if report is not None:
@@ -149,9 +149,7 @@ def write_merged_weights(models: dict[str, torch.nn.Module], path: Path) -> int:
                 by_storage[ptr] = f"{name}.{key}"
                 tensors[by_storage[ptr]] = t.detach().cpu().contiguous()
             mapping[name][key] = by_storage[ptr]
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"gemel.format": "1", "gemel.tensor_map": json.dumps(mapping)})
-    os.replace(tmp, path)
+    save_shared_weights(path, tensors, mapping)
     return unique_param_bytes(models.values())
 
 
