@@ -4,18 +4,24 @@ while the Live preview runs a bundle on four synthetic streams. Prints one JSON 
 the p50/p99/max lateness of each phase and the device. Goal: p99 under 50 ms.
 
     QT_QPA_PLATFORM=offscreen .venv/bin/python benchmarks/ui_probe.py [--device auto|cpu|cuda]
-          [--retrain-seconds 60] [--preview-seconds 10] [--interval-ms 10]
+          [--retrain-seconds 60] [--preview-seconds 10] [--interval-ms 10] [--profile FILE]
 
 The merge is three ResNet-18 at 16x16 on synthetic images (gemel strategy, two epochs a round);
 it is paused after `--retrain-seconds` if it has not finished. The preview exports that merged
-folder (with every group the merge kept) and runs it under the merged policy. Lateness is the
-time between two ticks beyond the interval: a tick that waits behind a long slot on the GUI
-thread (a redraw, a table refresh, a queued signal storm) shows as a stall.
+folder (with every group the merge kept) and runs it under the merged policy. With
+`--retrain-seconds 0` the retraining phase is skipped and the preview runs the same models
+merged by every proposed group without retraining (untrained weights: the GUI's cost is the
+same, only the labels differ), with a 256 MiB budget. Lateness is the time between two ticks
+beyond the interval: a tick that waits behind a long slot on the GUI thread (a redraw, a table
+refresh, a queued signal storm, the GIL held by the run's thread) shows as a stall. The
+wall-clock figures depend on what else the machine runs; `redraw_cpu_*` and `gui_thread_cpu_s`
+(the GUI thread's own CPU time) do not, and `worst_at_s` says when the worst stalls came.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
 import sys
@@ -36,7 +42,9 @@ class StallProbe:
 
         self.interval = interval_ms / 1000
         self.late: list[float] = []
+        self.at: list[float] = []  # when each tick fired, seconds from start()
         self._last: float | None = None
+        self._start = 0.0
         self.timer = QTimer()
         self.timer.setTimerType(Qt.TimerType.PreciseTimer)
         self.timer.setInterval(interval_ms)
@@ -46,10 +54,11 @@ class StallProbe:
         now = time.perf_counter()
         if self._last is not None:
             self.late.append(max(0.0, now - self._last - self.interval))
+            self.at.append(now - self._start)
         self._last = now
 
     def start(self) -> None:
-        self.late, self._last = [], None
+        self.late, self.at, self._last, self._start = [], [], None, time.perf_counter()
         self.timer.start()
 
     def stop(self) -> dict:
@@ -59,11 +68,16 @@ class StallProbe:
             return {"ticks": 0}
         return {"ticks": int(len(ms)), "p50_ms": round(float(np.percentile(ms, 50)), 2),
                 "p99_ms": round(float(np.percentile(ms, 99)), 2), "max_ms": round(float(ms.max()), 2),
-                "stalls_over_50ms": int((ms > 50).sum())}
+                "stalls_over_50ms": int((ms > 50).sum()),
+                "worst_at_s": [[round(self.at[i], 2), round(float(ms[i]))] for i in np.argsort(ms)[::-1][:5]]}
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    return round(float(np.percentile(values, q)), 2) if values else None
 
 
 def _p99(values: list[float]) -> float | None:
-    return round(float(np.percentile(values, 99)), 2) if values else None
+    return _pct(values, 99)
 
 
 def run_until(app, done, seconds: float) -> bool:
@@ -76,12 +90,33 @@ def run_until(app, done, seconds: float) -> bool:
     return done()
 
 
+def untrained_merge(workload_path: Path, out: Path) -> Path:
+    """The merged folder `gemel merge` would write, every proposed group kept, no retraining."""
+    from gemel_studio.analysis import analyze_workload
+    from gemel_studio.merging import GroupState, apply_plan, propose_plan
+    from gemel_studio.merging.pipeline import write_merged_folder
+    from gemel_studio.models.zoo import construct
+    from gemel_studio.workload import load_workload
+
+    torch.manual_seed(0)
+    workload = load_workload(workload_path)
+    plan = propose_plan(workload, analyze_workload(workload))
+    for g in plan.groups:
+        g.state = GroupState.kept
+    models = {m.name: construct(m.source.architecture, m.num_classes, "cpu")[0].eval() for m in workload.models}
+    apply_plan(models, plan)
+    write_merged_folder(out, workload, models, plan, {"workload": workload.name, "models": {}})
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--retrain-seconds", type=float, default=60.0)
     parser.add_argument("--preview-seconds", type=float, default=10.0)
     parser.add_argument("--interval-ms", type=int, default=10)
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="write a cProfile of the GUI thread during the preview here (python -m pstats reads it)")
     args = parser.parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
 
@@ -128,20 +163,26 @@ def main(argv: list[str] | None = None) -> int:
 
     probe = StallProbe(args.interval_ms)
     finished: list = []
-    panel.sigRunFinished.connect(finished.append)
-    probe.start()
-    started = time.monotonic()
-    if panel.start() is None:
-        print(json.dumps({"error": errors[-1] if errors else "the merge did not start"}))
-        return 2
-    completed = run_until(app, lambda: finished or not panel.running, args.retrain_seconds)
-    if panel.running:
-        panel.pause()
-        run_until(app, lambda: not panel.running, 120)
-    retraining = {**probe.stop(), "seconds": round(time.monotonic() - started, 1), "finished": bool(finished),
-                  "completed_in_time": bool(completed and finished)}
+    if args.retrain_seconds > 0:
+        panel.sigRunFinished.connect(finished.append)
+        probe.start()
+        started = time.monotonic()
+        if panel.start() is None:
+            print(json.dumps({"error": errors[-1] if errors else "the merge did not start"}))
+            return 2
+        completed = run_until(app, lambda: finished or not panel.running, args.retrain_seconds)
+        if panel.running:
+            panel.pause()
+            run_until(app, lambda: not panel.running, 120)
+        retraining = {**probe.stop(), "seconds": round(time.monotonic() - started, 1), "finished": bool(finished),
+                      "completed_in_time": bool(completed and finished)}
+    else:
+        untrained_merge(path, folder / "merged")
+        finished.append(None)
+        retraining = {"skipped": "--retrain-seconds 0: the preview runs the models merged without retraining"}
 
-    out = {"device": device, "interval_ms": args.interval_ms, "goal_p99_ms": 50, "retraining": retraining}
+    out = {"device": device, "cpus": os.cpu_count(), "interval_ms": args.interval_ms, "goal_p99_ms": 50,
+           "retraining": retraining}
     if finished:
         bundle = folder / "bundle"
         export_bundle(folder / "merged", bundle)
@@ -150,36 +191,75 @@ def main(argv: list[str] | None = None) -> int:
             out["preview"] = {"error": errors[-1] if errors else "the bundle did not open"}
         else:
             preview.policy_combo.setCurrentText("merged")
+            preview.device_budget_check.setChecked(False)  # the same budget on every machine
+            preview.budget_spin.setValue(256)
             if preview.device_combo.findText(device) >= 0:
                 preview.device_combo.setCurrentText(device)
             for fps in (10, 10, 6, 4):
                 preview.add_synthetic_stream(fps)
             window.tabs.setCurrentWidget(preview)
-            # Where a stall comes from: the preview's redraw, and within it the engine's snapshot.
-            refresh_ms, snapshot_ms = [], []
+            # Where a stall comes from: the preview's redraw, and within it the engine's snapshot
+            # (timed where the redraw calls it, so the probe adds no snapshot of its own).
+            refresh_ms, refresh_cpu_ms, snapshot_ms = [], [], []
             original_refresh = preview.refresh
+            profiler = cProfile.Profile() if args.profile else None
+
+            def timed_snapshot(snapshot):
+                def timed():
+                    t0 = time.perf_counter()
+                    try:
+                        return snapshot()
+                    finally:
+                        snapshot_ms.append((time.perf_counter() - t0) * 1000)
+                timed.probed = True
+                return timed
 
             def timed_refresh():
                 engine = preview.engine
-                if engine is not None:
-                    t0 = time.perf_counter()
-                    engine.snapshot()
-                    snapshot_ms.append((time.perf_counter() - t0) * 1000)
-                t0 = time.perf_counter()
+                if engine is not None and not getattr(engine.snapshot, "probed", False):
+                    engine.snapshot = timed_snapshot(engine.snapshot)
+                t0, c0 = time.perf_counter(), time.thread_time()
                 original_refresh()
                 refresh_ms.append((time.perf_counter() - t0) * 1000)
+                refresh_cpu_ms.append((time.thread_time() - c0) * 1000)
 
             preview.refresh = timed_refresh
+            # The run's start on the GUI thread: the tiles made when its engine arrives.
+            started_ms = []
+            original_partial = preview.on_task_partial
+
+            def timed_partial(value):
+                t0 = time.perf_counter()
+                original_partial(value)
+                started_ms.append(round((time.perf_counter() - t0) * 1000, 1))
+
+            preview.on_task_partial = timed_partial
             preview._timer.timeout.disconnect()
             preview._timer.timeout.connect(timed_refresh)
             probe.start()
             if preview.start() is None:
                 out["preview"] = {"error": errors[-1] if errors else "the preview did not start"}
             else:
+                if profiler is not None:
+                    profiler.enable()
+                cpu0 = time.thread_time()
                 run_until(app, lambda: False, args.preview_seconds)
+                gui_cpu_s = time.thread_time() - cpu0
+                if profiler is not None:
+                    profiler.disable()
+                # Wall-clock stalls depend on what else the machine runs; the GUI thread's own CPU time
+                # (per redraw, and in all) is what the studio spends, whatever the load.
                 out["preview"] = {**probe.stop(), "seconds": args.preview_seconds, "streams": 4,
-                                  "redraw_p99_ms": _p99(refresh_ms), "engine_snapshot_p99_ms": _p99(snapshot_ms)}
+                                  "redraws": len(refresh_ms), "redraw_p50_ms": _pct(refresh_ms, 50),
+                                  "redraw_p99_ms": _p99(refresh_ms), "redraw_cpu_p50_ms": _pct(refresh_cpu_ms, 50),
+                                  "redraw_cpu_p99_ms": _p99(refresh_cpu_ms),
+                                  "engine_snapshot_p99_ms": _p99(snapshot_ms), "run_start_gui_ms": started_ms,
+                                  "gui_thread_cpu_s": round(gui_cpu_s, 2),
+                                  "load_average_1m": round(os.getloadavg()[0], 2)}
                 preview.stop(wait_ms=10_000)
+                if profiler is not None:
+                    profiler.dump_stats(args.profile)
+                    out["preview"]["profile"] = str(args.profile)
     phases = [p for p in (out.get("retraining"), out.get("preview")) if p and "p99_ms" in p]
     out["p99_ms"] = max(p["p99_ms"] for p in phases) if phases else None
     print(json.dumps(out, indent=2))

@@ -214,6 +214,7 @@ def edge_run(window, grab, settle) -> str:
     if window.tabs.currentWidget() is not preview:
         return errors[0] if errors else "the bundle did not open in the preview"
     preview.policy_combo.setCurrentText("merged")
+    preview.device_budget_check.setChecked(False)  # a budget below everything, so the swaps show
     preview.budget_spin.setValue(64)
     preview.device_combo.setCurrentText("cpu")
     preview.add_synthetic_stream(10)

@@ -40,7 +40,8 @@ from .worker import Worker
 
 MIB = 1024 * 1024
 SYNTHETIC_SIZE = (64, 64)  # height, width: what `gemel run --stream synthetic:FPS` generates
-REFRESH_MS = 125  # the preview redraws at 8 Hz, whatever the streams' frame rates
+REFRESH_MS = 125  # the preview redraws its frames at 8 Hz, whatever the streams' frame rates
+FIGURES_EVERY = 4  # and its tables, gauges and state line every 4th time (2 Hz): figures to read, not to flicker
 BUNDLE_FILTER = "Bundle archives (*.tar *.tar.gz *.tgz);;All files (*)"
 VIDEO_FILTER = "Videos (*.mp4 *.avi *.mkv *.mov *.webm);;All files (*)"
 
@@ -81,6 +82,14 @@ def frame_image(frame: torch.Tensor) -> QImage:
     pixels = (t[:3] * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
     h, w, _ = pixels.shape
     return QImage(pixels.tobytes(), w, h, 3 * w, QImage.Format.Format_RGB888).copy()
+
+
+@dataclass
+class DeviceBudget:
+    """The memory budget a run read from its device as it started (no budget set)."""
+
+    bytes: int
+    where: str  # what was read: 'free GPU memory on cuda:0', 'available memory'
 
 
 @dataclass
@@ -194,9 +203,11 @@ class StreamTile(QFrame):
         self.ended_label.setStyleSheet(f"color: {colors['bound']};")
         self.frame_view.update()
 
-    def show_state(self, stats: StreamRow, latest: dict | None, model_colors: dict[str, str]) -> None:
-        """Counters from the snapshot's stream row; the frame from `engine.latest` (None before
-        the first frame processed in time)."""
+    def show_state(self, stats: StreamRow, latest: dict | None, model_colors: dict[str, str],
+                   figures: bool = True) -> None:
+        """Counters from the snapshot's stream row (when `figures`: they are redrawn less often
+        than the frames); the frame from `engine.latest` (None before the first frame processed
+        in time)."""
         if latest is not None and latest["timestamp"] != self.timestamp:
             self.timestamp = latest["timestamp"]
             outputs = latest["outputs"]
@@ -206,6 +217,8 @@ class StreamTile(QFrame):
             self.outputs_label.setText("\n".join(output_text(m, outputs.get(m)) for m in self.models))
         elif latest is None and not self.outputs_label.text():
             self.outputs_label.setText("\n".join(output_text(m, None) for m in self.models))
+        if not figures:
+            return
         frames_in, dropped = stats.frames_in, stats.dropped
         drop = f"{dropped / frames_in:.1%} dropped ({dropped}/{frames_in})" if frames_in else "no frames yet"
         self.stats_label.setText(f"{stats.throughput_fps:.1f} of {stats.fps:g} fps processed · {drop}")
@@ -226,6 +239,7 @@ class PreviewPanel(TaskMixin, QWidget):
         self.engine = None  # the running (or last) Engine, once the worker has made it
         self.tiles: list[StreamTile] = []
         self.last_snapshot: RunSnapshot | None = None
+        self.refreshes = 0  # redraws since the run's engine came (every FIGURES_EVERY-th redraws the figures)
         self.colors = PALETTES["dark"]
         self._pool = QThreadPool(self)  # the run holds a thread for as long as it runs
         self._pool.setMaxThreadCount(1)
@@ -296,13 +310,23 @@ class PreviewPanel(TaskMixin, QWidget):
         self.budget_spin.setValue(256)
         self.budget_spin.setSuffix(" MiB")
         self.budget_spin.setToolTip("Model weights the runtime may hold resident (--memory-budget)")
+        self.device_budget_check = QCheckBox("What the device can hold", self)
+        self.device_budget_check.setToolTip(
+            "The budget `gemel run` takes without --memory-budget: what the device can hold when the run starts "
+            "(free GPU memory on CUDA, the system's available memory on a CPU). Uncheck to set one")
+        self.device_budget_check.setChecked(True)
+        self.device_budget_check.toggled.connect(lambda _: self.show_device_budget())
+        self.budget_note = QLabel("", self)  # how the budget is chosen
+        self.budget_note.setWordWrap(True)
         self.device_combo = QComboBox(self)
         self.device_combo.addItems(["auto", "cpu"] + (["cuda"] if torch.cuda.is_available() else []))
         self.device_combo.setToolTip("auto: the GPU when there is one, else the CPU")
+        self.device_combo.currentTextChanged.connect(lambda _: self.show_device_budget())
         self.backend_combo = QComboBox(self)
         self.backend_combo.addItems(choices("backend"))
         self.backend_combo.setToolTip("torch, or onnxruntime (CPU) on the bundle's ONNX graphs")
         self.backend_combo.currentTextChanged.connect(lambda _: self._update_enabled())
+        self.backend_combo.currentTextChanged.connect(lambda _: self.show_device_budget())  # onnxruntime: the CPU's
         self.load_combo = QComboBox(self)
         self.load_combo.addItems(choices("load"))
         self.load_combo.setToolTip("whole: a model's missing weights load before it runs · layered (MemA): each "
@@ -310,6 +334,8 @@ class PreviewPanel(TaskMixin, QWidget):
         form = QFormLayout()
         form.addRow("Policy", self.policy_combo)
         form.addRow("Memory budget", self.budget_spin)
+        form.addRow("", self.device_budget_check)
+        form.addRow("", self.budget_note)
         form.addRow("Device", self.device_combo)
         form.addRow("Backend", self.backend_combo)
         form.addRow("Loading", self.load_combo)
@@ -389,7 +415,7 @@ class PreviewPanel(TaskMixin, QWidget):
         layout = QHBoxLayout(self)
         layout.addWidget(settings_scroll)
         layout.addWidget(right_box, 1)
-        self._update_enabled()
+        self._update_enabled()  # the device's budget is read when the tab is first shown
 
     # --- settings ---------------------------------------------------------------------------
 
@@ -543,8 +569,50 @@ class PreviewPanel(TaskMixin, QWidget):
         self.streams[row].models = [] if len(checked) == len(items) else checked
         self.streams_list.item(row).setText(f"{row + 1}. {self.streams[row].describe()}")
 
+    @property
+    def uses_device_budget(self) -> bool:
+        """The budget is the device's, read when the run starts (as `gemel run` without
+        --memory-budget)."""
+        return self.device_budget_check.isChecked() and self.policy_combo.currentText() != "unlimited"
+
     def budget_bytes(self) -> int | None:
-        return None if self.policy_combo.currentText() == "unlimited" else self.budget_spin.value() * MIB
+        """The budget set here; None for no budget (unlimited) or the device's (read at Start)."""
+        if self.policy_combo.currentText() == "unlimited" or self.uses_device_budget:
+            return None
+        return self.budget_spin.value() * MIB
+
+    def budget_device(self):
+        """The device the memory budget is about (onnxruntime's 'auto' is the CPU), resolved."""
+        from ..devices import resolve_device
+
+        options = RunOptions(device=self.device_combo.currentText(), backend=self.backend_combo.currentText())
+        return resolve_device(options.budget_device)
+
+    def show_device_budget(self) -> None:
+        """With the device's budget chosen, fill the budget field with what the device can hold
+        now and say how that was read. A GPU that this process has not touched yet is read at
+        Start, on the run's thread (reading it here would make a CUDA context on the GUI thread)."""
+        if not self.device_budget_check.isChecked():
+            self.budget_note.setText("Set here (--memory-budget)")
+            self._update_enabled()
+            return
+        from ..runtime.telemetry import device_capacity
+
+        try:
+            device = self.budget_device()
+        except GemelError as exc:
+            self.budget_note.setText(str(exc))
+            return
+        if device.type == "cuda" and not torch.cuda.is_initialized():
+            self.budget_note.setText(f"Free GPU memory on {device}, read at Start")
+        else:
+            budget, where = device_capacity(device)
+            self._show_budget(budget, f"{where[0].upper()}{where[1:]} now: {human_bytes(budget)}; read again at Start")
+        self._update_enabled()
+
+    def _show_budget(self, budget: int, note: str) -> None:
+        self.budget_spin.setValue(max(1, min(self.budget_spin.maximum(), budget // MIB)))
+        self.budget_note.setText(note)
 
     def run_options(self) -> RunOptions:
         """The form's settings, validated as `gemel run` validates its flags."""
@@ -586,11 +654,19 @@ class PreviewPanel(TaskMixin, QWidget):
         path, streams = self.bundle_path(), [replace(c, models=list(c.models)) for c in self.streams]
 
         def work(progress, partial):
+            from ..devices import resolve_device
             from ..runtime import load_bundle
             from ..runtime.engine import Engine
+            from ..runtime.telemetry import device_capacity, process_rss
 
+            process_rss()  # psutil's first import, here rather than in the GUI thread's first redraw
+            run = options
+            if run.memory_budget is None and run.policy != "unlimited":  # as `gemel run` chooses it
+                budget, where = device_capacity(resolve_device(run.budget_device))
+                run = run.model_copy(update={"memory_budget": budget})
+                partial(DeviceBudget(budget, where))
             with load_bundle(path) as bundle:  # closed (an archive's extraction removed) when the run ends
-                engine = Engine(bundle, [(c.source(seed=i), list(c.models)) for i, c in enumerate(streams)], options)
+                engine = Engine(bundle, [(c.source(seed=i), list(c.models)) for i, c in enumerate(streams)], run)
                 partial(engine)
                 return engine.run(progress=progress)
 
@@ -612,20 +688,34 @@ class PreviewPanel(TaskMixin, QWidget):
         self.stop_task("stop", "Stopping…")
         return self._pool.waitForDone(wait_ms) if wait_ms else self.worker is None
 
-    def refresh(self) -> None:
-        """Read the engine's counters and last frames (GUI thread; the engine is thread-safe)."""
+    def refresh(self, force: bool = False) -> None:
+        """Read the engine's counters and last frames (GUI thread; the engine is thread-safe).
+        Only what can be seen is redrawn: nothing while the tab is hidden (it catches up when
+        shown), and only the tiles scrolled into view; the figures every FIGURES_EVERY-th time.
+        `force` redraws everything (the run's final counters)."""
         engine = self.engine
-        if engine is None:
+        if engine is None or not (force or self.isVisible()):
             return
         snap = engine.snapshot()
         self.last_snapshot = snap
-        self.state_label.setText(run_state_text(snap))
-        self.gauges.show_snapshot(snap)
-        self.stream_model.set_rows(snap.streams)
-        self.model_model.set_models(snap.models)
+        figures = force or self.refreshes % FIGURES_EVERY == 0
+        if figures:
+            self.state_label.setText(run_state_text(snap))
+            self.gauges.show_snapshot(snap)
+            self.stream_model.set_rows(snap.streams)
+            self.model_model.set_models(snap.models)
+        self.refreshes += 1
         colors = self._model_colors()
         for tile, stats, latest in zip(self.tiles, snap.streams, list(engine.latest)):
-            tile.show_state(stats, latest, colors)
+            if force or not tile.visibleRegion().isEmpty():
+                tile.show_state(stats, latest, colors, figures)
+
+    def showEvent(self, event) -> None:  # noqa: N802 (Qt's name)
+        super().showEvent(event)
+        if self.engine is not None:
+            self.refresh(force=True)  # what changed while another tab was shown
+        elif not self.running:
+            self.show_device_budget()  # the memory free now
 
     def _model_colors(self) -> dict[str, str]:
         series = self.colors["series"]
@@ -633,6 +723,7 @@ class PreviewPanel(TaskMixin, QWidget):
 
     def _on_engine(self, engine) -> None:
         self.engine = engine
+        self.refreshes = 0
         self._clear_tiles()
         self.tiles_hint.hide()
         n = len(engine.stats)
@@ -673,11 +764,14 @@ class PreviewPanel(TaskMixin, QWidget):
     def _end(self) -> None:
         self._timer.stop()
         if self.engine is not None:
-            self.refresh()  # the final counters: every frame that came in, processed or dropped
+            self.refresh(force=True)  # the final counters: every frame that came in, processed or dropped
             self.sigRunEnded.emit(self.last_snapshot)
 
-    def on_task_partial(self, engine) -> None:
-        self._on_engine(engine)
+    def on_task_partial(self, value) -> None:
+        if isinstance(value, DeviceBudget):
+            self._show_budget(value.bytes, f"{human_bytes(value.bytes)}: {value.where} at Start")
+        else:
+            self._on_engine(value)
 
     def on_task_progress(self, done: int, total: int, message: str) -> None:
         pass  # the engine's counters, read by the refresh timer, are the progress
@@ -713,7 +807,9 @@ class PreviewPanel(TaskMixin, QWidget):
         self.load_combo.setEnabled(not running and self.backend_combo.currentText() == "torch")
         if self.backend_combo.currentText() != "torch":
             self.load_combo.setCurrentText("whole")
-        self.budget_spin.setEnabled(not running and self.policy_combo.currentText() != "unlimited")
+        budgeted = self.policy_combo.currentText() != "unlimited"
+        self.device_budget_check.setEnabled(not running and budgeted)
+        self.budget_spin.setEnabled(not running and budgeted and not self.device_budget_check.isChecked())
         self.remove_button.setEnabled(not running and bool(self.streams))
         if not running and self.engine is None:
             self.state_label.setText("Not running")

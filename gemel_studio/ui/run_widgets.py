@@ -11,7 +11,6 @@ never summed or mixed.
 
 from __future__ import annotations
 
-import time
 from typing import Callable
 
 from PySide6.QtCore import QAbstractTableModel, QModelIndex, Qt
@@ -80,6 +79,7 @@ class RunGauges(QWidget):
             grid.addWidget(bar, 1, column)
             grid.setColumnStretch(column, 1)
         grid.addWidget(self.memory_label, 2, 0, 1, 3)
+        self._shown: dict[int, tuple[int, str, bool]] = {}  # per bar: what it shows now
         self.clear()
 
     def _bar(self, tip: str) -> QProgressBar:
@@ -90,11 +90,17 @@ class RunGauges(QWidget):
         bar.setMinimumWidth(90)
         return bar
 
-    @staticmethod
-    def _set(bar: QProgressBar, fraction: float | None, text: str) -> None:
-        bar.setValue(0 if fraction is None else round(max(0.0, min(1.0, fraction)) * GAUGE_STEPS))
+    def _set(self, bar: QProgressBar, fraction: float | None, text: str) -> None:
+        """Show `fraction` and `text` on `bar`; a bar already showing them is left alone (a
+        QProgressBar repaints at once when its value moves, on every refresh otherwise)."""
+        shown = (0 if fraction is None else round(max(0.0, min(1.0, fraction)) * GAUGE_STEPS), text,
+                 fraction is not None)
+        if self._shown.get(id(bar)) == shown:
+            return
+        self._shown[id(bar)] = shown
         bar.setFormat(text)  # no %p/%v/%m in these texts: Qt would substitute them
-        bar.setEnabled(fraction is not None)
+        bar.setValue(shown[0])
+        bar.setEnabled(shown[2])
 
     def clear(self) -> None:
         self._set(self.resident_bar, None, "no run")
@@ -133,29 +139,46 @@ class RunGauges(QWidget):
         self.memory_label.setText("; ".join(parts))
 
 
+_DISPLAY, _TOOLTIP, _ALIGN = (int(r) for r in (Qt.ItemDataRole.DisplayRole, Qt.ItemDataRole.ToolTipRole,
+                                                 Qt.ItemDataRole.TextAlignmentRole))
+_RIGHT = int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+
+
 class SnapshotTableModel(QAbstractTableModel):
     """Rows (a snapshot's rows, dicts, or any objects), one column per (header, text function).
     Rows are replaced in place when their number stays the same, so a selection survives the
-    refreshes. With `ROW` set, dict rows (served JSON) are read into that row type."""
+    refreshes, and only the cells whose text changed are signalled (a view repaints, and
+    measures, only those). With `ROW` set, dict rows (served JSON) are read into that row type.
+    `TIPS`: a header's tooltip, saying what its column counts."""
 
     COLUMNS: tuple[tuple[str, Callable[[object], str]], ...] = ()
     ROW: type | None = None
     TEXT = frozenset({"Stream", "Models", "Model", "Ended"})  # left-aligned; the other columns are figures
     STRETCH: str | None = None  # the column that takes the spare width
+    TIPS: dict[str, str] = {}
 
     def __init__(self, parent=None):
         super().__init__(parent)
-        self.rows: list[dict] = []
+        self.rows: list = []
+        self.cells: list[tuple[str, ...]] = []  # each row's texts, as shown (computed once per refresh)
+        self._right = tuple(h not in self.TEXT for h, _ in self.COLUMNS)
 
     def set_rows(self, rows: list) -> None:
         if self.ROW is not None:
             rows = [r if isinstance(r, self.ROW) else self.ROW.from_dict(r) for r in rows]
+        cells = [tuple(text(r) for _, text in self.COLUMNS) for r in rows]
         if len(rows) == len(self.rows) and rows:
             self.rows = list(rows)
-            self.dataChanged.emit(self.index(0, 0), self.index(len(rows) - 1, len(self.COLUMNS) - 1))
+            changed = [(i, j) for i, (new, old) in enumerate(zip(cells, self.cells))
+                       for j, (a, b) in enumerate(zip(new, old)) if a != b]
+            self.cells = cells
+            if changed:  # one signal over the cells that changed (none: nothing to repaint)
+                top, bottom = min(i for i, _ in changed), max(i for i, _ in changed)
+                left, right = min(j for _, j in changed), max(j for _, j in changed)
+                self.dataChanged.emit(self.index(top, left), self.index(bottom, right), [Qt.ItemDataRole.DisplayRole])
             return
         self.beginResetModel()
-        self.rows = list(rows)
+        self.rows, self.cells = list(rows), cells
         self.endResetModel()
 
     def text(self, row: int, header: str) -> str:
@@ -170,17 +193,19 @@ class SnapshotTableModel(QAbstractTableModel):
         return 0 if parent.isValid() else len(self.COLUMNS)
 
     def data(self, index: QModelIndex, role=Qt.ItemDataRole.DisplayRole):
-        if not index.isValid():
-            return None
-        if role in (Qt.ItemDataRole.DisplayRole, Qt.ItemDataRole.ToolTipRole):
-            return self.COLUMNS[index.column()][1](self.rows[index.row()])
-        if role == Qt.ItemDataRole.TextAlignmentRole and self.COLUMNS[index.column()][0] not in self.TEXT:
-            return int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+        # A view asks for a dozen roles per cell on every paint: answer from the texts made in set_rows.
+        if role == _DISPLAY or role == _TOOLTIP:
+            return self.cells[index.row()][index.column()] if index.isValid() else None
+        if role == _ALIGN and index.isValid() and self._right[index.column()]:
+            return _RIGHT
         return None
 
     def headerData(self, section: int, orientation, role=Qt.ItemDataRole.DisplayRole):
-        if orientation == Qt.Orientation.Horizontal and role == Qt.ItemDataRole.DisplayRole:
-            return self.COLUMNS[section][0]
+        if orientation == Qt.Orientation.Horizontal:
+            if role == _DISPLAY:
+                return self.COLUMNS[section][0]
+            if role == _TOOLTIP:
+                return self.TIPS.get(self.COLUMNS[section][0])
         return None
 
 
@@ -214,6 +239,8 @@ class ModelTableModel(SnapshotTableModel):
         ("Model", lambda m: m.name),
         ("Bytes", lambda m: human_bytes(m.bytes)),
         ("Runs", lambda m: str(m.runs)),
+        ("Mean batch", lambda m: "-" if m.mean_batch_size is None else f"{m.mean_batch_size:.2f}"),
+        ("Max batch", lambda m: "-" if m.max_batch is None else str(m.max_batch)),
         ("Swaps", lambda m: str(m.swaps)),
         ("Load s", lambda m: f"{m.load_seconds:.3f}"),
         ("Waited s", lambda m: f"{m.load_wait_seconds:.3f}"),
@@ -222,19 +249,23 @@ class ModelTableModel(SnapshotTableModel):
         ("Refused", lambda m: str(m.refused)),
         ("Loading", lambda m: m.load),
     )
+    TIPS = {"Runs": "Frames the model ran on (a batch of several frames counts each)",
+            "Mean batch": "Frames per batch, on average: frames of the streams that use the model that wait "
+                          "together go through it as one batch",
+            "Max batch": "The largest batch the start's profile found within the streams' deadlines; "
+                         "the run never batches more frames than this",
+            "Swaps": "Loads of the model's weights into memory"}
 
     def set_models(self, models: dict[str, ModelRow | dict]) -> None:
         self.set_rows([row if isinstance(row, ModelRow) else ModelRow.from_dict(row, name)
                        for name, row in models.items()])
 
 
-RESIZE_EVERY_S = 1.0  # columns follow their contents at most once a second
-
-
 def snapshot_table(model: QAbstractTableModel, parent: QWidget) -> QTableView:
-    """A read-only table: rows selectable, columns as wide as their contents. The widths follow
-    the contents when the rows change and at most once a second while figures tick: a header in
-    ResizeToContents mode measures every cell on every refresh, the preview's largest stall
+    """A read-only table: rows selectable, columns as wide as their contents. The widths are
+    fitted when the rows change; while figures tick, a column only widens when a changed cell
+    no longer fits (measured by its text), never refitted: a header in ResizeToContents mode,
+    or a refit per refresh, measures every cell each time and was the preview's largest stall
     (benchmarks/ui_probe.py)."""
     view = QTableView(parent)
     view.setModel(model)
@@ -247,19 +278,35 @@ def snapshot_table(model: QAbstractTableModel, parent: QWidget) -> QTableView:
     header.setSectionResizeMode(QHeaderView.ResizeMode.Interactive)
     header.setStretchLastSection(False)
     stretch = getattr(model, "STRETCH", None)
-    if stretch is not None:
-        header.setSectionResizeMode([h for h, _ in model.COLUMNS].index(stretch), QHeaderView.ResizeMode.Stretch)
-    last = [0.0]
+    stretched = [h for h, _ in model.COLUMNS].index(stretch) if stretch is not None else -1
+    if stretched >= 0:
+        header.setSectionResizeMode(stretched, QHeaderView.ResizeMode.Stretch)
+    padding = [16]  # a cell's width beyond its text (the delegate's margins), measured at each fit
 
-    def fit(force: bool = False) -> None:
-        now = time.monotonic()
-        if force or now - last[0] >= RESIZE_EVERY_S:
-            last[0] = now
-            view.resizeColumnsToContents()
+    def fit() -> None:
+        view.resizeColumnsToContents()
+        cells = getattr(model, "cells", None)
+        if cells:
+            metrics = view.fontMetrics()
+            padding[0] = max(view.sizeHintForIndex(model.index(0, c)).width() - metrics.horizontalAdvance(cells[0][c])
+                             for c in range(model.columnCount()))
 
-    model.modelReset.connect(lambda: fit(force=True))
-    model.dataChanged.connect(lambda *args: fit())
-    fit(force=True)
+    def widen(top_left: QModelIndex, bottom_right: QModelIndex, roles=()) -> None:
+        cells = getattr(model, "cells", None)
+        if cells is None:  # a model without texts of its own: ask the view
+            return view.resizeColumnsToContents()
+        metrics = view.fontMetrics()
+        for c in range(top_left.column(), bottom_right.column() + 1):
+            if c == stretched:
+                continue
+            need = padding[0] + max(metrics.horizontalAdvance(cells[r][c])
+                                    for r in range(top_left.row(), bottom_right.row() + 1))
+            if need > header.sectionSize(c):
+                header.resizeSection(c, need)
+
+    model.modelReset.connect(fit)
+    model.dataChanged.connect(widen)
+    fit()
     return view
 
 

@@ -62,8 +62,9 @@ def preview(window, bundle):  # noqa: F811
     window.tabs.setCurrentWidget(panel)
     assert panel.set_bundle_path(bundle[1]), window.banner.message
     panel.policy_combo.setCurrentText("merged")
-    panel.budget_spin.setValue(256)
     panel.device_combo.setCurrentText("cpu")
+    panel.device_budget_check.setChecked(False)  # a budget set here, not the device's
+    panel.budget_spin.setValue(256)
     return panel
 
 
@@ -308,6 +309,7 @@ def test_export_lists_checks_and_opens_the_archive_in_the_preview(window, merged
     assert window.tabs.currentWidget() is preview
     assert preview.bundle_edit.text() == str(result.bundle) and "4 models" in preview.bundle_label.text()
     preview.policy_combo.setCurrentText("time-sharing")
+    preview.device_budget_check.setChecked(False)
     preview.budget_spin.setValue(64)
     preview.device_combo.setCurrentText("cpu")
     preview.add_synthetic_stream(5, models=["color", "spare"])
