@@ -14,10 +14,14 @@ share group without retraining (the all-shareable bound), or only the groups a m
 not depend on what the weights' values are, only on which tensors are shared; accuracy is
 benchmarks/merge.py's business.
 
-Streams: for each count in `--streams` (default 4 and 8), that many synthetic streams at
-`--fps`, stream i running model i mod the number of models (with 8 streams and 4 models, two
-streams share each model, so their frames can batch), frames of 64x64 resized to each
-model's input. Each frame's deadline is its stream's frame interval.
+Streams: for each count in `--streams` (default 4 and 8), that many streams at `--fps`,
+stream i running model i mod the number of models (with 8 streams and 4 models, two streams
+share each model, so their frames can batch). Stream 0 decodes a real video with OpenCV when
+one is given (`--video PATH`; by default OpenCV's sample recording of a street,
+/usr/share/doc/opencv-doc/examples/data/vtest.avi, 768x576, installed by
+benchmarks/prepare_video.py from Debian's opencv-doc, when present), replayed at `--fps` in a
+loop; the others are synthetic frames of 64x64. Every frame is resized to each model's input.
+Each frame's deadline is its stream's frame interval.
 
 Budgets, from the per-model bytes (each model alone) of the bundle:
 - `largest`: the smallest budget that runs the largest model;
@@ -38,6 +42,10 @@ the latter two, a little.
 
 `--load layered` runs the same with MemA-style layer-by-layer loading (loading a layer's
 weights while the previous layers run); `--compare-load` runs both and reports them side by side.
+`--compare-order` adds merged and time-sharing with the fair order alone (`merged/fair`: what
+the merge-aware order adds), `--compare-prefetch` merged and time-sharing with the opposite of
+the default prefetch (loads overlapping the previous model's run; on by default on CUDA only):
+`merged/prefetch` on a CPU, `merged/no-prefetch` on CUDA. The reference runs with neither.
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
 import tempfile
 import time
@@ -62,18 +71,28 @@ from gemel_studio.runtime import load_bundle  # noqa: E402
 from gemel_studio.runtime.engine import Engine  # noqa: E402
 from gemel_studio.runtime.options import RunOptions  # noqa: E402
 from gemel_studio.runtime.scheduler import ModelScheduler  # noqa: E402
-from gemel_studio.runtime.sources import SyntheticSource  # noqa: E402
+from gemel_studio.runtime.sources import SyntheticSource, VideoSource  # noqa: E402
+from prepare_video import SOURCE as VIDEO_SOURCE, VIDEO as DEFAULT_VIDEO  # noqa: E402
 
 POLICIES = ("merged", "time-sharing", "space-sharing", "unlimited")
-REFERENCE = "time-sharing/lru/unbatched"  # the runtime before batching and Belady eviction
+REFERENCE = "time-sharing/lru/unbatched"  # the runtime before batching, Belady eviction, order and prefetch
+COMPARED = ("merged", "time-sharing")  # the policies that load on demand: what order and prefetch change
 
 
-def configurations(policies) -> list[tuple[str, str, str, bool]]:
-    """(label, policy, eviction, batching): every policy batched with Belady eviction, then the
-    reference."""
-    out = [(p, p, "belady", True) for p in policies]
+def configurations(policies, compare_order: bool = False, compare_prefetch: bool = False, cuda: bool = False
+                   ) -> list[tuple[str, str, str, bool, str, str]]:
+    """(label, policy, eviction, batching, order, prefetch): every policy batched with Belady
+    eviction, the merge-aware order and the default prefetch (on CUDA only); the comparisons
+    asked for (prefetch: the opposite of the default); then the reference."""
+    out = [(p, p, "belady", True, "merge-aware", "auto") for p in policies]
+    for p in (p for p in COMPARED if p in policies):
+        if compare_order:
+            out.append((f"{p}/fair", p, "belady", True, "fair", "auto"))
+        if compare_prefetch:
+            out.append((f"{p}/no-prefetch", p, "belady", True, "merge-aware", "off") if cuda else
+                       (f"{p}/prefetch", p, "belady", True, "merge-aware", "on"))
     if "time-sharing" in policies:
-        out.append((REFERENCE, "time-sharing", "lru", False))
+        out.append((REFERENCE, "time-sharing", "lru", False, "fair", "off"))
     return out
 
 
@@ -126,11 +145,16 @@ def budgets_for(bundle, names: list[str]) -> dict:
 
 
 def run_policy(bundle, names: list[str], args, policy: str, budget: int | None, load: str, n_streams: int,
-               eviction: str = "belady", batching: bool = True, label: str | None = None) -> dict:
-    streams = [(SyntheticSource(fps=args.fps, size=(64, 64), seed=i), [names[i % len(names)]])
-               for i in range(n_streams)]
+               eviction: str = "belady", batching: bool = True, label: str | None = None,
+               order: str = "merge-aware", prefetch: str = "auto") -> dict:
+    def source(i: int):
+        if i == 0 and args.video is not None:  # the real recording
+            return VideoSource(args.video, loop=True, fps=args.fps)
+        return SyntheticSource(fps=args.fps, size=(64, 64), seed=i)
+
+    streams = [(source(i), [names[i % len(names)]]) for i in range(n_streams)]
     options = RunOptions(policy=policy, memory_budget=budget, device=args.device, backend=args.backend, load=load,
-                         eviction=eviction, batching=batching)
+                         eviction=eviction, batching=batching, order=order, prefetch=prefetch)
     summary = Engine(bundle, streams, options).run(args.duration)
     models, rows, mem = summary.models.values(), summary.streams, summary.memory
     batches = sum(m.batches for m in models)
@@ -139,7 +163,7 @@ def run_policy(bundle, names: list[str], args, policy: str, budget: int | None, 
     processed = sum(s.processed for s in rows)
     p99 = [s.latency_p99_ms for s in rows if s.latency_p99_ms is not None]
     return {"config": label or policy, "policy": policy, "eviction": eviction, "batching": batching,
-            "load": load, "frames_in": frames_in, "processed": processed,
+            "order": order, "prefetch": summary.prefetch, "load": load, "frames_in": frames_in, "processed": processed,
             "dropped": frames_in - processed,
             "processed_fraction": round(processed / frames_in, 4) if frames_in else None,
             "per_stream_processed_fraction": [s.processed_fraction for s in rows],
@@ -155,6 +179,12 @@ def run_policy(bundle, names: list[str], args, policy: str, budget: int | None, 
             "load_seconds": round(sum(m.load_seconds for m in models), 3),
             "peak_resident_bytes": mem.runtime_peak_resident_bytes,
             "mean_batch_size": round(batched / batches, 3) if batches else None,
+            "reordered_batches": summary.reordered_batches, "prefetches": summary.prefetches,
+            "prefetch_misses": summary.prefetch_misses,
+            "load_wait_seconds": round(sum(m.load_wait_seconds for m in models), 3),
+            # The video stream's own fraction and where its source ended (None without a video).
+            "video_stream_processed_fraction": rows[0].processed_fraction if args.video is not None else None,
+            "video_stream_end": rows[0].end_reason if args.video is not None else None,
             "max_batch": {n: m.max_batch for n, m in summary.models.items()},
             "static_set": mem.static_set,
             "process_rss_bytes": mem.process_rss_bytes,
@@ -209,7 +239,7 @@ def checks_for(results: dict) -> dict:
         if m is None:
             continue
         for other, r in by.items():  # fractions: the runs' frame counts differ a little
-            if other not in ("merged", "unlimited"):
+            if other != "unlimited" and not other.startswith("merged"):
                 out[f"{budget}: merged processes more than {other}"] = \
                     m["processed_fraction"] > r["processed_fraction"]
         if budget == "50%" and "unlimited" in by:
@@ -242,13 +272,29 @@ def main() -> None:
                         "(default: the workload's)")
     parser.add_argument("--cold-rounds", type=int, default=8, help="rounds of the cold-start latency measurement "
                         "(0 skips it)")
+    parser.add_argument("--video", default="auto", help="a video file stream 0 decodes with OpenCV (default: "
+                        f"{DEFAULT_VIDEO} when present, see benchmarks/prepare_video.py; 'none': synthetic only)")
+    parser.add_argument("--compare-order", action="store_true", help="add merged and time-sharing with the fair "
+                        "order alone (what the merge-aware order adds)")
+    parser.add_argument("--compare-prefetch", action="store_true", help="add merged and time-sharing without "
+                        "loads overlapping the previous model's run")
     args = parser.parse_args()
+    if args.video == "auto":
+        args.video = DEFAULT_VIDEO if DEFAULT_VIDEO.is_file() else None
+    elif args.video == "none":
+        args.video = None
+    else:
+        args.video = Path(args.video)
+        if not args.video.is_file():
+            parser.error(f"--video {args.video}: no such file (benchmarks/prepare_video.py installs "
+                         f"{DEFAULT_VIDEO})")
     if args.backend == "onnxruntime" and (args.load == "layered" or args.compare_load):
         parser.error("layer-by-layer loading needs the torch backend")
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     print(f"device: {device_name() if args.device == 'cpu' else args.device}", file=sys.stderr, flush=True)
+    load_before = [round(x, 2) for x in os.getloadavg()]  # the box is shared: say how busy it was
     with tempfile.TemporaryDirectory(prefix="gemel-bench-runtime-") as tmp:
         started = time.perf_counter()
         path = args.bundle or build_tied_bundle(args.workload, Path(tmp), args.input_size, args.plan)
@@ -260,7 +306,8 @@ def main() -> None:
             cold = {load: cold_starts(bundle, names, args, load, args.cold_rounds) for load in loads} \
                 if args.cold_rounds > 0 else None
             input_sizes = {m.name: list(m.input_size) for m in bundle.manifest.models}
-            configs = configurations(args.policies)
+            cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+            configs = configurations(args.policies, args.compare_order, args.compare_prefetch, cuda)
             results: dict[str, dict[str, dict[str, list]]] = {load: {} for load in loads}
             for n_streams in args.streams:
                 key = f"{n_streams} streams"
@@ -270,15 +317,16 @@ def main() -> None:
                     for load in loads:
                         runs: dict[str, list] = {c[0]: [] for c in configs}
                         for _ in range(args.repeats):  # interleaved: a slow spell hits them alike
-                            for name, policy, eviction, batching in configs:
+                            for name, policy, eviction, batching, order, prefetch in configs:
                                 gc.collect()  # the last run's engine is gone before this one starts
                                 row = run_policy(bundle, names, args, policy,
                                                  None if policy == "unlimited" else budget, load, n_streams,
-                                                 eviction, batching, name)
+                                                 eviction, batching, name, order, prefetch)
                                 row["budget_bytes"] = budget
                                 runs[name].append(row)
                                 print(f"{key} {label} {load} {name}: processed {row['processed_fraction']}, "
-                                      f"swaps {row['swaps']}, batch {row['mean_batch_size']}",
+                                      f"swaps {row['swaps']}, loaded {row['loaded_bytes']}, "
+                                      f"batch {row['mean_batch_size']}",
                                       file=sys.stderr, flush=True)
                         results[load][key][label] = [median_row(runs[c[0]]) for c in configs]
     device = torch.device("cuda" if args.device.startswith("cuda") or (args.device == "auto" and
@@ -291,9 +339,13 @@ def main() -> None:
         f"{'the groups of ' + str(args.plan) + ' kept' if args.plan else 'every proposed group'} tied (built "
         "here, not retrained)", "bundle_build_seconds": round(build_s, 1),
         "models": names, "input_sizes": input_sizes, "streams": args.streams, "fps": args.fps,
-        "configurations": [{"config": c[0], "policy": c[1], "eviction": c[2], "batching": c[3]}
-                           for c in configurations(args.policies)],
+        "configurations": [{"config": c[0], "policy": c[1], "eviction": c[2], "batching": c[3], "order": c[4],
+                            "prefetch": c[5]} for c in configs],
+        "video": None if args.video is None else {"path": str(args.video), "stream": 0, "replayed_fps": args.fps,
+                                                  "source": VIDEO_SOURCE if args.video == DEFAULT_VIDEO
+                                                  else "given with --video"},
         "duration_s": args.duration, "repeats": args.repeats, **sizes,
+        "load_average": {"before": load_before, "after": [round(x, 2) for x in os.getloadavg()]},
         "results": results if args.compare_load else results[args.load],
     }
     if cold is not None:

@@ -237,6 +237,14 @@ def test_a_video_decodes_at_its_frame_rate_as_rgb(tmp_path):
     assert got == 30 and looped.end_reason == "stopped"
 
 
+def test_a_video_replays_at_another_frame_rate(tmp_path):
+    path = _write_video(tmp_path / "clip.avi", frames=6, fps=10)
+    source = VideoSource(path, realtime=False, fps=30)
+    assert source.fps == 30 and source.file_fps == 10 and len(list(source.frames())) == 6
+    with pytest.raises(GemelError, match="replay frame rate"):
+        VideoSource(path, fps=0)
+
+
 def test_broken_sources_end_with_a_reason_instead_of_raising(tmp_path):
     path = _write_video(tmp_path / "clip.avi")
     data = path.read_bytes()

@@ -98,8 +98,10 @@ def fake_engine(loaded, streams, costs, policy="unlimited", budget=None, max_bat
     runs = []
 
     def fake_run(m, x, future=None):
+        # A prefetch on its way counts as loaded: the fake clock hides its load entirely.
         missing = engine.scheduler.missing_bytes(m)
         engine.scheduler.acquire(m, future)
+        engine._start_prefetch(m, future)
         clock.t += missing / 2**20 * load_s_per_mib + costs[m](int(x.shape[0]))
         runs.append((m, int(x.shape[0])))
         return torch.zeros(int(x.shape[0]), 4)
@@ -216,7 +218,8 @@ def test_with_batching_the_budget_holds_and_every_frame_is_counted_once(loaded, 
         costs = {m: linear(rng.uniform(2, 12), rng.uniform(0.5, 6)) for m in names}
         engine, clock, runs = fake_engine(loaded, streams, costs, policy, None if policy == "unlimited" else budget,
                                           max_batch=rng.choice([1, 4, 16]), load_s_per_mib=rng.choice([0, 0.0002]),
-                                          deadline_s=rng.choice([None, 0.05, 0.2]))
+                                          deadline_s=rng.choice([None, 0.05, 0.2]),
+                                          prefetch=rng.choice(["on", "off"]))
         sched = engine.scheduler
         real_acquire = sched.acquire
 

@@ -12,6 +12,17 @@ costs on this device (as GEMEL's evaluation and Nexus do it).
   a frame due sooner would be lost by waiting and fits in before it without making it late,
   and its stream is not already more than one of the first's runs ahead in compute (else a
   stream with a long deadline would be passed over for as long as sooner frames kept coming).
+- Merge-aware order (`order="merge-aware"`, the default): when the fair choice's model has
+  bytes to load, a frame whose model has fewer bytes left to load goes first instead (the
+  fewest first: models that share layers with the one just run run back to back, and the
+  shared layers are loaded once), but only while its stream is at most one of the fair
+  choice's runs (its load included) ahead in compute, only when the fair choice still meets
+  its deadline after it (twice the inserted work must fit, as above), and only for as long
+  as one of the fair choice's runs, its load included, from the first time its stream was
+  passed over. So no stream is starved: the fair rule still decides whose turn it is, the
+  order only moves a load back by one run. (A bound in compute alone is not enough: compute
+  shares decay, and a stream whose model loads slowly could stay within one load of every
+  other stream for ever.) `order="fair"` is max-min fairness alone (for comparison).
 
 `BatchPlanner` has no clock of its own (`now` is given), so tests drive it with a fake one.
 """
@@ -27,6 +38,7 @@ from typing import Callable
 import torch
 
 from .backends import prepare_input
+from .options import ORDERS
 
 MAX_BATCH = 16  # the profile tries batch sizes 1, 2, 4, ... up to this
 PROFILE_STOP_S = 0.25  # the profile tries no larger batch once one takes this long
@@ -114,18 +126,34 @@ class BatchPlanner:
     """Picks the next batch to run from the waiting frames (no clock of its own: `now` is
     given, so tests drive it with a fake one). See the module's docstring for the rules."""
 
-    def __init__(self, estimates: LatencyEstimates, max_batch: dict[str, int] | None = None):
+    def __init__(self, estimates: LatencyEstimates, max_batch: dict[str, int] | None = None,
+                 order: str = "fair"):
+        if order not in ORDERS:
+            raise ValueError(f"order '{order}': expected one of {', '.join(ORDERS)}")
         self.estimates = estimates
         self.max_batch = max_batch if max_batch is not None else {}
+        self.order = order
+        self.reordered = 0  # batches the merge-aware order moved ahead of the fair choice
+        self._passed_since: dict[int, float] = {}  # stream -> when the merge-aware order first passed it over
 
     def rest(self, job: Job) -> float:
         """Estimated seconds of the job's models after the next one, each alone."""
         return sum(self.estimates.run(m, 1) for m in job.models[job.step + 1:])
 
     def plan(self, now: float, waiting: list[Job], usage: list[float],
-             load_s: Callable[[str], float] = lambda m: 0.0) -> tuple[list[Job], list[Job]]:
+             load_s: Callable[[str], float] = lambda m: 0.0,
+             missing: Callable[[str], int] | None = None, commit: bool = True) -> tuple[list[Job], list[Job]]:
         """(the batch to run now, all for one model; the frames to drop, which can no longer
-        meet their deadline). `usage[i]`: the compute stream i has had (recently)."""
+        meet their deadline). `usage[i]`: the compute stream i has had (recently); `load_s(m)`:
+        the estimated seconds to load what model m lacks; `missing(m)`: the bytes it lacks
+        (the merge-aware order reads it; without it the order is fair). `commit=False`: a
+        guess at what comes next (the prefetch's), which the planner does not remember."""
+        if not commit:
+            saved = (self.reordered, dict(self._passed_since))
+            try:
+                return self.plan(now, waiting, usage, load_s, missing)
+            finally:
+                self.reordered, self._passed_since = saved
         est = self.estimates
         loads: dict[str, float] = {}
 
@@ -145,6 +173,8 @@ class BatchPlanner:
             return [], drop
         # Max-min fairness: the stream that has had the least compute goes first ...
         lead = min(feasible, key=lambda j: (usage[j.stream], j.deadline, j.ts))
+        if self.order == "merge-aware" and missing is not None:
+            lead = self._merge_aware(now, lead, feasible, usage, load, missing)
         # ... unless a frame due sooner would be lost by waiting for it and fits in before it
         # without making it late (work the lead's slack can pay for).
         soonest = min(feasible, key=lambda j: (j.deadline, usage[j.stream], j.ts))
@@ -173,7 +203,45 @@ class BatchPlanner:
             if now + load(m) + est.run(m, len(batch) + 1) <= s:  # every frame in it still in time
                 batch.append(j)
                 slack = s
+        for j in batch:  # served: passed over no longer
+            self._passed_since.pop(j.stream, None)
         return batch, drop
+
+    def _merge_aware(self, now: float, lead: Job, feasible: list[Job], usage: list[float],
+                     load: Callable[[str], float], missing: Callable[[str], int]) -> Job:
+        """The frame to run instead of the fair `lead` because its model has fewer bytes left
+        to load, or `lead` (see the module's docstring for the bounds)."""
+        need = {}
+
+        def lacks(m: str) -> int:
+            if m not in need:
+                need[m] = missing(m)
+            return need[m]
+
+        if lacks(lead.model) == 0:
+            return lead
+        est = self.estimates
+        second = load(lead.model) + est.run(lead.model, 1)  # the fair choice's run, its load included
+        since = self._passed_since.get(lead.stream)
+        if since is not None and now - since > second:  # passed over for one of its runs already
+            return lead
+        best = None
+        for j in feasible:
+            if j.model == lead.model or lacks(j.model) >= lacks(lead.model):
+                continue
+            if usage[j.stream] - usage[lead.stream] > second:  # its stream would get too far ahead
+                continue
+            first = load(j.model) + est.run(j.model, 1)
+            if now + 2 * first + second + self.rest(lead) > lead.deadline:  # the fair choice would be lost
+                continue
+            key = (lacks(j.model), usage[j.stream], j.deadline, j.ts)
+            if best is None or key < best[0]:
+                best = (key, j)
+        if best is None:
+            return lead
+        self.reordered += 1
+        self._passed_since.setdefault(lead.stream, now)
+        return best[1]
 
 
 

@@ -14,6 +14,10 @@ is at least twice the estimated latency of its stream's models (a stream needing
 that stretches it, a newer frame replaces the stream's older frames that have not started
 (latest frame first).
 
+While a batch runs, the weights the next batch's model lacks are copied on a loader thread
+(`prefetch`, by default on CUDA only; see scheduler.py: within the budget, evicting nothing the
+running model needs); the next batch is the planner's choice made ahead on what is waiting.
+
 How the run runs is one `RunOptions`. `snapshot()` returns a `RunSnapshot` and `run()` a
 `RunSummary` (telemetry.py; `to_dict()` is their JSON) whether it stops because the duration
 passed, every source ended, `progress.cancel()` was called or Ctrl-C was pressed.
@@ -57,12 +61,12 @@ class Engine:
     def __init__(self, bundle, streams: list[tuple[FrameSource, list[str]]], options: RunOptions | str = "merged",
                  budget_bytes: int | None = None, device: str = "cpu", backend: str = "torch", load: str = "whole",
                  deadline_s: float | None = None, eviction: str = "belady", batching: bool = True,
-                 sinks: list | None = None):
+                 sinks: list | None = None, order: str = "merge-aware", prefetch: str = "auto"):
         if not streams:
             raise GemelError("no streams: add at least one --stream SOURCE[=MODEL,...]")
         if not isinstance(options, RunOptions):
             options = RunOptions.from_keywords(options, budget_bytes, device, backend, load, deadline_s, eviction,
-                                               batching)
+                                               batching, order, prefetch)
         self.options = options
         backend, load, deadline_s = options.backend, options.load, options.deadline_s
         self.bundle = bundle
@@ -87,10 +91,14 @@ class Engine:
                       for i, (n, (src, models)) in enumerate(zip(names, self.streams))]
         self.deadline_s = deadline_s
         self.batching = options.batching
+        # Measured on a 2-core CPU (benchmarks/runtime.py --compare-prefetch): a copy on the CPU takes
+        # a core from inference, and time-sharing processed fewer frames with it; on CUDA it is DMA.
+        self.prefetch = options.prefetch == "on" or (options.prefetch == "auto" and self.device.type == "cuda")
+        self._current: list[Job] = []  # the batch running now (the prefetch predicts what follows it)
         self.sinks = list(sinks or [])
         self.estimates = LatencyEstimates()
         self.max_batch: dict[str, int] = {m: 1 for m in used}
-        self.planner = BatchPlanner(self.estimates, self.max_batch)
+        self.planner = BatchPlanner(self.estimates, self.max_batch, options.order)
         self.batches = {m: 0 for m in used}  # batches run per model
         self.batched_frames = {m: 0 for m in used}  # frames those batches held
         self.profile: dict[str, dict[str, float]] = {}  # model -> batch size -> ms (the start's profile)
@@ -182,7 +190,8 @@ class Engine:
         if not self._waiting:
             return False
         now = self.clock()
-        batch, drop = self.planner.plan(now, self._waiting, self.recent_usage(now), self._load_estimate)
+        batch, drop = self.planner.plan(now, self._waiting, self.recent_usage(now), self._load_estimate,
+                                        self.scheduler.missing_bytes)
         for j in drop:
             self._waiting.remove(j)
             self.stats[j.stream].dropped_late += 1
@@ -209,6 +218,7 @@ class Engine:
         sched = self.scheduler.stats[m]
         before_bytes, before_load = sched.loaded_bytes, sched.load_seconds
         started = self.clock()
+        self._current = batch
         try:
             x = torch.cat([prepare_input(j.frame, self.preprocessing[m], self.device) for j in batch])
             out = self._run_model(m, x, self._future(batch))
@@ -284,6 +294,8 @@ class Engine:
             state, pending = self.scheduler.acquire_deferred(m, plan.order, future)
         else:
             state = self.scheduler.acquire(m, future)
+        if pending is None:
+            self._start_prefetch(m, future)
         try:
             if self._ort is not None:
                 self._ort.prepare(m, state)
@@ -313,6 +325,34 @@ class Engine:
         finally:
             if pending is not None and not pending.finished:
                 self.scheduler.finish(pending)
+
+    def _start_prefetch(self, m: str, future: list[str] | None = None) -> bool:
+        """While model `m` (resident now) runs, start loading the model the planner would pick
+        after this batch (scheduler.prefetch: within the budget, evicting nothing `m` needs)."""
+        if not self.prefetch or self._profiling:
+            return False
+        nxt = self._predict_next(m)
+        return nxt is not None and self.scheduler.prefetch(nxt, m, future)
+
+    def _predict_next(self, m: str) -> str | None:
+        """The model of the batch the planner would choose once the running batch (of model
+        `m`) is done, from what is waiting now and where the batch's frames go next (frames
+        arriving meanwhile are unknown: the guess can miss). None: nothing waiting, or `m`."""
+        batch = [j for j in self._current if j.model == m]
+        after = list(self._waiting)
+        for j in batch:
+            if j.step + 1 < len(j.models):
+                after.append(Job(j.stream, j.index, j.ts, j.deadline, j.frame, j.models, j.step + 1))
+        if not after:
+            return None
+        now = self.clock()
+        spent = self.estimates.run(m, max(1, len(batch)))
+        usage = self.recent_usage(now)
+        for j in batch:
+            usage[j.stream] += spent / len(batch)
+        nxt, _ = self.planner.plan(now + spent, after, usage, self._load_estimate, self.scheduler.missing_bytes,
+                                   commit=False)
+        return nxt[0].model if nxt and nxt[0].model != m else None
 
     def profile_batches(self) -> None:
         """The short profile made at the start of a run (batching.profile_engine)."""
@@ -433,7 +473,9 @@ class Engine:
                           policy=sched.policy, budget_bytes=sched.budget, elapsed_s=self.elapsed_s,
                           stopped=self.stopped, last_error=self.last_error,
                           streams=[s.row(self.elapsed_s) for s in self.stats], models=self._models(),
-                          memory=memory, eviction=sched.eviction, batching=self.batching)
+                          memory=memory, eviction=sched.eviction, batching=self.batching,
+                          order=self.planner.order, reordered_batches=self.planner.reordered,
+                          prefetch=self.prefetch, prefetches=sched.prefetches, prefetch_misses=sched.prefetch_misses)
 
 
 def run(bundle, streams: list[tuple[FrameSource, list[str]]], options: RunOptions | None = None,

@@ -39,6 +39,7 @@ class PendingLoad:
         self.wait_seconds = 0.0
         self.load_seconds = 0.0
         self._ready = {u: threading.Event() for u in units}
+        self._cancel = threading.Event()
         self._thread = threading.Thread(target=self._load, args=(sources,), name=f"gemel-load-{name}", daemon=True)
         self._thread.start()
 
@@ -48,6 +49,8 @@ class PendingLoad:
         try:
             with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                 for u, src in zip(self.units, sources):
+                    if self._cancel.is_set():  # between tensors: what was copied is let go
+                        raise GemelError(f"the load of '{self.name}' was cancelled")
                     self.tensors[u] = src.to(self.device, copy=True, non_blocking=stream is not None)
                     if stream is not None:
                         stream.synchronize()  # this thread waits, not the compute stream
@@ -71,6 +74,11 @@ class PendingLoad:
         if t.device.type == "cuda":  # made on the loader's stream, used on the compute stream
             t.record_stream(torch.cuda.current_stream(t.device))
         return t
+
+    def cancel(self) -> None:
+        """Stop after the tensor being copied now; the load then ends with an error (nothing of
+        it is to be filed as resident)."""
+        self._cancel.set()
 
     def join(self) -> None:
         if self._thread.is_alive():

@@ -49,6 +49,11 @@ MEMORY_METRICS = {
     "torch_reserved_bytes": ("gemel_torch_reserved_bytes", "torch.cuda.memory_reserved on the device"),
     "device_used_bytes": ("gemel_device_used_bytes", "GPU memory in use on the device (pynvml)"),
     "device_total_bytes": ("gemel_device_total_bytes", "GPU memory of the device (pynvml)"),
+    "cuda_allocator_cache_bytes": ("gemel_cuda_allocator_cache_bytes",
+                                   "GPU memory torch's caching allocator reserved beyond allocated tensors"),
+    "gpu_process_used_bytes": ("gemel_gpu_process_used_bytes", "GPU memory of the runtime's process (pynvml)"),
+    "cuda_context_bytes": ("gemel_cuda_context_bytes",
+                           "The process's GPU memory beyond what torch reserved (the CUDA context; pynvml)"),
 }
 
 # Per-model counters of the snapshot and their metric names (Prometheus adds `_total`).

@@ -1,5 +1,5 @@
 """How a run runs, stated once: `RunOptions` (policy, memory budget, device, backend, loading,
-deadline, eviction, batching), validated once, read by the `gemel run` flags (built from it
+deadline, eviction, batching, prefetch, order), validated once, read by the `gemel run` flags (built from it
 with gemel_studio.options), by the studio's Live preview form and by the `Engine`.
 
 What a run is fed and where it reports (its streams, duration, metrics port, results file)
@@ -21,6 +21,8 @@ POLICIES = ("merged", "time-sharing", "space-sharing", "unlimited")  # scheduler
 EVICTIONS = ("belady", "lru")  # scheduler.py
 BACKENDS = ("torch", "onnxruntime")  # backends.py
 LOADS = ("whole", "layered")  # layered.py
+ORDERS = ("merge-aware", "fair")  # batching.py
+PREFETCHES = ("auto", "on", "off")  # scheduler.py, engine.py
 
 
 def parse_bytes(text: str | int, what: str = "memory budget") -> int:
@@ -75,6 +77,14 @@ class RunOptions(BaseModel):
         "belady", description="what to evict: belady (default: what the queued frames need furthest in the future; "
                               "most recently used otherwise) or lru (least recently used, for comparison)")
     batching: bool = Field(True, description="run every frame alone (for comparison)")
+    prefetch: Literal[PREFETCHES] = Field(
+        "auto", description="load the next model's weights while the model before it runs: auto (default: on CUDA, "
+                            "where the copy does not take compute; off on a CPU, where it competes with inference "
+                            "for the same cores), on or off")
+    order: Literal[ORDERS] = Field(
+        "merge-aware", description="which waiting work runs next: merge-aware (default: among streams within "
+                                   "one run of the fair share, the model with the fewest bytes left to load, so "
+                                   "models sharing layers run back to back) or fair (max-min fairness alone)")
 
     @field_validator("deadline_ms")
     @classmethod
@@ -93,12 +103,14 @@ class RunOptions(BaseModel):
     @classmethod
     def from_keywords(cls, policy: str = "merged", budget_bytes: int | None = None, device: str = "cpu",
                       backend: str = "torch", load: str = "whole", deadline_s: float | None = None,
-                      eviction: str = "belady", batching: bool = True) -> "RunOptions":
+                      eviction: str = "belady", batching: bool = True, order: str = "merge-aware",
+                      prefetch: str = "auto") -> "RunOptions":
         """The options the Engine's older keyword arguments name (the deadline in seconds)."""
         if deadline_s is not None and not deadline_s > 0:
             raise GemelError(f"deadline {deadline_s!r} s: must be a positive number (--deadline MS)")
         return validate(cls, {"policy": policy, "memory_budget": budget_bytes, "device": device, "backend": backend,
-                              "load": load, "eviction": eviction, "batching": batching,
+                              "load": load, "eviction": eviction, "batching": batching, "order": order,
+                              "prefetch": prefetch,
                               "deadline_ms": None if deadline_s is None else 1000.0 * deadline_s})
 
     @property
@@ -117,4 +129,4 @@ def choices(name: str) -> list[str]:
     return list(get_args(RunOptions.model_fields[name].annotation))
 
 
-__all__ = ["BACKENDS", "EVICTIONS", "LOADS", "POLICIES", "RunOptions", "choices", "parse_bytes"]
+__all__ = ["BACKENDS", "EVICTIONS", "LOADS", "ORDERS", "POLICIES", "PREFETCHES", "RunOptions", "choices", "parse_bytes"]

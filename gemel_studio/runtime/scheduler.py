@@ -21,6 +21,14 @@ goes first (MRU: under round robin, the model just used is the one needed last).
 the least recently used, the classic choice, kept for comparison: under round robin it evicts
 exactly the model needed next.
 
+Prefetch (`prefetch`): while one model runs, what the model expected next lacks is copied on
+a loader thread (on CUDA, on a copy stream), so its load overlaps the run (GEMEL's evaluation:
+"loading overlaps the previous model's run when memory allows"). Its bytes count as resident
+from the start, and it only evicts what neither model needs: when that does not make room, no
+prefetch. A prefetch for a model that then does not run next is finished (its copies filed as
+resident, evictable like any other) before anything else loads when the model that runs
+instead shares tensors with it; otherwise it is cancelled between tensors and its bytes freed.
+
 Resident bytes never exceed the budget: every load checks it. A model whose own bytes exceed
 the budget is refused when the scheduler is made.
 """
@@ -52,8 +60,9 @@ class ModelResidency:
     runs: int = 0
     refused: int = 0  # requests refused (space-sharing: not in the resident set)
     # Time inference stood still waiting for loads: all of load_seconds for whole loads, only
-    # what the overlap did not hide for layer-by-layer loads.
+    # what the overlap did not hide for layer-by-layer loads and prefetches.
     load_wait_seconds: float = 0.0
+    prefetched_bytes: int = 0  # of loaded_bytes, those copied ahead while another model ran
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -121,7 +130,10 @@ class ModelScheduler:
         # (onnxruntime sessions) must let them go. (A load needs no call: nothing can hold a
         # view of a tensor that was not resident.)
         self.on_evict: list = []
-        self._load_stream = None  # CUDA, layer-by-layer loads: made on first use, then reused
+        self._load_stream = None  # CUDA, layer-by-layer loads and prefetches: made on first use, then reused
+        self._prefetch: PendingLoad | None = None  # at most one at a time
+        self.prefetches = 0  # started
+        self.prefetch_misses = 0  # started for a model that did not run next
         self._users: dict[Hashable, list[str]] = {}
         for name, us in self._units.items():
             for u in us:
@@ -192,6 +204,7 @@ class ModelScheduler:
         if self.policy == "space-sharing" and name not in self.static_set:
             stats.refused += 1
             return None
+        self.settle_prefetch(name)
         units = self._units[name]
         missing = [u for u in units if u not in self._resident]
         if missing:
@@ -217,6 +230,7 @@ class ModelScheduler:
         if self.policy == "space-sharing" and name not in self.static_set:
             stats.refused += 1
             return None, None
+        self.settle_prefetch(name)
         units = self._units[name]
         missing = [u for u in units if u not in self._resident]
         if not missing:
@@ -244,24 +258,94 @@ class ModelScheduler:
         call does nothing)."""
         if pending.finished:
             return
+        if not self._file(pending):
+            raise GemelError(f"loading model '{pending.name}' failed: {pending.error}")
+        self.stats[pending.name].runs += 1
+
+    def _file(self, pending: PendingLoad) -> bool:
+        """Join a pending load and file its tensors as resident, counting its cost; False (and
+        nothing of it resident) when its copy failed."""
         pending.finished = True
         pending.join()
         stats = self.stats[pending.name]
         if pending.error is not None:  # nothing of it is resident
             self.resident_bytes -= pending.need
-            raise GemelError(f"loading model '{pending.name}' failed: {pending.error}")
+            return False
         for u in pending.units:
             self._resident[u] = pending.tensors[u]
         for u in self._units[pending.name]:
-            self._resident.move_to_end(u)
+            if u in self._resident:
+                self._resident.move_to_end(u)
         stats.load_seconds += pending.load_seconds
         stats.load_wait_seconds += pending.wait_seconds
         stats.loaded_bytes += pending.need
         stats.swaps += 1
-        stats.runs += 1
         if not self.shared:
             self._models_lru[pending.name] = None
             self._models_lru.move_to_end(pending.name)
+        return True
+
+    # --- prefetch ----------------------------------------------------------------------------
+
+    def prefetch(self, name: str, running: str, future: list[str] | None = None) -> bool:
+        """Start copying what model `name` lacks on the loader thread while model `running`
+        (resident) runs; True when a copy started. Its bytes count as resident now; it evicts,
+        as the policy says, only what neither model needs, and starts nothing when that does
+        not make room (nor under unlimited and space-sharing, whose sets are loaded at start,
+        nor while another prefetch is pending)."""
+        if self.policy not in ("merged", "time-sharing") or self._prefetch is not None or name == running:
+            return False
+        units = self._units[name]
+        missing = [u for u in units if u not in self._resident]
+        if not missing:
+            return False
+        need = sum(self._unit_bytes[u] for u in missing)
+        if self.policy == "merged":
+            keep = set(units) | set(self._units[running])
+            room = sum(self._unit_bytes[u] for u in self._resident if u not in keep)
+        else:
+            keep = {name, running}
+            room = sum(self.stats[m].bytes for m in self._models_lru if m not in keep)
+        if self.resident_bytes + need > self.budget + room:  # room only by evicting what runs now
+            return False
+        if self.policy == "merged":
+            self._evict_tensors(keep=keep, need=need, future=future)
+        else:
+            self._evict_models(keep=keep, need=need, future=future)
+        assert self.resident_bytes + need <= self.budget, (
+            f"{self.policy}: prefetching {name} would hold {self.resident_bytes + need} bytes, over the budget")
+        self.resident_bytes += need
+        self.peak_resident_bytes = max(self.peak_resident_bytes, self.resident_bytes)
+        if self.device.type == "cuda" and self._load_stream is None:
+            self._load_stream = torch.cuda.Stream(self.device)
+        self._prefetch = PendingLoad(name, missing, [self._stored[u if self.shared else u[1]] for u in missing],
+                                     self.device, need, self._load_stream)
+        self.stats[name].prefetched_bytes += need
+        self.prefetches += 1
+        return True
+
+    def settle_prefetch(self, name: str | None = None) -> None:
+        """Finish the pending prefetch, if any: its tensors become resident (waiting for the
+        copy; the wait counts as the load wait). `name`: the model about to run. A prefetch for
+        another model is a miss: cancelled (what was copied is let go, its bytes freed) unless
+        `name` shares tensors with it, which are then filed and used. A failed copy leaves
+        nothing resident: the model loads as usual when it runs."""
+        pending, self._prefetch = self._prefetch, None
+        if pending is None:
+            return
+        if name != pending.name:
+            self.prefetch_misses += name is not None  # (the run ending is no miss)
+            if name is None or not set(pending.units) & set(self._units[name]):
+                pending.cancel()
+                pending.finished = True
+                pending.join()
+                self.resident_bytes -= pending.need
+                self.stats[pending.name].prefetched_bytes -= pending.need
+                return
+        if self._file(pending) and self.device.type == "cuda":
+            current = torch.cuda.current_stream(self.device)
+            for u in pending.units:  # made on the copy stream, read on the compute stream
+                pending.tensors[u].record_stream(current)
 
     def resident_state(self, name: str) -> dict[str, torch.Tensor]:
         """The state dict of a model whose tensors are all resident (no loading, no counting)."""
@@ -269,6 +353,7 @@ class ModelScheduler:
 
     def release(self) -> None:
         """Drop every resident tensor (the run is over); the counters stay."""
+        self.settle_prefetch()
         for u in list(self._resident):
             self._drop(u)
         self._models_lru.clear()
@@ -316,10 +401,11 @@ class ModelScheduler:
                 return
             self._drop(u)
 
-    def _evict_models(self, keep: str, need: int, future: list[str] | None = None) -> None:
+    def _evict_models(self, keep: str | set, need: int, future: list[str] | None = None) -> None:
         if self.resident_bytes + need <= self.budget:
             return
-        candidates = [m for m in self._models_lru if m != keep]
+        keep = {keep} if isinstance(keep, str) else keep
+        candidates = [m for m in self._models_lru if m not in keep]
         for other in self._victims(candidates, lambda m: (m,), future):
             if self.resident_bytes + need <= self.budget:
                 return
@@ -375,8 +461,11 @@ class ModelScheduler:
         return self.static_set is not None and name not in self.static_set
 
     def missing_bytes(self, name: str) -> int:
-        """Bytes model `name` would load now (0 when it is resident)."""
-        return sum(self._unit_bytes[u] for u in self._units[name] if u not in self._resident)
+        """Bytes model `name` would load now (0 when it is resident; a prefetch on its way
+        counts as there)."""
+        pending = self._prefetch  # whoever runs next files it first
+        coming = set(pending.units) if pending is not None else ()
+        return sum(self._unit_bytes[u] for u in self._units[name] if u not in self._resident and u not in coming)
 
     def is_resident(self, name: str) -> bool:
         return all(u in self._resident for u in self._units[name])
@@ -389,6 +478,7 @@ class ModelScheduler:
         return {"policy": self.policy, "budget_bytes": self.budget, "device": str(self.device),
                 "resident_bytes": self.resident_bytes, "peak_resident_bytes": self.peak_resident_bytes,
                 "all_models_bytes": self.total_bytes(), "static_set": self.static_set,
+                "prefetches": self.prefetches, "prefetch_misses": self.prefetch_misses,
                 "models": {n: s.to_dict() for n, s in self.stats.items()}}
 
     @classmethod

@@ -115,15 +115,17 @@ def _to_tensor(bgr) -> torch.Tensor:
 
 
 class VideoSource(FrameSource):
-    """A video file decoded by OpenCV, at the file's own frame rate (30 when it does not say).
+    """A video file decoded by OpenCV, at the file's own frame rate (30 when it does not say),
+    or replayed at `fps` (a benchmark's streams all at 30 fps from a 10 fps recording).
 
     A file that cannot be opened ends the source as "unreadable"; one whose frames stop before
     the count its header announces ends as "truncated". With `loop`, a complete file starts
     over at its end."""
 
-    def __init__(self, path: Path | str, loop: bool = False, realtime: bool = True):
+    def __init__(self, path: Path | str, loop: bool = False, realtime: bool = True, fps: float | None = None):
         import cv2
 
+        rate = fps
         self.path = Path(path)
         self.name = str(self.path)
         self.loop = loop
@@ -131,7 +133,12 @@ class VideoSource(FrameSource):
         fps = self._cap.get(cv2.CAP_PROP_FPS) if self._cap is not None and self._cap.isOpened() else 0.0
         count = self._cap.get(cv2.CAP_PROP_FRAME_COUNT) if self._cap is not None and self._cap.isOpened() else 0
         self.frame_count = int(count) if count and count > 0 else None
-        super().__init__(fps if fps and fps > 0 and math.isfinite(fps) else 30.0, realtime)
+        self.file_fps = fps if fps and fps > 0 and math.isfinite(fps) else None
+        super().__init__(self.file_fps or 30.0, realtime)
+        if rate is not None:
+            if not (rate > 0 and math.isfinite(rate)):
+                raise GemelError(f"{self.path}: replay frame rate {rate!r} must be a positive number")
+            self.fps = float(rate)
         self._in_pass = 0  # frames read since the file (re)started
 
     def _open(self) -> str | None:

@@ -13,7 +13,8 @@ def _ms(v: float | None) -> str:
 
 def format_run(summary: RunSummary) -> str:
     s = summary
-    out = [f"{s.bundle}: policy {s.policy} (eviction {s.eviction}{', no batching' if not s.batching else ''}), "
+    out = [f"{s.bundle}: policy {s.policy} (eviction {s.eviction}{', no batching' if not s.batching else ''}, "
+           f"order {s.order}, prefetch {'on' if s.prefetch else 'off'}), "
            f"budget {human_bytes(s.budget_bytes)}, device {s.device}, backend {s.backend}; ran {s.elapsed_s:.1f} s, "
            f"stopped: {s.stopped}", ""]
     rows = [[r.name, ",".join(r.models), f"{r.fps:g}", str(r.frames_in), str(r.processed), str(r.dropped),
@@ -38,6 +39,18 @@ def format_run(summary: RunSummary) -> str:
         out.append(f"torch allocated {human_bytes(mem.torch_allocated_bytes)}, reserved "
                    f"{human_bytes(mem.torch_reserved_bytes)}; device used "
                    f"{human_bytes(mem.device_used_bytes)} of {human_bytes(mem.device_total_bytes)}")
+    if mem.cuda_allocator_cache_bytes is not None:  # CUDA only: beside the weights budget
+        context = "CUDA context unknown (NVML does not list this process)" if mem.cuda_context_bytes is None \
+            else f"CUDA context about {human_bytes(mem.cuda_context_bytes)} (this process's GPU memory " \
+                 f"{human_bytes(mem.gpu_process_used_bytes)} less what torch reserved)"
+        out.append(f"beside the weights budget: {context}; the caching allocator holds "
+                   f"{human_bytes(mem.cuda_allocator_cache_bytes)} reserved beyond allocated tensors")
+    if s.order == "merge-aware" and s.reordered_batches:
+        out.append(f"merge-aware order: {s.reordered_batches} batch(es) ran before the fair choice, their model "
+                   "having fewer bytes to load")
+    if s.prefetch:
+        out.append(f"prefetch: {s.prefetches} load(s) started while the model before ran "
+                   f"({s.prefetch_misses} for a model that did not run next)")
     if s.last_error:
         dropped = sum(r.dropped_error for r in s.streams)
         out.append(f"{dropped} frame(s) dropped because a model failed; the last error: {s.last_error}")

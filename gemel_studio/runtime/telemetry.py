@@ -75,6 +75,7 @@ class ModelRow:
     runs: int = 0
     refused: int = 0
     load_wait_seconds: float = 0.0
+    prefetched_bytes: int = 0
     infer_seconds: float = 0.0
     mean_infer_ms: float | None = None
     load: str = "whole"
@@ -112,9 +113,17 @@ class MemoryReport:
     torch_reserved_bytes: int | None = None
     device_used_bytes: int | None = None
     device_total_bytes: int | None = None
+    # Beside the weights budget, on CUDA (see `cuda_overhead`): what the caching allocator holds
+    # beyond live tensors, this process's GPU memory as NVML counts it, and the rest of that
+    # beyond what torch reserved (the CUDA context, kernels and libraries' handles: GEMEL's
+    # "fixed overhead"). None where NVML cannot say (another process namespace, no driver).
+    cuda_allocator_cache_bytes: int | None = None
+    gpu_process_used_bytes: int | None = None
+    cuda_context_bytes: int | None = None
 
     OPTIONAL: ClassVar[tuple[str, ...]] = ("torch_allocated_bytes", "torch_reserved_bytes", "device_used_bytes",
-                                           "device_total_bytes")
+                                           "device_total_bytes", "cuda_allocator_cache_bytes",
+                                           "gpu_process_used_bytes", "cuda_context_bytes")
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None or k not in self.OPTIONAL}
@@ -206,13 +215,20 @@ class RunSummary:
     memory: SummaryMemory
     eviction: str = "belady"
     batching: bool = True
+    order: str = "merge-aware"
+    reordered_batches: int = 0  # batches the merge-aware order ran before the fair choice
+    prefetch: bool = True
+    prefetches: int = 0  # loads started while the model before ran
+    prefetch_misses: int = 0  # of them, for a model that did not run next
 
     def to_dict(self) -> dict:
         return {"bundle": self.bundle, "backend": self.backend, "device": self.device, "policy": self.policy,
                 "budget_bytes": self.budget_bytes, "elapsed_s": self.elapsed_s, "stopped": self.stopped,
                 "last_error": self.last_error, "streams": [s.to_dict() for s in self.streams],
                 "models": {n: m.to_dict() for n, m in self.models.items()}, "memory": self.memory.to_dict(),
-                "eviction": self.eviction, "batching": self.batching}
+                "eviction": self.eviction, "batching": self.batching, "order": self.order,
+                "reordered_batches": self.reordered_batches, "prefetch": self.prefetch,
+                "prefetches": self.prefetches, "prefetch_misses": self.prefetch_misses}
 
 
 @dataclass
@@ -262,14 +278,51 @@ class StreamStats:
 
 
 def memory_figures(device: torch.device) -> dict:
-    """The process's resident memory and, on CUDA only, torch's allocated/reserved bytes and the
-    device's used/total memory (pynvml, through gemel_studio.system)."""
+    """The process's resident memory and, on CUDA only, torch's allocated/reserved bytes, the
+    device's used/total memory (pynvml, through gemel_studio.system) and what the CUDA context
+    and the caching allocator hold beside the weights (`cuda_overhead`)."""
     out: dict = {"process_rss_bytes": process_rss()}
     if device.type == "cuda":
-        out["torch_allocated_bytes"] = int(torch.cuda.memory_allocated(device))
-        out["torch_reserved_bytes"] = int(torch.cuda.memory_reserved(device))
-        out.update(gpu_memory(device.index or 0))
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        allocated = int(torch.cuda.memory_allocated(device))
+        reserved = int(torch.cuda.memory_reserved(device))
+        out["torch_allocated_bytes"] = allocated
+        out["torch_reserved_bytes"] = reserved
+        out.update(gpu_memory(index))
+        out.update(cuda_overhead(allocated, reserved, gpu_process_memory(index)))
     return out
+
+
+def cuda_overhead(allocated: int, reserved: int, process_used: int | None) -> dict:
+    """What a CUDA process holds beside its live tensors, from torch's allocated and reserved
+    bytes and NVML's count of the process's GPU memory (None where NVML cannot see it): the
+    caching allocator's cache (reserved - allocated) and the CUDA context (process - reserved,
+    never below 0: the context, loaded kernels, cuBLAS/cuDNN workspaces)."""
+    out = {"cuda_allocator_cache_bytes": max(0, reserved - allocated)}
+    if process_used is not None:
+        out["gpu_process_used_bytes"] = int(process_used)
+        out["cuda_context_bytes"] = max(0, int(process_used) - reserved)
+    return out
+
+
+def gpu_process_memory(index: int, pid: int | None = None) -> int | None:
+    """This process's GPU memory on device `index` as NVML counts it (through
+    gemel_studio.system's NVML handle); None where NVML is missing or does not list the
+    process (a container's PID namespace hides it)."""
+    from .. import system
+
+    pynvml = system._nvml()
+    if pynvml is None:
+        return None
+    pid = os.getpid() if pid is None else pid
+    try:
+        procs = pynvml.nvmlDeviceGetComputeRunningProcesses(system._handle(pynvml, index))
+    except Exception:  # noqa: BLE001 (an old driver, a permission error: the figure is absent)
+        return None
+    for p in procs:
+        if p.pid == pid and isinstance(p.usedGpuMemory, int):
+            return int(p.usedGpuMemory)
+    return None
 
 
 def memory_snapshot(device: torch.device, resident_bytes: int, peak_resident_bytes: int,
@@ -352,5 +405,5 @@ def result_record(spec, output, top_k: int = 5) -> dict:
 
 
 __all__ = ["LATENCY_WINDOW", "MemoryReport", "ModelRow", "RunSnapshot", "RunSummary", "StreamRow", "StreamStats",
-           "SummaryMemory", "describe_output", "device_capacity", "memory_figures", "memory_snapshot",
-           "process_rss", "result_record"]
+           "SummaryMemory", "cuda_overhead", "describe_output", "device_capacity", "gpu_process_memory",
+           "memory_figures", "memory_snapshot", "process_rss", "result_record"]

@@ -1,0 +1,130 @@
+"""Loads that overlap the previous model's run: while one model runs, what the next one lacks
+is copied on the loader thread, counted against the budget from the start, and never at the
+cost of a tensor the running model needs."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from gemel_studio.runtime import layered, scheduler as scheduler_module
+from gemel_studio.runtime.engine import Engine
+from gemel_studio.runtime.scheduler import ModelScheduler
+from gemel_studio.runtime.sources import SyntheticSource
+
+from .test_bundle import bundle, merged  # noqa: F401  (fixtures)
+from .test_scheduling import loaded  # noqa: F401  (fixture)
+
+MIB = 2**20
+NAMES = ("color", "shape", "size", "spare")
+
+
+def paired(policy: str, budget: int) -> ModelScheduler:
+    """color and shape share a 1 MiB tensor, size and spare another; each has 4 KiB of its own."""
+    big = {k: torch.zeros(MIB // 4) for k in ("A", "B")}
+    own = {f"own.{m}": torch.zeros(1024) for m in NAMES}
+    maps = {m: {"body": "A" if m in ("color", "shape") else "B", "head": f"own.{m}"} for m in NAMES}
+    return ModelScheduler({**big, **own}, maps, policy, budget, "cpu")
+
+
+@pytest.mark.parametrize("policy", ["merged", "time-sharing"])
+def test_a_prefetch_never_evicts_what_the_running_model_needs(policy):
+    sched = paired(policy, 2 * MIB + 16 * 1024)  # room for two models' bodies, not three
+    sched.acquire("color")
+    running = sched.resident_state("color")
+    assert sched.prefetch("size", "color")
+    assert sched.resident_bytes <= sched.budget and sched.peak_resident_bytes <= sched.budget
+    assert sched.missing_bytes("size") == 0  # on its way: the planner counts no load for it
+    assert sched.resident_state("color")["body"] is running["body"]  # untouched while it runs
+    state = sched.acquire("size")
+    s = sched.stats["size"]
+    assert s.swaps == 1 and s.loaded_bytes == s.prefetched_bytes == sched.stats["size"].bytes
+    assert torch.equal(state["body"], torch.zeros(MIB // 4)) and sched.prefetch_misses == 0
+    # No room for a third body without evicting the running model's: no prefetch at all.
+    tight = paired(policy, MIB + 16 * 1024)
+    tight.acquire("color")
+    assert not tight.prefetch("size", "color") and tight.resident_bytes <= tight.budget
+    assert tight.is_resident("color")
+
+
+def test_a_prefetch_for_a_model_that_does_not_run_next_is_cancelled_or_filed_and_the_budget_holds():
+    sched = paired("merged", 2 * MIB + 16 * 1024)
+    sched.acquire("color")
+    held = sched.resident_bytes
+    assert sched.prefetch("size", "color")
+    assert not sched.prefetch("spare", "color")  # one at a time
+    sched.acquire("shape")  # the guess missed and shape shares nothing with size: cancelled, bytes freed
+    assert sched.prefetch_misses == 1 and not sched.is_resident("size")
+    assert sched.resident_bytes == held + 4096 and sched.stats["size"].prefetched_bytes == 0
+    assert sched.prefetch("size", "shape")
+    sched.acquire("spare")  # missed again, but spare shares size's body: filed, and only spare's own loads
+    assert sched.prefetch_misses == 2 and sched.is_resident("size") and sched.is_resident("spare")
+    assert sched.stats["spare"].loaded_bytes == 4096
+    assert sched.peak_resident_bytes <= sched.budget
+    sched.acquire("color")
+    assert sched.prefetch("shape", "color") is False  # resident already: nothing to copy
+    assert not paired("unlimited", None).prefetch("size", "color")  # everything resident already
+
+
+def test_releasing_cancels_a_pending_prefetch():
+    sched = paired("time-sharing", 2 * MIB + 16 * 1024)
+    sched.acquire("color")
+    assert sched.prefetch("size", "color")
+    sched.release()
+    assert sched.resident_bytes == 0 and not sched.is_resident("size") and sched.prefetch_misses == 0
+
+
+def test_the_copy_runs_on_the_loader_thread_while_the_caller_goes_on(monkeypatch):
+    release = threading.Event()
+    entered = threading.Event()
+
+    class SlowLoad(layered.PendingLoad):
+        def _load(self, sources):
+            entered.set()
+            release.wait(timeout=30)
+            super()._load(sources)
+
+    monkeypatch.setattr(scheduler_module, "PendingLoad", SlowLoad)
+    sched = paired("time-sharing", 2 * MIB + 16 * 1024)
+    sched.acquire("color")
+    assert sched.prefetch("size", "color")  # returned while the copy has not even started
+    assert entered.wait(timeout=30) and not sched.is_resident("size")
+    sched.acquire("color")  # the running model keeps running meanwhile
+    release.set()
+    sched.acquire("size")
+    assert sched.is_resident("size") and sched.stats["size"].swaps == 1
+
+
+def test_a_real_run_prefetches_within_the_budget_and_counts_every_frame(loaded):  # noqa: F811
+    names = ["color", "shape", "spare"]  # time-sharing: room for any two of the three, never all
+    one = {n: ModelScheduler.for_bundle(loaded, [n], "time-sharing", 10**12).stats[n].bytes for n in names}
+    budget = sum(one.values()) - min(one.values()) + 1000
+    streams = [(SyntheticSource(fps=30, size=(16, 16), seed=i), [n]) for i, n in enumerate(names)]
+    engine = Engine(loaded, streams, "time-sharing", budget, "cpu", deadline_s=0.5, prefetch="on")
+    sched = engine.scheduler
+    real = sched.prefetch
+    held = []
+
+    def checked(name, running, future=None):
+        started = real(name, running, future)
+        held.append((sched.resident_bytes, sched.is_resident(running)))
+        return started
+
+    sched.prefetch = checked
+    summary = engine.run(1.5)
+    for s in summary.streams:
+        assert s.frames_in == s.processed + s.dropped
+    assert summary.memory.runtime_peak_resident_bytes <= budget
+    assert held and all(b <= budget and kept for b, kept in held)
+    assert summary.prefetch and summary.prefetches > 0, summary.to_dict()
+    assert summary.prefetch_misses <= summary.prefetches
+    assert sum(m.prefetched_bytes for m in summary.models.values()) > 0
+
+
+def test_prefetch_is_on_by_default_on_cuda_only(loaded):  # noqa: F811
+    streams = [(SyntheticSource(fps=30, size=(16, 16)), ["color"])]
+    assert not Engine(loaded, streams, "unlimited", None, "cpu").prefetch  # a copy would take a core
+    assert Engine(loaded, streams, "unlimited", None, "cpu", prefetch="on").prefetch
+    assert not Engine(loaded, streams, "unlimited", None, "cpu", prefetch="off").prefetch
