@@ -8,10 +8,11 @@ GPU figures rather than an error.
 
 from __future__ import annotations
 
-from importlib import metadata
+import os
 import platform
 import sys
 import threading
+from importlib import metadata
 
 from . import __version__
 
@@ -55,6 +56,24 @@ def gpu_memory(index: int) -> dict:
         return {"device_used_bytes": int(mem.used), "device_total_bytes": int(mem.total)}
     except Exception:  # a device that went away, a permission error: the figures are absent
         return {}
+
+
+def gpu_process_memory(index: int, pid: int | None = None) -> int | None:
+    """This process's GPU memory on device `index` as NVML counts it (through
+    the NVML handle `gpu_memory` uses); None where NVML is missing or does not list the
+    process (a container's PID namespace hides it)."""
+    pynvml = _nvml()
+    if pynvml is None:
+        return None
+    pid = os.getpid() if pid is None else pid
+    try:
+        procs = pynvml.nvmlDeviceGetComputeRunningProcesses(_handle(pynvml, index))
+    except Exception:  # noqa: BLE001 (an old driver, a permission error: the figure is absent)
+        return None
+    for p in procs:
+        if p.pid == pid and isinstance(p.usedGpuMemory, int):
+            return int(p.usedGpuMemory)
+    return None
 
 
 def gpu_info() -> list[dict]:

@@ -161,7 +161,7 @@ def test_a_failing_snapshot_is_a_500_and_the_server_goes_on():
         with pytest.raises(urllib.error.HTTPError) as err:
             _get(server.url + "/metrics.json")
         assert err.value.code == 500
-        assert fetch_snapshot(server.url) == {"ok": True}
+        assert fetch_snapshot(server.url) == server.identity.served({"ok": True})
 
 
 def test_metrics_bind_ipv6_loopback_or_say_which_address_is_wrong():
@@ -171,7 +171,8 @@ def test_metrics_bind_ipv6_loopback_or_say_which_address_is_wrong():
         assert "::1" in str(exc)
     else:
         with server:
-            assert server.url.startswith("http://[::1]:") and fetch_snapshot(server.url) == {"v": 6}
+            assert server.url.startswith("http://[::1]:")
+            assert fetch_snapshot(server.url) == server.identity.served({"v": 6})
     with pytest.raises(GemelError, match="metrics address 'no-such-host.invalid'"):
         MetricsServer(lambda: {}, 0, "no-such-host.invalid")
 
@@ -315,7 +316,9 @@ def test_a_collector_over_a_run_snapshot_object_or_its_dict_serves_the_same(load
     assert hasattr(typed, "to_dict")
     with MetricsServer(lambda: typed, instance="a") as a, MetricsServer(typed.to_dict, instance="a") as b:
         texts = [_get(s.url + "/metrics")[1] for s in (a, b)]
-        assert fetch_snapshot(a.url) == fetch_snapshot(b.url) == json.loads(json.dumps(typed.to_dict()))
+        served = a.identity.served(json.loads(json.dumps(typed.to_dict())))
+        assert fetch_snapshot(a.url) == fetch_snapshot(b.url) == served
+        assert fetch_snapshot(a.url)["instance"] == "a"  # the Monitor names a box by it
     assert _samples(texts[0]) == _samples(texts[1])
 
 

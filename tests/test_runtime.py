@@ -770,3 +770,15 @@ def test_gemel_run_writes_one_result_line_per_processed_frame(bundle, tmp_path, 
           "--json", "--device", "cpu", "--deadline", "20000", "--results", str(results)])
     second = json.loads(capsys.readouterr().out)
     assert len(results.read_text().splitlines()) == len(lines) + second["streams"][0]["processed"]
+
+
+def test_a_latency_window_holds_the_last_frames_in_memory_allocated_once():
+    from gemel_studio.runtime.telemetry import LatencyWindow
+
+    window = LatencyWindow(4)
+    buffer = window._buf
+    assert len(window) == 0 and window.values().size == 0
+    for seconds in range(10):
+        window.append(float(seconds))
+    assert len(window) == 4 and sorted(window) == [6.0, 7.0, 8.0, 9.0]
+    assert window._buf is buffer  # no growth: the same array after any number of frames

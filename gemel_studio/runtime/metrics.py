@@ -112,6 +112,11 @@ class RunIdentity:
     def labels(self) -> dict[str, str]:
         return {"bundle_name": self.bundle_name, "bundle_sha256": self.bundle_sha256, "version": self.version}
 
+    def served(self, snapshot: dict) -> dict:
+        """The JSON snapshot as `/metrics.json` serves it: the run's own figures, with the box's
+        name and the bundle's identity beside them (the Monitor names a box by its instance)."""
+        return {"instance": self.instance, **self.labels(), **snapshot}
+
 
 @dataclass
 class Health:
@@ -299,7 +304,7 @@ class MetricsServer:
         self.liveness = LivenessWatch(stall_s)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(SnapshotCollector(snapshot, self.identity, self.liveness))
-        registry, liveness = self.registry, self.liveness
+        registry, liveness, identity = self.registry, self.liveness, self.identity
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802 (http.server's name)
@@ -309,7 +314,7 @@ class MetricsServer:
                     if path == PROM_PATH:
                         body, ctype = generate_latest(registry), CONTENT_TYPE_LATEST
                     elif path == JSON_PATH:
-                        body, ctype = json.dumps(as_dict(snapshot())).encode(), "application/json"
+                        body, ctype = json.dumps(identity.served(as_dict(snapshot()))).encode(), "application/json"
                     elif path == HEALTH_PATH:
                         health = liveness.check(as_dict(snapshot()))
                         status = 200 if health.live else 503

@@ -12,15 +12,15 @@ reads it back (the studio's Monitor reads it over HTTP, from runs of this or an 
 
 from __future__ import annotations
 
+import functools
 import os
-from collections import deque
 from dataclasses import asdict, dataclass, field, fields
 from typing import ClassVar
 
 import numpy as np
 import torch
 
-from ..system import gpu_memory
+from ..system import gpu_memory, gpu_process_memory
 
 LATENCY_WINDOW = 100_000  # processed frames per stream that the latency percentiles cover
 
@@ -231,6 +231,30 @@ class RunSummary:
                 "prefetches": self.prefetches, "prefetch_misses": self.prefetch_misses}
 
 
+class LatencyWindow:
+    """The last `size` latencies of a stream, in one array allocated at the start: its memory
+    is the same after a minute and after a week (a deque of floats grew by 32 bytes a frame
+    until it was full, about an hour at 30 fps)."""
+
+    def __init__(self, size: int):
+        self._buf = np.empty(size, dtype=np.float64)
+        self._count = 0  # appended in all; the newest is at (count - 1) % size
+
+    def append(self, seconds: float) -> None:
+        self._buf[self._count % self._buf.size] = seconds
+        self._count += 1
+
+    def values(self) -> np.ndarray:
+        """A copy of the latencies held (order not kept: percentiles do not need it)."""
+        return self._buf[:min(self._count, self._buf.size)].copy()
+
+    def __len__(self) -> int:
+        return min(self._count, self._buf.size)
+
+    def __iter__(self):
+        return iter(self.values().tolist())
+
+
 @dataclass
 class StreamStats:
     """What one stream did, counted live: frames in, processed before their deadline, dropped
@@ -250,14 +274,14 @@ class StreamStats:
     within_deadline: int = 0  # processed frames that also met the stream's own deadline (not stretched)
     end_reason: str | None = None  # why its source ended; None while it still delivers
     # Seconds, of the last LATENCY_WINDOW processed frames (a bound on memory for runs of days).
-    latencies: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW), repr=False)
+    latencies: "LatencyWindow" = field(default_factory=lambda: LatencyWindow(LATENCY_WINDOW), repr=False)
 
     @property
     def dropped(self) -> int:
         return self.dropped_late + self.dropped_refused + self.dropped_error
 
     def row(self, elapsed_s: float) -> StreamRow:
-        lat = np.asarray(list(self.latencies)) * 1000.0  # list(): one atomic copy under the GIL
+        lat = self.latencies.values() * 1000.0
         return StreamRow(
             name=self.name, models=list(self.models), fps=self.fps, frames_in=self.frames_in,
             processed=self.processed, dropped=self.dropped, dropped_late=self.dropped_late,
@@ -305,26 +329,6 @@ def cuda_overhead(allocated: int, reserved: int, process_used: int | None) -> di
     return out
 
 
-def gpu_process_memory(index: int, pid: int | None = None) -> int | None:
-    """This process's GPU memory on device `index` as NVML counts it (through
-    gemel_studio.system's NVML handle); None where NVML is missing or does not list the
-    process (a container's PID namespace hides it)."""
-    from .. import system
-
-    pynvml = system._nvml()
-    if pynvml is None:
-        return None
-    pid = os.getpid() if pid is None else pid
-    try:
-        procs = pynvml.nvmlDeviceGetComputeRunningProcesses(system._handle(pynvml, index))
-    except Exception:  # noqa: BLE001 (an old driver, a permission error: the figure is absent)
-        return None
-    for p in procs:
-        if p.pid == pid and isinstance(p.usedGpuMemory, int):
-            return int(p.usedGpuMemory)
-    return None
-
-
 def memory_snapshot(device: torch.device, resident_bytes: int, peak_resident_bytes: int,
                     budget_bytes: int | None = None) -> MemoryReport:
     """The runtime's own resident weights and the probes of `memory_figures`."""
@@ -332,10 +336,16 @@ def memory_snapshot(device: torch.device, resident_bytes: int, peak_resident_byt
                         runtime_peak_resident_bytes=peak_resident_bytes, **memory_figures(device))
 
 
+@functools.lru_cache(maxsize=1)
+def _this_process():
+    import psutil  # the Process object is made once: each one costs about 2 ms a snapshot
+
+    return psutil.Process()
+
+
 def process_rss() -> int | None:
     try:
-        import psutil
-        return int(psutil.Process().memory_info().rss)
+        return int(_this_process().memory_info().rss)
     except ImportError:
         pass
     try:
@@ -404,6 +414,6 @@ def result_record(spec, output, top_k: int = 5) -> dict:
             "scores": [round(float(v), 6) for v in scores]}
 
 
-__all__ = ["LATENCY_WINDOW", "MemoryReport", "ModelRow", "RunSnapshot", "RunSummary", "StreamRow", "StreamStats",
+__all__ = ["LATENCY_WINDOW", "LatencyWindow", "MemoryReport", "ModelRow", "RunSnapshot", "RunSummary", "StreamRow", "StreamStats",
            "SummaryMemory", "cuda_overhead", "describe_output", "device_capacity", "gpu_process_memory",
            "memory_figures", "memory_snapshot", "process_rss", "result_record"]
