@@ -226,7 +226,6 @@ def cmd_export(args) -> int:
 def cmd_run(args) -> int:
     """`gemel run`: exit 0 when the run ends (duration, sources ended, Ctrl-C or SIGTERM, each
     named in the summary's `stopped`), 2 on a user error, 130 on a second Ctrl-C."""
-    from .devices import resolve_device
     from .options import from_args
     from .progress import Progress, cancel_on_signals
     from .runtime import load_bundle
@@ -234,7 +233,6 @@ def cmd_run(args) -> int:
     from .runtime.options import RunOptions, parse_bytes
     from .runtime.sources import StreamSpec
     from .runtime.summary_text import format_run
-    from .runtime.telemetry import device_capacity
 
     if args.duration is not None and not args.duration > 0:
         raise GemelError(f"--duration {args.duration}: must be a positive number of seconds")
@@ -244,11 +242,8 @@ def cmd_run(args) -> int:
                          "(0 picks a free port) to serve metrics")
     rotate = (parse_bytes(args.results_max_bytes, "--results-max-bytes") if args.results_max_bytes is not None
               else 100 * 2**20)
-    chosen = None
-    if options.memory_budget is None and options.policy != "unlimited":
-        budget, where = device_capacity(resolve_device(options.budget_device))
-        options = options.model_copy(update={"memory_budget": budget})
-        chosen = f"memory budget: {human_bytes(budget)} ({where}; --memory-budget sets another)"
+    options, where = options.with_device_budget()
+    chosen = where and f"memory budget: {human_bytes(options.memory_budget)} ({where}; --memory-budget sets another)"
     streams = [StreamSpec.parse(text).stream(loop=args.loop) for text in args.stream]
     with contextlib.ExitStack() as stack:
         sinks = []

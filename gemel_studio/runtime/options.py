@@ -123,6 +123,19 @@ class RunOptions(BaseModel):
         means the CPU for it (as the engine decides)."""
         return "cpu" if self.backend == "onnxruntime" and self.device == "auto" else self.device
 
+    def with_device_budget(self) -> "tuple[RunOptions, str | None]":
+        """These options with the budget a run takes when none is given (`gemel run` without
+        --memory-budget, the preview's "What the device can hold"): what the device can hold
+        now. Returns them and where the figure came from (None: a budget was given, or the
+        policy is unlimited)."""
+        if self.memory_budget is not None or self.policy == "unlimited":
+            return self, None
+        from ..devices import resolve_device
+        from .telemetry import device_capacity
+
+        budget, where = device_capacity(resolve_device(self.budget_device))
+        return self.model_copy(update={"memory_budget": budget}), where
+
 
 def choices(name: str) -> list[str]:
     """The values option `name` may take (for a form's combo box)."""

@@ -68,10 +68,6 @@ class ModelResidency:
         return asdict(self)
 
 
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
 class ModelScheduler:
     """Keeps the tensors of the models in use resident within `budget_bytes` on `device`.
 
@@ -111,7 +107,7 @@ class ModelScheduler:
             units = units if self.shared else [(name, k) for k in units]
             self._units[name] = units
             for u in units:
-                self._unit_bytes[u] = _nbytes(tensors[u if self.shared else u[1]])
+                self._unit_bytes[u] = tensors[u if self.shared else u[1]].nbytes
         self.stats = {n: ModelResidency(n, sum(self._unit_bytes[u] for u in us)) for n, us in self._units.items()}
         if self.budget is not None:
             too_big = [s for s in self.stats.values() if s.bytes > self.budget]

@@ -654,17 +654,14 @@ class PreviewPanel(TaskMixin, QWidget):
         path, streams = self.bundle_path(), [replace(c, models=list(c.models)) for c in self.streams]
 
         def work(progress, partial):
-            from ..devices import resolve_device
             from ..runtime import load_bundle
             from ..runtime.engine import Engine
-            from ..runtime.telemetry import device_capacity, process_rss
+            from ..runtime.telemetry import process_rss
 
             process_rss()  # psutil's first import, here rather than in the GUI thread's first redraw
-            run = options
-            if run.memory_budget is None and run.policy != "unlimited":  # as `gemel run` chooses it
-                budget, where = device_capacity(resolve_device(run.budget_device))
-                run = run.model_copy(update={"memory_budget": budget})
-                partial(DeviceBudget(budget, where))
+            run, where = options.with_device_budget()  # as `gemel run` chooses it
+            if where is not None:
+                partial(DeviceBudget(run.memory_budget, where))
             with load_bundle(path) as bundle:  # closed (an archive's extraction removed) when the run ends
                 engine = Engine(bundle, [(c.source(seed=i), list(c.models)) for i, c in enumerate(streams)], run)
                 partial(engine)
