@@ -31,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 import torch  # before Qt
-import yaml
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
@@ -123,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     from PySide6.QtCore import QSettings
 
     from gemel_studio.export import export_bundle
+    from gemel_studio.samples import write_tiny_workload
     from gemel_studio.ui.app import make_app
     from gemel_studio.ui.main_window import MainWindow
 
@@ -137,13 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     window.sigError.connect(errors.append)
 
     folder = Path(tempfile.mkdtemp(prefix="gemel-probe-merge-"))
-    tasks, heads = ["color", "shape", "size"], [3, 3, 2]
-    models = [{"name": t, "source": {"kind": "torchvision", "architecture": "resnet18"}, "num_classes": n,
-               "target": {"relative": 0.8}, "dataset": {"kind": "synthetic", "task": t, "samples": 96, "seed": i}}
-              for i, (t, n) in enumerate(zip(tasks, heads))]
-    path = folder / "tiny.yaml"
-    path.write_text(yaml.safe_dump({"version": 1, "name": "tiny", "input_size": [3, 16, 16], "models": models},
-                                   sort_keys=False))
+    path = write_tiny_workload(folder)
     analysed: list = []
     window.sigAnalysisChanged.connect(analysed.append)
     window.open_path(path)

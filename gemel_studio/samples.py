@@ -63,6 +63,27 @@ def copy_samples(names: list[str], folder: Path, overwrite: bool = False) -> lis
     return targets
 
 
+TINY_TASKS = (("color", 3), ("shape", 3), ("size", 2))  # (synthetic task, classes) of the tiny workload
+
+
+def write_tiny_workload(folder: Path) -> Path:
+    """Write the tiny merge workload into `folder` (created if missing) and return its file: three
+    untrained ResNet-18 at 16x16, each on its own synthetic task of 96 images, targets at 80% of
+    their unmerged accuracy. A real merge of it takes a minute or two on a CPU; the screenshots
+    and the UI probe merge it to show real figures."""
+    import yaml
+
+    models = [{"name": task, "source": {"kind": "torchvision", "architecture": "resnet18"}, "num_classes": classes,
+               "target": {"relative": 0.8},
+               "dataset": {"kind": "synthetic", "task": task, "samples": 96, "seed": seed}}
+              for seed, (task, classes) in enumerate(TINY_TASKS)]
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump({"version": 1, "name": "tiny", "input_size": [3, 16, 16], "models": models},
+                                   sort_keys=False))
+    return path
+
+
 # What the studio opens when given no workload. Not through sample_path(): a broken install
 # must not make importing the CLI fail; opening the missing file says what is wrong instead.
 DEFAULT_WORKLOAD = Path(str(_folder() / f"quickstart{SUFFIX}"))

@@ -151,16 +151,10 @@ def wait_for(signal, timeout_ms: int = 600_000) -> list:
 
 def retraining_run(window) -> str:
     """Open a tiny workload, propose a plan and merge it for real; '' or an error message."""
-    import yaml
+    from gemel_studio.samples import write_tiny_workload
 
     folder = Path(tempfile.mkdtemp(prefix="gemel-shots-merge-"))
-    tasks, heads = ["color", "shape", "size"], [3, 3, 2]
-    models = [{"name": t, "source": {"kind": "torchvision", "architecture": "resnet18"}, "num_classes": n,
-               "target": {"relative": 0.8}, "dataset": {"kind": "synthetic", "task": t, "samples": 96, "seed": i}}
-              for i, (t, n) in enumerate(zip(tasks, heads))]
-    path = folder / "tiny.yaml"
-    path.write_text(yaml.safe_dump({"version": 1, "name": "tiny", "input_size": [3, 16, 16], "models": models},
-                                   sort_keys=False))
+    path = write_tiny_workload(folder)
     errors: list[str] = []
     window.sigError.connect(errors.append)
     if not window.open_path(path) or not wait_for(window.sigAnalysisChanged):

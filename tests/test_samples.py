@@ -44,3 +44,15 @@ def test_potentials_are_ordered_high_medium_low():
 def test_largest_sample_has_five_models_and_a_detector():
     w = load_workload(SAMPLES / "low.yaml")
     assert len(w.models) >= 5 and any(m.task == "detection" for m in w.models)
+
+
+def test_the_tiny_merge_workload_loads_and_shares_its_backbones(tmp_path):
+    from gemel_studio.samples import TINY_TASKS, write_tiny_workload
+
+    path = write_tiny_workload(tmp_path / "new")  # the folder is made
+    assert path == tmp_path / "new" / "tiny.yaml"
+    w = load_workload(path)
+    assert [(m.name, m.num_classes) for m in w.models] == list(TINY_TASKS)
+    assert {m.source.architecture for m in w.models} == {"resnet18"}
+    assert [m.dataset.seed for m in w.models] == [0, 1, 2]  # each task its own images
+    assert analyze_workload(w).max_savings_fraction > 0.5  # three ResNet-18 backbones: most of it can be shared

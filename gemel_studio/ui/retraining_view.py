@@ -28,7 +28,7 @@ from pydantic import ValidationError
 from PySide6.QtCore import QAbstractTableModel, QModelIndex, Qt, Signal
 from PySide6.QtGui import QBrush, QColor, QDoubleValidator
 from PySide6.QtWidgets import (QAbstractItemView, QComboBox, QFileDialog, QFormLayout, QFrame, QGridLayout,
-                               QHBoxLayout, QHeaderView, QLabel, QLineEdit, QMenu, QProgressBar, QPushButton,
+                               QHBoxLayout, QHeaderView, QLabel, QLineEdit, QProgressBar, QPushButton,
                                QScrollArea, QSizePolicy, QSpinBox, QSplitter, QTableView, QVBoxLayout, QWidget)
 
 from ..analysis import WorkloadAnalysis
@@ -43,6 +43,7 @@ from ..merging.retrain import EpochRecord
 from ..tasks import plural
 from ..workload import Workload
 from . import settings
+from .columns import column_menu
 from .memory_view import style_plot
 from .settings import PALETTES
 from .task import TaskMixin
@@ -228,37 +229,6 @@ class StepLogModel(QAbstractTableModel):
         if role == Qt.ItemDataRole.ToolTipRole:
             return f"{self.COLUMNS[section][1]}\n(right-click the header to show or hide columns)"
         return None
-
-
-def column_menu(view: QTableView, headers: tuple[str, ...], hidden: tuple[str, ...], key: str):
-    """Columns `hidden` by default, and a header context menu that shows or hides any column;
-    the columns hidden are kept in settings under `key`. Returns what builds the menu (a
-    right-click on the header opens it), for a test to read."""
-    header = view.horizontalHeader()
-    chosen = settings.studio_settings().value(key, ",".join(hidden), type=str)
-    for column, name in enumerate(headers):
-        header.setSectionHidden(column, name in chosen.split(","))
-
-    def toggle(column: int, shown: bool) -> None:
-        header.setSectionHidden(column, not shown)
-        settings.studio_settings().setValue(
-            key, ",".join(h for c, h in enumerate(headers) if header.isSectionHidden(c)))
-
-    def menu(pos) -> QMenu:
-        m = QMenu(view)
-        m.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
-        for column, name in enumerate(headers):
-            action = m.addAction(name)
-            action.setCheckable(True)
-            action.setChecked(not header.isSectionHidden(column))
-            # The last column shown stays: a table with no column cannot get its menu back.
-            action.setEnabled(header.isSectionHidden(column) or header.hiddenSectionCount() < len(headers) - 1)
-            action.toggled.connect(lambda shown, c=column: toggle(c, shown))
-        return m
-
-    header.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
-    header.customContextMenuRequested.connect(lambda pos: menu(pos).popup(header.mapToGlobal(pos)))
-    return menu
 
 
 class ReportModel(QAbstractTableModel):

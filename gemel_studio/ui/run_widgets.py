@@ -14,11 +14,12 @@ from __future__ import annotations
 from typing import Callable
 
 from PySide6.QtCore import QAbstractTableModel, QModelIndex, Qt
-from PySide6.QtWidgets import (QAbstractItemView, QGridLayout, QHeaderView, QLabel, QProgressBar, QTableView,
-                               QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (QAbstractItemView, QGridLayout, QHeaderView, QLabel, QProgressBar, QStyle,
+                               QStyleOptionProgressBar, QStylePainter, QTableView, QVBoxLayout, QWidget)
 
 from ..runtime.telemetry import ModelRow, RunSnapshot, StreamRow
 from ..units import human_bytes
+from .columns import MENU_HINT, column_menu
 
 GAUGE_STEPS = 1000  # QProgressBar holds an int: gauges run over permille, not bytes
 
@@ -46,10 +47,54 @@ def run_state_text(snapshot: RunSnapshot | dict) -> str:
             f"bundle {s.bundle}" + (f"; last model error: {s.last_error}" if s.last_error else ""))
 
 
+class Gauge(QProgressBar):
+    """A bar whose text says what it measures, in the longest of its texts that fits: `set_texts`
+    takes them longest first; when even the last is too wide for the bar it is elided. The full
+    text is always in the tooltip, under what the bar measures. `text()` is the full text."""
+
+    TEXT_MARGIN = 8  # pixels kept clear of the bar's ends
+
+    def __init__(self, tip: str, parent=None):
+        super().__init__(parent)
+        self.tip = tip
+        self.texts: tuple[str, ...] = ("",)
+        self.setRange(0, GAUGE_STEPS)
+        self.setTextVisible(True)
+        self.setToolTip(tip)
+        self.setMinimumWidth(90)
+
+    def set_texts(self, texts: tuple[str, ...]) -> None:
+        self.texts = tuple(texts) or ("",)
+        self.setFormat(self.texts[0])  # no %p/%v/%m in these texts: Qt would substitute them
+        self.setToolTip(f"{self.texts[0]}\n\n{self.tip}" if self.texts[0] else self.tip)
+
+    def text_room(self) -> int:
+        """The width the bar's text may take, in pixels: the bar's inside, less a margin (the
+        style's label rectangle is no help: it depends on the text it is given)."""
+        return max(0, self.contentsRect().width() - self.TEXT_MARGIN)
+
+    def shown_text(self) -> str:
+        """What the bar shows now: its longest text that fits, else its shortest, elided."""
+        metrics, room = self.fontMetrics(), self.text_room()
+        for text in self.texts:
+            if metrics.horizontalAdvance(text) <= room:
+                return text
+        return metrics.elidedText(self.texts[-1], Qt.TextElideMode.ElideRight, room)
+
+    def paintEvent(self, event) -> None:
+        # QProgressBar centres its text and clips it at both ends: draw the text that fits instead.
+        painter = QStylePainter(self)
+        option = QStyleOptionProgressBar()
+        self.initStyleOption(option)
+        option.text = self.shown_text()
+        painter.drawControl(QStyle.ControlElement.CE_ProgressBar, option)
+
+
 class RunGauges(QWidget):
     """Three gauges, each saying what it measures: the runtime's resident weights against the
     budget, GPU memory used against the device's total (when the snapshot has device figures),
-    and the fraction of frames dropped; and a line with the process's own memory figures."""
+    and the fraction of frames dropped; and a line with the process's own memory figures. A
+    narrow bar shows a shorter text (`Gauge`); the whole one is in its tooltip."""
 
     def __init__(self, parent=None):
         super().__init__(parent)
@@ -79,26 +124,21 @@ class RunGauges(QWidget):
             grid.addWidget(bar, 1, column)
             grid.setColumnStretch(column, 1)
         grid.addWidget(self.memory_label, 2, 0, 1, 3)
-        self._shown: dict[int, tuple[int, str, bool]] = {}  # per bar: what it shows now
+        self._shown: dict[int, tuple[int, tuple[str, ...], bool]] = {}  # per bar: what it shows now
         self.clear()
 
-    def _bar(self, tip: str) -> QProgressBar:
-        bar = QProgressBar(self)
-        bar.setRange(0, GAUGE_STEPS)
-        bar.setTextVisible(True)
-        bar.setToolTip(tip)
-        bar.setMinimumWidth(90)
-        return bar
+    def _bar(self, tip: str) -> Gauge:
+        return Gauge(tip, self)
 
-    def _set(self, bar: QProgressBar, fraction: float | None, text: str) -> None:
-        """Show `fraction` and `text` on `bar`; a bar already showing them is left alone (a
-        QProgressBar repaints at once when its value moves, on every refresh otherwise)."""
-        shown = (0 if fraction is None else round(max(0.0, min(1.0, fraction)) * GAUGE_STEPS), text,
+    def _set(self, bar: Gauge, fraction: float | None, *texts: str) -> None:
+        """Show `fraction` and `texts` (longest first) on `bar`; a bar already showing them is
+        left alone (a QProgressBar repaints at once when its value moves, on every refresh otherwise)."""
+        shown = (0 if fraction is None else round(max(0.0, min(1.0, fraction)) * GAUGE_STEPS), texts,
                  fraction is not None)
         if self._shown.get(id(bar)) == shown:
             return
         self._shown[id(bar)] = shown
-        bar.setFormat(text)  # no %p/%v/%m in these texts: Qt would substitute them
+        bar.set_texts(texts)
         bar.setValue(shown[0])
         bar.setEnabled(shown[2])
 
@@ -114,22 +154,27 @@ class RunGauges(QWidget):
         resident, budget = mem.runtime_resident_bytes, mem.budget_bytes
         peak = mem.runtime_peak_resident_bytes
         if budget:
+            share = f"({resident / budget:.0%})"
             self._set(self.resident_bar, resident / budget,
-                      f"{human_bytes(resident)} of {human_bytes(budget)} budget ({resident / budget:.0%}), "
-                      f"peak {human_bytes(peak)}")
+                      f"{human_bytes(resident)} of {human_bytes(budget)} budget {share}, peak {human_bytes(peak)}",
+                      f"{human_bytes(resident)} of {human_bytes(budget)} {share}", f"{human_bytes(resident)} {share}")
         else:
-            self._set(self.resident_bar, 0.0, f"{human_bytes(resident)} resident, no budget (unlimited)")
+            self._set(self.resident_bar, 0.0, f"{human_bytes(resident)} resident, no budget (unlimited)",
+                      f"{human_bytes(resident)}, no budget", human_bytes(resident))
         used, total = mem.device_used_bytes, mem.device_total_bytes
         if used is not None and total:
-            self._set(self.gpu_bar, used / total, f"{human_bytes(used)} of {human_bytes(total)} ({used / total:.0%})")
+            self._set(self.gpu_bar, used / total, f"{human_bytes(used)} of {human_bytes(total)} ({used / total:.0%})",
+                      f"{human_bytes(used)} ({used / total:.0%})")
         elif mem.torch_allocated_bytes is not None:
-            self._set(self.gpu_bar, None, "GPU: no device figures (pynvml missing)")
+            self._set(self.gpu_bar, None, "GPU: no device figures (pynvml missing)", "no device figures")
         else:
-            self._set(self.gpu_bar, None, f"no GPU (device {snapshot.device})")
+            self._set(self.gpu_bar, None, f"no GPU (device {snapshot.device})", "no GPU")
         frames_in, dropped, late, refused = snapshot.dropped_totals()
         if frames_in:
+            share = f"({dropped / frames_in:.1%})"
             self._set(self.drops_bar, dropped / frames_in,
-                      f"{dropped} of {frames_in} frames ({dropped / frames_in:.1%}): late {late}, refused {refused}")
+                      f"{dropped} of {frames_in} frames {share}: late {late}, refused {refused}",
+                      f"{dropped} of {frames_in} frames {share}", f"{dropped} {share}")
         else:
             self._set(self.drops_bar, 0.0, "no frames yet")
         parts = [f"process RSS {human_bytes(mem.process_rss_bytes)}"]
@@ -149,13 +194,15 @@ class SnapshotTableModel(QAbstractTableModel):
     Rows are replaced in place when their number stays the same, so a selection survives the
     refreshes, and only the cells whose text changed are signalled (a view repaints, and
     measures, only those). With `ROW` set, dict rows (served JSON) are read into that row type.
-    `TIPS`: a header's tooltip, saying what its column counts."""
+    `TIPS`: a header's tooltip, saying what its column counts. `HIDDEN`: the columns a table
+    (`snapshot_table`) hides until its header's menu shows them, so that it reads in a narrow window."""
 
     COLUMNS: tuple[tuple[str, Callable[[object], str]], ...] = ()
     ROW: type | None = None
     TEXT = frozenset({"Stream", "Models", "Model", "Ended"})  # left-aligned; the other columns are figures
     STRETCH: str | None = None  # the column that takes the spare width
     TIPS: dict[str, str] = {}
+    HIDDEN: tuple[str, ...] = ()
 
     def __init__(self, parent=None):
         super().__init__(parent)
@@ -205,12 +252,17 @@ class SnapshotTableModel(QAbstractTableModel):
             if role == _DISPLAY:
                 return self.COLUMNS[section][0]
             if role == _TOOLTIP:
-                return self.TIPS.get(self.COLUMNS[section][0])
+                tip = self.TIPS.get(self.COLUMNS[section][0])
+                if self.HIDDEN:
+                    return f"{tip}\n{MENU_HINT}" if tip else MENU_HINT
+                return tip
         return None
 
 
 class StreamTableModel(SnapshotTableModel):
-    """A snapshot's `streams`: what each stream's frames became (the counters `gemel run` prints)."""
+    """A snapshot's `streams`: what each stream's frames became (the counters `gemel run` prints).
+    The headers are short, each explained by its tooltip; the drop causes and the source's rate
+    are hidden by default (the drops gauge has the late and refused totals)."""
 
     ROW = StreamRow
     COLUMNS = (
@@ -218,17 +270,31 @@ class StreamTableModel(SnapshotTableModel):
         ("Models", lambda s: ", ".join(s.models)),
         ("Source fps", lambda s: f"{s.fps:g}"),
         ("In", lambda s: str(s.frames_in)),
-        ("Processed", lambda s: str(s.processed)),
+        ("Done", lambda s: str(s.processed)),
         ("Dropped", lambda s: str(s.dropped)),
         ("Late", lambda s: str(s.dropped_late)),
         ("Refused", lambda s: str(s.dropped_refused)),
         ("Errors", lambda s: str(s.dropped_error)),
-        ("p50 ms", lambda s: _ms(s.latency_p50_ms)),
-        ("p99 ms", lambda s: _ms(s.latency_p99_ms)),
-        ("Processed fps", lambda s: f"{s.throughput_fps:.1f}"),
+        ("p50", lambda s: _ms(s.latency_p50_ms)),
+        ("p99", lambda s: _ms(s.latency_p99_ms)),
+        ("fps", lambda s: f"{s.throughput_fps:.1f}"),
         ("Ended", lambda s: s.end_reason or "-"),
     )
     STRETCH = "Ended"
+    HIDDEN = ("Source fps", "Late", "Refused", "Errors")
+    TIPS = {"Stream": "The stream's name",
+            "Models": "The models that run on each of its frames",
+            "Source fps": "The rate its source delivers frames at",
+            "In": "Frames that arrived from the source",
+            "Done": "Frames processed: every model of the stream ran on them",
+            "Dropped": "Frames dropped: late, refused or failed",
+            "Late": "Frames dropped because their deadline passed",
+            "Refused": "Frames dropped because no model was resident for them",
+            "Errors": "Frames dropped because a model failed on them",
+            "p50": "Median latency, ms: from a frame's arrival to its last model's result",
+            "p99": "99th-percentile latency, ms",
+            "fps": "Frames processed per second, since the stream started",
+            "Ended": "Why the stream ended ('-': it runs)"}
 
 
 class ModelTableModel(SnapshotTableModel):
@@ -249,12 +315,21 @@ class ModelTableModel(SnapshotTableModel):
         ("Refused", lambda m: str(m.refused)),
         ("Loading", lambda m: m.load),
     )
-    TIPS = {"Runs": "Frames the model ran on (a batch of several frames counts each)",
+    HIDDEN = ("Max batch", "Load s", "Waited s", "Loaded")
+    TIPS = {"Model": "The model's name",
+            "Bytes": "Its weights' size, as the runtime counts them resident",
+            "Runs": "Frames the model ran on (a batch of several frames counts each)",
             "Mean batch": "Frames per batch, on average: frames of the streams that use the model that wait "
                           "together go through it as one batch",
             "Max batch": "The largest batch the start's profile found within the streams' deadlines; "
                          "the run never batches more frames than this",
-            "Swaps": "Loads of the model's weights into memory"}
+            "Swaps": "Loads of the model's weights into memory",
+            "Load s": "Seconds spent loading its weights, in all",
+            "Waited s": "Seconds frames waited for its weights to load, in all",
+            "Loaded": "Bytes of weights loaded for it, in all its swaps",
+            "Infer ms": "Mean milliseconds per batch it ran",
+            "Refused": "Frames refused because it was not resident",
+            "Loading": "How its weights load: whole, or layer by layer"}
 
     def set_models(self, models: dict[str, ModelRow | dict]) -> None:
         self.set_rows([row if isinstance(row, ModelRow) else ModelRow.from_dict(row, name)
@@ -266,7 +341,9 @@ def snapshot_table(model: QAbstractTableModel, parent: QWidget) -> QTableView:
     fitted when the rows change; while figures tick, a column only widens when a changed cell
     no longer fits (measured by its text), never refitted: a header in ResizeToContents mode,
     or a refit per refresh, measures every cell each time and was the preview's largest stall
-    (benchmarks/ui_probe.py)."""
+    (benchmarks/ui_probe.py). A model with `HIDDEN` columns gets the header's column menu
+    (columns.column_menu); what it hides is kept per model type, the same in every tab.
+    `view.columns_menu` builds that menu (None without one)."""
     view = QTableView(parent)
     view.setModel(model)
     view.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
@@ -281,9 +358,13 @@ def snapshot_table(model: QAbstractTableModel, parent: QWidget) -> QTableView:
     stretched = [h for h, _ in model.COLUMNS].index(stretch) if stretch is not None else -1
     if stretched >= 0:
         header.setSectionResizeMode(stretched, QHeaderView.ResizeMode.Stretch)
+    hidden = getattr(model, "HIDDEN", ())
+    view.columns_menu = (column_menu(view, tuple(h for h, _ in model.COLUMNS), hidden,
+                                     f"run_tables/{type(model).__name__}_hidden_columns") if hidden else None)
     padding = [16]  # a cell's width beyond its text (the delegate's margins), measured at each fit
 
     def fit() -> None:
+        view.ensurePolished()  # the theme's font: a table in a tab never shown has not taken it yet
         view.resizeColumnsToContents()
         cells = getattr(model, "cells", None)
         if cells:
@@ -297,7 +378,7 @@ def snapshot_table(model: QAbstractTableModel, parent: QWidget) -> QTableView:
             return view.resizeColumnsToContents()
         metrics = view.fontMetrics()
         for c in range(top_left.column(), bottom_right.column() + 1):
-            if c == stretched:
+            if c == stretched or header.isSectionHidden(c):  # a column shown again is fitted then
                 continue
             need = padding[0] + max(metrics.horizontalAdvance(cells[r][c])
                                     for r in range(top_left.row(), bottom_right.row() + 1))
@@ -323,5 +404,5 @@ def titled(parent: QWidget, title: str, *widgets: QWidget) -> QWidget:
     return box
 
 
-__all__ = ["ModelTableModel", "RunGauges", "SnapshotTableModel", "StreamTableModel", "as_snapshot", "dropped_totals",
+__all__ = ["Gauge", "ModelTableModel", "RunGauges", "SnapshotTableModel", "StreamTableModel", "as_snapshot", "dropped_totals",
            "run_state_text", "snapshot_table", "titled"]

@@ -134,10 +134,14 @@ class LayerTableModel(QAbstractTableModel):
         self._changed_all()
 
     def set_highlighted(self, layer: str | None) -> int | None:
-        """Highlight `layer` (None: nothing); return its row."""
+        """Highlight `layer` (None: nothing); return its row. Only the rows whose highlight
+        changed are signalled: a signal over every cell makes each view repaint them all."""
+        before = self.row_of(self.highlighted) if self.highlighted else None
         self.highlighted = layer
-        self._changed_all()
-        return self.row_of(layer) if layer else None
+        row = self.row_of(layer) if layer else None
+        for changed in {before, row} - {None}:
+            self.dataChanged.emit(self.index(changed, 0), self.index(changed, self.columnCount() - 1))
+        return row
 
     def row_of(self, layer: str) -> int | None:
         for row, record in enumerate(self.inventory.layers):
@@ -198,14 +202,28 @@ class LayerListPanel(QWidget):
         header.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
         self.view.setTextElideMode(Qt.TextElideMode.ElideLeft)  # the end of a qualified name says most
         self.view.setWordWrap(False)
-        for column in (1, 2):
-            header.setSectionResizeMode(column, QHeaderView.ResizeMode.ResizeToContents)
+        self._fit_columns(inventory)
         title = QLabel(f"{inventory.name} — {inventory.architecture}", self, objectName="panelTitle")
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(title)
         layout.addWidget(self.view)
         self.setMinimumWidth(300)
+
+    def _fit_columns(self, inventory: ModelInventory) -> None:
+        """Kind and Params as wide as their widest text, measured once from the inventory. Not
+        ResizeToContents: that mode asks the model for every cell of both columns whenever the
+        view lays out or a cell changes, in a hidden tab too (the lists are made when an analysis
+        arrives, whatever tab is shown: benchmarks/ui_probe.py caught it during a preview)."""
+        self.view.ensurePolished()  # the theme's font: the tab may never have been shown
+        header = self.view.horizontalHeader()
+        metrics = self.view.fontMetrics()
+        padding = 16  # the cell's margins beyond its text
+        for column, texts in ((1, {r.kind for r in inventory.layers}),
+                              (2, {human_bytes(r.param_bytes) for r in inventory.layers})):
+            widest = max((metrics.horizontalAdvance(t) for t in texts), default=0) + padding
+            header.setSectionResizeMode(column, QHeaderView.ResizeMode.Interactive)
+            header.resizeSection(column, max(widest, header.sectionSizeHint(column)))
 
     def highlight(self, layer: str | None) -> None:
         row = self.layers.set_highlighted(layer)

@@ -29,6 +29,33 @@ ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ROOT / "sample_workloads" / "quickstart.yaml"
 
 
+def write_video(path: Path, frames: int, fps: float, size=(32, 24)) -> Path:
+    """Write an MJPG clip of `frames` frames at `fps` to `path` (each frame a shade redder than
+    the one before, so that no two are alike) and return `path`: a video stream's source."""
+    import cv2
+    import numpy as np
+
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, size)
+    assert writer.isOpened(), path
+    for i in range(frames):
+        image = np.zeros((size[1], size[0], 3), np.uint8)
+        image[:, :, 2] = (8 * i) % 256
+        writer.write(image)
+    writer.release()
+    return path
+
+
+def open_preview(window, bundle_path: Path, policy: str):
+    """The window's Live preview tab, shown, on the bundle at `bundle_path`, set to run on the
+    CPU under `policy`; the panel."""
+    panel = window.preview_panel
+    window.tabs.setCurrentWidget(panel)
+    assert panel.set_bundle_path(bundle_path), window.banner.message
+    panel.policy_combo.setCurrentText(policy)
+    panel.device_combo.setCurrentText("cpu")
+    return panel
+
+
 @pytest.fixture(autouse=True)
 def isolated_settings(tmp_path_factory, monkeypatch):
     """Every test gets its own empty settings folder, never the user's configuration."""

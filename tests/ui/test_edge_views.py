@@ -28,6 +28,7 @@ from gemel_studio.ui.preview_view import StreamTile  # noqa: E402
 from gemel_studio.ui.run_widgets import RunGauges  # noqa: E402
 
 from ..test_bundle import bundle, merged  # noqa: E402,F401  (fixtures)
+from .conftest import open_preview, write_video  # noqa: E402
 
 MIB = 2**20
 MODELS = ["color", "shape", "size", "spare"]
@@ -42,27 +43,10 @@ def _one_line(message: str) -> bool:
     return bool(message) and "\n" not in message and "Traceback" not in message
 
 
-def _write_video(path, frames: int, fps: float, size=(32, 24)):
-    import cv2
-
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, size)
-    assert writer.isOpened()
-    for i in range(frames):
-        image = np.zeros((size[1], size[0], 3), np.uint8)
-        image[:, :, 2] = 8 * i
-        writer.write(image)
-    writer.release()
-    return path
-
-
 @pytest.fixture
 def preview(window, bundle):  # noqa: F811
     """The Preview tab on the exported bundle, settings for a short CPU run."""
-    panel = window.preview_panel
-    window.tabs.setCurrentWidget(panel)
-    assert panel.set_bundle_path(bundle[1]), window.banner.message
-    panel.policy_combo.setCurrentText("merged")
-    panel.device_combo.setCurrentText("cpu")
+    panel = open_preview(window, bundle[1], "merged")
     panel.device_budget_check.setChecked(False)  # a budget set here, not the device's
     panel.budget_spin.setValue(256)
     return panel
@@ -101,7 +85,7 @@ def test_preview_shows_frames_labels_and_counters_and_stops_cleanly(window, prev
     panel.models_list.item(0).setCheckState(Qt.CheckState.Checked)
     assert panel.streams[1].models == ["color", "size"]
     # A short video that ends while the others go on.
-    panel.add_video_stream(_write_video(tmp_path / "clip.avi", frames=10, fps=20), models=["size"])
+    panel.add_video_stream(write_video(tmp_path / "clip.avi", frames=10, fps=20), models=["size"])
     assert panel.streams_list.count() == 3
 
     with qtbot.waitSignal(panel.sigWorkerStarted):
@@ -146,7 +130,7 @@ def test_preview_shows_frames_labels_and_counters_and_stops_cleanly(window, prev
     table = panel.stream_model
     for row, s in enumerate(final.streams):
         assert s.frames_in == s.processed + s.dropped
-        assert table.text(row, "In") == str(s.frames_in) and table.text(row, "Processed") == str(s.processed)
+        assert table.text(row, "In") == str(s.frames_in) and table.text(row, "Done") == str(s.processed)
     assert final.streams[2].frames_in == 10 and table.text(2, "Ended") == "ended"
     assert {panel.model_model.text(r, "Model") for r in range(4)} == set(MODELS)
     assert window.banner.message == ""
@@ -196,7 +180,7 @@ def test_loop_acts_on_the_selected_stream_and_a_non_video_is_refused(window, pre
     assert panel.add_video_stream(junk) is None
     assert _one_line(window.banner.message) and "not a video" in window.banner.message and panel.streams == []
 
-    clip = _write_video(tmp_path / "clip.avi", frames=10, fps=20)
+    clip = write_video(tmp_path / "clip.avi", frames=10, fps=20)
     first, second = panel.add_video_stream(clip), panel.add_video_stream(clip)
     assert first.fps == 20 and "clip.avi, 20 fps" in panel.streams_list.item(0).text()
     panel.streams_list.setCurrentRow(1)
@@ -233,7 +217,7 @@ def test_file_dialogs_start_where_the_last_choice_was(window, preview, qtbot, tm
     from PySide6.QtWidgets import QFileDialog
 
     (tmp_path / "clips").mkdir()
-    video = _write_video(tmp_path / "clips" / "a.avi", frames=3, fps=10)
+    video = write_video(tmp_path / "clips" / "a.avi", frames=3, fps=10)
     starts = []
 
     def answer(parent, title, start, file_filter):
@@ -367,7 +351,7 @@ def test_monitor_shows_what_the_engine_counted_then_the_disconnect(window, bundl
             def shows_final():
                 table = panel.stream_model
                 return table.rowCount() == 2 and all(
-                    table.text(r, "In") == str(s["frames_in"]) and table.text(r, "Processed") == str(s["processed"])
+                    table.text(r, "In") == str(s["frames_in"]) and table.text(r, "Done") == str(s["processed"])
                     and table.text(r, "Dropped") == str(s["dropped"]) for r, s in enumerate(final["streams"]))
             qtbot.waitUntil(shows_final, timeout=10_000)
         finally:

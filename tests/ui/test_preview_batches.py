@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import numpy as np
 import pytest
 
 pytest.importorskip("PySide6")
@@ -23,32 +22,15 @@ from gemel_studio.runtime.telemetry import MemoryReport, ModelRow, RunSnapshot, 
 from gemel_studio.ui.run_widgets import ModelTableModel, RunGauges, StreamTableModel, snapshot_table  # noqa: E402
 
 from ..test_bundle import bundle, merged  # noqa: E402,F401  (fixtures)
+from .conftest import open_preview, write_video  # noqa: E402
 
 MIB = 2**20
 GIB = 2**30
 
 
-def _write_video(path, frames: int, fps: float, size=(32, 24)):
-    import cv2
-
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, size)
-    assert writer.isOpened()
-    for i in range(frames):
-        image = np.zeros((size[1], size[0], 3), np.uint8)
-        image[:, :, 1] = 10 * i
-        writer.write(image)
-    writer.release()
-    return path
-
-
 @pytest.fixture
 def preview(window, bundle):  # noqa: F811
-    panel = window.preview_panel
-    window.tabs.setCurrentWidget(panel)
-    assert panel.set_bundle_path(bundle[1]), window.banner.message
-    panel.policy_combo.setCurrentText("unlimited")  # every model resident: frames queue, and batch
-    panel.device_combo.setCurrentText("cpu")
-    return panel
+    return open_preview(window, bundle[1], "unlimited")  # every model resident: frames queue, and batch
 
 
 def _model_texts(panel, header: str) -> dict[str, str]:
@@ -61,7 +43,7 @@ def _model_texts(panel, header: str) -> dict[str, str]:
 
 def test_the_models_table_shows_each_models_mean_and_largest_batch(window, preview, qtbot, tmp_path):
     panel = preview
-    clip = _write_video(tmp_path / "clip.avi", frames=12, fps=10)
+    clip = write_video(tmp_path / "clip.avi", frames=12, fps=10)
     for _ in range(3):  # three streams whose frames arrive together: the models see batches
         panel.add_video_stream(clip, models=["color", "shape"])
     table = panel.model_model

@@ -112,3 +112,54 @@ def test_a_small_workload_is_drawn_whole_without_a_note(panel):
     panel.set_analysis(None)
     assert panel.limit_note.isHidden() and panel.matrix.rowCount() == 0 and panel.layer_lists == {}
     assert panel.bound_label.text() == ""
+
+
+def _count_layer_data(monkeypatch) -> list:
+    """Every LayerTableModel.data call from now on, as (model name, role)."""
+    from gemel_studio.ui import sharing_view
+
+    calls, original = [], sharing_view.LayerTableModel.data
+
+    def data(self, index, role=Qt.ItemDataRole.DisplayRole):
+        calls.append((self.inventory.name, role))
+        return original(self, index, role)
+
+    monkeypatch.setattr(sharing_view.LayerTableModel, "data", data)
+    return calls
+
+
+def test_a_hidden_sharing_tab_never_asks_its_layer_lists_for_cells(window, qtbot, monkeypatch):
+    # The lists are made when an analysis arrives, whatever tab is shown; until the Sharing tab
+    # is, nothing measures or paints their cells (a run in the Live preview paid for that).
+    window.tabs.setCurrentIndex(0)
+    panel = window.sharing_panel
+    assert window.tabs.currentWidget() is not panel
+    calls = _count_layer_data(monkeypatch)
+    analysis = _analysis(6, 40)
+    panel.set_analysis(analysis)
+    qtbot.wait(50)  # the event loop's delayed layouts run
+    for row in (0, 5, 9, -1, 3):  # the selection moves: each list's highlight changes
+        panel.select_group(row)
+        qtbot.wait(10)
+    assert not panel.isVisible() and calls == []
+    # Shown, the lists draw their cells, Kind and Params each whole.
+    window.tabs.setCurrentWidget(panel)
+    qtbot.waitUntil(lambda: len(calls) > 0)
+    for layer_list in panel.layer_lists.values():
+        view, model = layer_list.view, layer_list.layers
+        metrics = view.fontMetrics()
+        for column in (1, 2):
+            widest = max(metrics.horizontalAdvance(model.data(model.index(r, column))) for r in range(model.rowCount()))
+            assert view.horizontalHeader().sectionSize(column) >= widest
+
+
+def test_a_new_highlight_signals_only_the_rows_it_changes(panel):
+    panel.set_analysis(_analysis(4, 10))
+    layers = panel.layer_lists["cam0000"].layers
+    changes = []
+    layers.dataChanged.connect(lambda a, b, roles=(): changes.append((a.row(), b.row(), a.column(), b.column())))
+    assert layers.set_highlighted(LAYERS[3].name) == 3
+    assert layers.set_highlighted(LAYERS[5].name) == 5
+    assert layers.set_highlighted(None) is None
+    assert sorted(changes[:1]) == [(3, 3, 0, 2)] and sorted(changes[1:3]) == [(3, 3, 0, 2), (5, 5, 0, 2)]
+    assert changes[3:] == [(5, 5, 0, 2)]
