@@ -373,11 +373,11 @@ class PreviewPanel(TaskMixin, QWidget):
         left_layout.addLayout(buttons)
         left_layout.addWidget(self.status_label)
         # The settings scroll rather than hold the window taller than the other tabs need.
-        settings_scroll = QScrollArea(self)
+        self.settings_scroll = settings_scroll = QScrollArea(self)
         settings_scroll.setWidgetResizable(True)
         settings_scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         settings_scroll.setWidget(left)
-        settings_scroll.setFixedWidth(300)
+        self._fit_settings()
         for lst in (self.streams_list, self.models_list):  # they share the spare height, and scroll
             lst.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Ignored)
 
@@ -707,8 +707,16 @@ class PreviewPanel(TaskMixin, QWidget):
             if force or not tile.visibleRegion().isEmpty():
                 tile.show_state(stats, latest, colors, figures)
 
+    def _fit_settings(self) -> None:
+        """The settings column as wide as its widgets need in the current style and font
+        (nothing cut at its right edge), with room for its scroll bar."""
+        scroll = self.settings_scroll
+        bar = scroll.verticalScrollBar().sizeHint().width()
+        scroll.setFixedWidth(max(300, scroll.widget().minimumSizeHint().width() + bar + 2 * scroll.frameWidth()))
+
     def showEvent(self, event) -> None:  # noqa: N802 (Qt's name)
         super().showEvent(event)
+        self._fit_settings()  # the theme's font is known now
         if self.engine is not None:
             self.refresh(force=True)  # what changed while another tab was shown
         elif not self.running:

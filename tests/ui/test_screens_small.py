@@ -164,3 +164,15 @@ def test_the_sharing_rows_name_their_layer_and_the_bound_shows(window, open_and_
     widest = max(header.fontMetrics().horizontalAdvance(matrix.headerData(r, Qt.Orientation.Vertical))
                  for r in range(matrix.rowCount()))
     assert header.width() >= widest
+
+
+def test_the_preview_settings_are_not_cut_at_1024x700(window, qtbot):
+    panel = window.preview_panel
+    _small(window, qtbot, panel)
+    scroll = panel.settings_scroll
+    settings = scroll.widget()
+    # The settings column is as wide as its widgets need: none is cut at its right edge.
+    assert settings.width() >= settings.minimumSizeHint().width()
+    assert scroll.viewport().width() >= settings.minimumSizeHint().width()
+    for widget in (panel.device_budget_check, panel.budget_spin):
+        assert widget.mapTo(settings, widget.rect().topRight()).x() <= scroll.viewport().width()
