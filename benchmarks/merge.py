@@ -8,8 +8,11 @@ one JSON object.
 gemel and bisect run as the reference does (first member's weights, statistics kept, no check
 before training); predict runs with the plan's init (default mean, batch-norm statistics
 recomputed), the check before training and the merge risk `gemel propose` measures (its
-seconds are reported and counted in predict's retraining seconds). Also reported: every
-model's accuracy with every group tied and no retraining, for each init method.
+seconds are reported and counted in predict's retraining seconds). Also reported, the inits
+side by side (`init_comparison`): every model's accuracy on the deciding and unseen splits with
+the groups tied (all, or --init-groups N) and no retraining, and with --init-epochs E the
+retraining seconds and epochs each init needed to bring every model to its target. Only the
+init comparison: `--strategies` with no names.
 
 For each workload: fine-tune the unmerged models (once; reused on later runs), measure their
 accuracy on the held-out split, propose every share group, then run each strategy from the
@@ -43,11 +46,12 @@ from gemel_studio.merging.heuristic import STRATEGIES, group_risk  # noqa: E402
 from gemel_studio.merging.initialise import after_tying, initialise_groups, load_base  # noqa: E402
 from gemel_studio.merging.pipeline import finetune_workload, merge_workload, prepare_merge  # noqa: E402
 from gemel_studio.merging.plan import GroupState, InitSettings, PretrainedBase, RetrainSettings  # noqa: E402
-from gemel_studio.merging.retrain import evaluate  # noqa: E402
+from gemel_studio.merging.retrain import evaluate, joint_retrain  # noqa: E402
 from gemel_studio.merging.risk import measure_risk  # noqa: E402
 from gemel_studio.merging.tying import apply_plan  # noqa: E402
 
 REFERENCE = {"init": InitSettings(method="first", recompute_bn=False), "check_before_training": False}
+INIT_VARIANTS = ("reference", "first", "mean", "fisher", "ties")
 from gemel_studio.merging.retrain import resolve_device  # noqa: E402
 from gemel_studio.workload import load_workload  # noqa: E402
 
@@ -100,29 +104,88 @@ def spearman(xs: list[float], ys: list[float]) -> float | None:
     return round(num / den, 3) if den else None
 
 
-def zero_retraining(workload_path: Path, plan_path: Path, limit: int | None, methods: list[str],
-                    base=None) -> dict:
-    """Each model's held-out accuracy with every group tied and no retraining, per init method."""
+def init_settings(variant: str, base: PretrainedBase | None) -> InitSettings | None:
+    """The init a variant names: `reference` is GEMEL's (first member's weights, statistics
+    kept); the methods recompute batch-norm statistics, as a plan's init does by default.
+    None for ties where the workload states no common base."""
+    if variant == "reference":
+        return InitSettings(method="first", recompute_bn=False)
+    if variant == "ties" and base is None:
+        return None
+    return InitSettings(method=variant, base=base if variant == "ties" else None)
+
+
+def compare_inits(workload_path: Path, plan_path: Path, limit: int | None, variants: list[str],
+                  base: PretrainedBase | None = None, *, top_groups: int = 0,
+                  settings: RetrainSettings | None = None) -> dict:
+    """Each init side by side from the same fine-tuned weights: tie the plan's groups (every
+    one, or the `top_groups` that save the most bytes), measure every model's accuracy on the
+    deciding (held-out) and unseen (test) splits before any retraining, then, with `settings`,
+    retrain jointly (same seed and data order for every init; no step when all targets are met
+    already) and report the seconds and epochs it took to reach the targets."""
     workload = load_workload(workload_path)
     plan = load_plan(plan_path)
     ctx = prepare_merge(workload, plan, limit=limit)
-    out = {"unmerged": {n: round(a, 4) for n, a in ctx.unmerged_accuracy.items()}}
-    for method in methods:
-        init = InitSettings(method=method, recompute_bn=method != "first", base=base)
-        if method == "ties" and init.base is None:
+    device = resolve_device(settings.device if settings else "auto")
+    groups = sorted(plan.groups, key=lambda g: -g.savings_bytes)
+    groups = [g.model_copy(update={"state": GroupState.accepted}) for g in groups[:top_groups or None]]
+    tied_plan = plan.model_copy(update={"groups": groups})
+
+    def accuracy(models, split: str) -> dict[str, float | None]:
+        out = {}
+        for n in ctx.names:
+            data = getattr(ctx.data[n], split)
+            out[n] = None if data is None else round(evaluate(models[n], data, device, task=ctx.data[n].task), 4)
+        return out
+
+    models = ctx.build_models()
+    for n, m in models.items():
+        m.load_state_dict(ctx.base_state[n])
+        m.to(device)
+    out = {"groups_tied": len(groups), "saved_bytes": sum(g.savings_bytes for g in groups),
+           "targets": {n: round(t, 4) for n, t in ctx.targets.items()},
+           "unmerged": {"val": {n: round(a, 4) for n, a in ctx.unmerged_accuracy.items()},
+                        "test": accuracy(models, "test")},
+           "retraining": None if settings is None else settings.model_dump(exclude={"time_budget_s"}),
+           "inits": {}}
+    for variant in variants:
+        init = init_settings(variant, base)
+        if init is None:
+            out["inits"][variant] = {"skipped": "the workload states no common pretrained base"}
             continue
         started = time.perf_counter()
         models = ctx.build_models()
         for n, m in models.items():
             m.load_state_dict(ctx.base_state[n])
-        groups = [g.model_copy(update={"state": GroupState.accepted}) for g in plan.groups]
-        base = load_base(workload, ctx.names, init) if method == "ties" else None
-        initialise_groups(models, groups, init, ctx.data, base)
-        apply_plan(models, plan.model_copy(update={"groups": groups}))
-        after_tying(models, ctx.names, init, ctx.data)
-        out[method] = {n: round(evaluate(models[n], ctx.data[n].val, torch.device("cpu"), task=ctx.data[n].task), 4)
-                       for n in ctx.names}
-        out[method]["seconds"] = round(time.perf_counter() - started, 1)
+            m.to(device)
+        base_state = load_base(workload, ctx.names, init) if init.method == "ties" else None
+        notes = initialise_groups(models, groups, init, ctx.data, base_state, device=device)
+        apply_plan(models, tied_plan)
+        after_tying(models, ctx.names, init, ctx.data, device=device)
+        row = {"init_seconds": round(time.perf_counter() - started, 1), "val": accuracy(models, "val"),
+               "test": accuracy(models, "test")}
+        row["at_target"] = sum(row["val"][n] >= ctx.targets[n] for n in ctx.names)
+        row["mean_val"] = round(sum(row["val"].values()) / len(ctx.names), 4)
+        if notes:
+            row["notes"] = sorted(set(notes))[:5]
+        if settings is not None:
+            result = joint_retrain(models, ctx.data, ctx.targets, settings, check_first=True)
+            spent, reached, epochs_to = 0.0, None, None
+            if result.stopped == "targets met before training":
+                reached, epochs_to = 0.0, 0
+            for record in result.history:
+                spent += record.seconds
+                if reached is None and all(record.accuracy[n] >= ctx.targets[n] for n in ctx.names):
+                    reached, epochs_to = round(spent, 1), record.epoch
+            row["retrain"] = {"stopped": result.stopped, "epochs": len(result.history),
+                              "seconds": round(result.seconds, 1), "seconds_to_targets": reached,
+                              "epochs_to_targets": epochs_to,
+                              "val_per_epoch": [{n: round(a, 4) for n, a in r.accuracy.items()}
+                                                for r in result.history],
+                              "val": {n: round(a, 4) for n, a in result.accuracy.items()},
+                              "test": accuracy(models, "test")}
+        out["inits"][variant] = row
+        print(f"merge.py: init {variant}: {json.dumps(row)}", file=sys.stderr, flush=True)
     return out
 
 
@@ -188,7 +251,15 @@ def main() -> None:
     parser.add_argument("--init", default="mean", choices=["mean", "fisher", "first", "ties"],
                         help="predict's init method")
     parser.add_argument("--skip-zero-retraining", action="store_true",
-                        help="do not measure every init's accuracy with all groups tied and no retraining")
+                        help="do not compare the inits (each one's accuracy with the groups tied)")
+    parser.add_argument("--inits", nargs="*", default=list(INIT_VARIANTS), choices=list(INIT_VARIANTS),
+                        help="inits to compare side by side (reference: GEMEL's first member's weights with "
+                             "statistics kept; the others recompute batch-norm statistics)")
+    parser.add_argument("--init-groups", type=int, default=0,
+                        help="tie only the N groups that save the most bytes when comparing inits (0: all)")
+    parser.add_argument("--init-epochs", type=int, default=0,
+                        help="after the zero-retraining check, retrain each init jointly for at most this "
+                             "many epochs (stopping once every model meets its target); 0: no retraining")
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "bench-merge")
     args = parser.parse_args()
     limit = args.limit or None
@@ -211,11 +282,11 @@ def main() -> None:
         row = {"total_param_bytes": analysis.total_param_bytes, "all_shareable_bytes": analysis.max_savings_bytes,
                "groups": len(analysis.groups), "min_savings_bytes": floor, "unmerged": prepared["models"],
                "strategies": {}}
-        if not args.skip_zero_retraining:
+        if not args.skip_zero_retraining and args.inits:
             tv_base = PretrainedBase(architecture="mobilenet_v2", weights="IMAGENET1K_V1") if name == "fashion" else None
-            row["zero_retraining"] = zero_retraining(workload_path, plan_path, limit, ["first", "mean", "fisher", "ties"],
-                                                     tv_base)
-            print(f"merge.py: {name} zero retraining: {json.dumps(row['zero_retraining'])}", file=sys.stderr)
+            init_retraining = RetrainSettings(**{**settings, "epochs": args.init_epochs}) if args.init_epochs else None
+            row["init_comparison"] = compare_inits(workload_path, plan_path, limit, args.inits, tv_base,
+                                                   top_groups=args.init_groups, settings=init_retraining)
         risk_plan = base / "finetuned" / "plan-risk.yaml"
         if "predict" in args.strategies:
             started = time.perf_counter()

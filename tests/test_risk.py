@@ -50,3 +50,83 @@ def test_propose_records_risk_per_group_and_no_risk_skips_it(tmp_path, write_wor
     conv1 = next(g for g in plan.groups if g.members[0].layer == "conv1")
     assert conv1.risk.cka < 0.99
     assert main(["propose", str(w.path), "-o", str(tmp_path / "t.yaml"), "--init", "ties"]) == 2  # no base named
+
+
+@pytest.fixture
+def three_resnets(write_workload):
+    from gemel_studio.analysis import analyze_workload
+    from gemel_studio.merging import propose_plan
+
+    entries = [tv(t, "resnet18", num_classes=n, dataset={"kind": "synthetic", "task": t, "samples": 40, "seed": i})
+               for i, (t, n) in enumerate([("color", 3), ("shape", 3), ("size", 3)])]
+    w = load_workload(write_workload(entries, input_size=[3, 16, 16]))
+    analysis = analyze_workload(w)
+    return w, propose_plan(w, analysis), analysis.max_savings_bytes
+
+
+class _Recorder:
+    """A progress callback that keeps (stage, done, total, message), the stage being the
+    message of the last `start()` (done == 0)."""
+
+    def __init__(self, on_update=None):
+        self.updates: list[tuple[str, int, int, str]] = []
+        self.stage = ""
+        self.on_update = on_update
+
+    def __call__(self, done, total, message):
+        if done == 0:
+            self.stage = message
+        self.updates.append((self.stage, done, total, message))
+        if self.on_update:
+            self.on_update(self.stage, done)
+
+    def steps(self, word: str) -> list[int]:
+        return [d for stage, d, _, _ in self.updates if word in stage and d > 0]
+
+
+def test_measure_risk_reports_the_cka_stage_model_by_model_then_the_drop(three_resnets):
+    from gemel_studio.merging.risk import measure_risk
+    from gemel_studio.progress import Progress
+
+    w, plan, bound = three_resnets
+    rec = _Recorder()
+    measured, _ = measure_risk(w, plan, limit=20, per_model=8, eval_limit=16, drop_min_savings=int(0.2 * bound),
+                               progress=Progress(rec, min_interval=0))
+    assert rec.steps("CKA") == [1, 2, 3]  # one step per model, all three
+    cka_total = {t for stage, _, t, _ in rec.updates if "CKA" in stage}
+    assert cka_total == {3}
+    heavy = sum(g.savings_bytes >= int(0.2 * bound) for g in plan.groups)
+    assert 0 < heavy < len(plan.groups) and rec.steps("tied alone") == list(range(1, heavy + 1))
+    stages = [stage for stage, *_ in rec.updates]
+    last_cka = max(i for i, s in enumerate(stages) if "CKA" in s)
+    assert last_cka < min(i for i, s in enumerate(stages) if "tied alone" in s)  # CKA first, then the drop
+    assert all(g.risk is not None and g.risk.cka is not None for g in measured.groups)
+
+
+def test_a_cancel_during_the_cka_stage_stops_it_before_the_drop_stage(three_resnets, monkeypatch):
+    from gemel_studio.errors import Cancelled
+    from gemel_studio.merging import risk
+    from gemel_studio.progress import Progress
+
+    w, plan, _ = three_resnets
+    calls = {"layer_grams": 0, "evaluate": 0}
+    real_grams, real_eval = risk.layer_grams, risk.evaluate
+
+    def counted_grams(*a, **k):
+        calls["layer_grams"] += 1
+        return real_grams(*a, **k)
+
+    def counted_eval(*a, **k):
+        calls["evaluate"] += 1
+        return real_eval(*a, **k)
+
+    monkeypatch.setattr(risk, "layer_grams", counted_grams)
+    monkeypatch.setattr(risk, "evaluate", counted_eval)
+    held: dict[str, Progress] = {}
+    # Cancel as the first model's activations are recorded (as the studio's Cancel would, from another thread).
+    rec = _Recorder(lambda stage, done: held["progress"].cancel() if "CKA" in stage and done == 1 else None)
+    progress = held["progress"] = Progress(rec, min_interval=0)
+    with pytest.raises(Cancelled):
+        risk.measure_risk(w, plan, limit=20, per_model=8, eval_limit=16, progress=progress)
+    assert calls == {"layer_grams": 1, "evaluate": 0}  # the other two models and the drop stage never ran
+    assert rec.steps("CKA") == [1] and rec.steps("tied alone") == []

@@ -89,11 +89,14 @@ def _inputs(data: ModelData, count: int) -> torch.Tensor:
 
 
 def group_cka(models: Mapping[str, torch.nn.Module], data: Mapping[str, ModelData], groups: Sequence[PlannedGroup],
-              per_model: int = 16, device: torch.device | str = "cpu") -> dict[str, float | None]:
+              per_model: int = 16, device: torch.device | str = "cpu",
+              progress: Progress | None = None) -> dict[str, float | None]:
     """For each group, the lowest linear CKA over pairs of its members, on inputs pooled from
     every member's data (`per_model` samples each) that share its input shape. None where the
-    members' inputs or outputs cannot be compared."""
+    members' inputs or outputs cannot be compared. One progress step per model (its forward
+    pass is the cost); a cancel stops before the next model."""
     device = torch.device(device)
+    progress = progress or Progress()
     names = sorted({m.model for g in groups for m in g.members if m.model in data})
     by_shape: dict[tuple, list[str]] = {}
     samples = {n: _inputs(data[n], per_model) for n in names}
@@ -102,9 +105,12 @@ def group_cka(models: Mapping[str, torch.nn.Module], data: Mapping[str, ModelDat
     pooled = {shape: torch.cat([samples[n] for n in ns]) for shape, ns in by_shape.items()}
     shape_of = {n: tuple(samples[n].shape[1:]) for n in names}
     grams: dict[str, dict[str, torch.Tensor]] = {}
+    progress.start(len(names), "merge risk: layer similarity (CKA), model by model")
     for n in names:
+        progress.check()
         layers = [m.layer for g in groups for m in g.members if m.model == n]
         grams[n] = layer_grams(models[n], layers, pooled[shape_of[n]], data[n].task, device)
+        progress.step(f"{n}: activations at {len(layers)} layer(s)")
     out: dict[str, float | None] = {}
     for g in groups:
         members = [m for m in g.members if m.model in grams]
@@ -131,11 +137,13 @@ def group_drops(build_models, base_state: Mapping[str, Mapping[str, torch.Tensor
     device = torch.device(device)
     progress = progress or Progress()
     init = plan.init.model_copy(update={"bn_batches": min(plan.init.bn_batches, bn_batches)})
+    progress.check()  # a cancel during an earlier stage stops before this one builds anything
     models = build_models()
     names = sorted({m.model for g in groups for m in g.members} & set(models) & set(data))
     val = {n: Subset(data[n].val, range(min(eval_limit, len(data[n].val)))) for n in names}
     before = {}
     for n in names:
+        progress.check()
         models[n].load_state_dict(base_state[n])
         models[n].to(device)
         before[n] = evaluate(models[n], val[n], device, task=data[n].task)
@@ -168,11 +176,13 @@ def measure_risk(workload, plan: MergePlan, *, limit: int | None = None, per_mod
     """A copy of `plan` with `risk` filled in for every group whose members can be retrained
     (a torchvision or checkpoint source and a dataset): CKA for each, the drop for groups that
     save at least `drop_min_savings` bytes (each costs a few forward passes of its members).
-    Returns it and notes on what was skipped."""
+    Returns it and notes on what was skipped. Every stage (unmerged accuracy, CKA, drop)
+    reports to `progress` and stops at its next step once it is cancelled (raising Cancelled)."""
     from ..workload import CheckpointSource, TorchvisionSource
     from .initialise import load_base
     from .pipeline import prepare_merge
 
+    progress = progress or Progress()
     notes: list[str] = []
     usable = {s.name for s in workload.models
               if s.dataset is not None and isinstance(s.source, (TorchvisionSource, CheckpointSource))}
@@ -189,8 +199,9 @@ def measure_risk(workload, plan: MergePlan, *, limit: int | None = None, per_mod
     models = ctx.build_models()
     for n, m in models.items():
         m.load_state_dict(ctx.base_state[n])
-    cka = group_cka(models, ctx.data, groups, per_model=per_model, device=device)
+    cka = group_cka(models, ctx.data, groups, per_model=per_model, device=device, progress=progress)
     del models
+    progress.check()  # the drop stage (and a TIES base load) only starts if not cancelled
     base = load_base(workload, ctx.names, plan.init) if plan.init.method == "ties" else None
     heavy = [g for g in groups if g.savings_bytes >= drop_min_savings]
     if len(heavy) < len(groups):
