@@ -91,17 +91,19 @@ def test_the_copy_runs_on_the_loader_thread_while_the_caller_goes_on(monkeypatch
     sched.acquire("color")
     assert sched.prefetch("size", "color")  # returned while the copy has not even started
     assert entered.wait(timeout=30) and not sched.is_resident("size")
-    sched.acquire("color")  # the running model keeps running meanwhile
+    assert sched.is_resident("color")  # the running model keeps its tensors meanwhile
     release.set()
-    sched.acquire("size")
-    assert sched.is_resident("size") and sched.stats["size"].swaps == 1
+    sched.acquire("size")  # the guess was right: the copy under way is what size loads
+    assert sched.is_resident("size") and sched.stats["size"].swaps == 1 and sched.prefetch_misses == 0
+    assert sched.stats["size"].loaded_bytes == sched.stats["size"].prefetched_bytes > 0
 
 
 def test_a_real_run_prefetches_within_the_budget_and_counts_every_frame(loaded):  # noqa: F811
     names = ["color", "shape", "spare"]  # time-sharing: room for any two of the three, never all
     one = {n: ModelScheduler.for_bundle(loaded, [n], "time-sharing", 10**12).stats[n].bytes for n in names}
     budget = sum(one.values()) - min(one.values()) + 1000
-    streams = [(SyntheticSource(fps=30, size=(16, 16), seed=i), [n]) for i, n in enumerate(names)]
+    # Sources that end (the run lasts as long as their frames, however fast the box is).
+    streams = [(SyntheticSource(fps=30, size=(16, 16), frames=30, seed=i), [n]) for i, n in enumerate(names)]
     engine = Engine(loaded, streams, "time-sharing", budget, "cpu", deadline_s=0.5, prefetch="on")
     sched = engine.scheduler
     real = sched.prefetch
@@ -113,7 +115,7 @@ def test_a_real_run_prefetches_within_the_budget_and_counts_every_frame(loaded):
         return started
 
     sched.prefetch = checked
-    summary = engine.run(1.5)
+    summary = engine.run()
     for s in summary.streams:
         assert s.frames_in == s.processed + s.dropped
     assert summary.memory.runtime_peak_resident_bytes <= budget

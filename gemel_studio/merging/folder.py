@@ -33,8 +33,11 @@ def save_shared_weights(path: Path, tensors: dict, mapping: dict[str, dict[str, 
     from safetensors.torch import save_file
 
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"gemel.format": "1", TENSOR_MAP: json.dumps(mapping)})
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, str(tmp), metadata={"gemel.format": "1", TENSOR_MAP: json.dumps(mapping)})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed write (a full disk) leaves no half file behind
 
 
 def read_tensor_map(path: Path) -> dict[str, dict[str, str]]:

@@ -327,7 +327,7 @@ class ModelTableModel(SnapshotTableModel):
             "Load s": "Seconds spent loading its weights, in all",
             "Waited s": "Seconds frames waited for its weights to load, in all",
             "Loaded": "Bytes of weights loaded for it, in all its swaps",
-            "Infer ms": "Mean milliseconds per batch it ran",
+            "Infer ms": "Mean milliseconds of compute per frame it ran (a batch's time shared among its frames)",
             "Refused": "Frames refused because it was not resident",
             "Loading": "How its weights load: whole, or layer by layer"}
 

@@ -128,6 +128,14 @@ def _count_layer_data(monkeypatch) -> list:
     return calls
 
 
+def _flush() -> None:
+    from PySide6.QtCore import QCoreApplication
+
+    for _ in range(3):  # posted events may post more (a layout requests a repaint)
+        QCoreApplication.sendPostedEvents()
+        QCoreApplication.processEvents()
+
+
 def test_a_hidden_sharing_tab_never_asks_its_layer_lists_for_cells(window, qtbot, monkeypatch):
     # The lists are made when an analysis arrives, whatever tab is shown; until the Sharing tab
     # is, nothing measures or paints their cells (a run in the Live preview paid for that).
@@ -137,10 +145,10 @@ def test_a_hidden_sharing_tab_never_asks_its_layer_lists_for_cells(window, qtbot
     calls = _count_layer_data(monkeypatch)
     analysis = _analysis(6, 40)
     panel.set_analysis(analysis)
-    qtbot.wait(50)  # the event loop's delayed layouts run
+    _flush()  # the delayed layouts and any queued repaint run now, not after some wait
     for row in (0, 5, 9, -1, 3):  # the selection moves: each list's highlight changes
         panel.select_group(row)
-        qtbot.wait(10)
+        _flush()
     assert not panel.isVisible() and calls == []
     # Shown, the lists draw their cells, Kind and Params each whole.
     window.tabs.setCurrentWidget(panel)
