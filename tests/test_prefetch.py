@@ -123,6 +123,8 @@ def test_a_real_run_prefetches_within_the_budget_and_counts_every_frame(loaded):
     assert summary.prefetch and summary.prefetches > 0, summary.to_dict()
     assert summary.prefetch_misses <= summary.prefetches
     assert sum(m.prefetched_bytes for m in summary.models.values()) > 0
+    # What a prefetch copied ahead is part of what was loaded; one let go at the end is not.
+    assert all(m.prefetched_bytes <= m.loaded_bytes for m in summary.models.values()), summary.to_dict()
 
 
 def test_prefetch_is_on_by_default_on_cuda_only(loaded):  # noqa: F811

@@ -416,6 +416,7 @@ class Engine:
             self._drain()
             for sink in self.sinks:
                 sink.flush()
+        self.scheduler.settle_prefetch()  # a copy still pending is let go before the counts are read
         summary = self.summary()
         # The run is over: its resident weights (and onnxruntime sessions over them) go now,
         # not whenever the engine object is collected. The counters stay readable.

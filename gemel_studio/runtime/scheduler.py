@@ -338,7 +338,9 @@ class ModelScheduler:
                 self.resident_bytes -= pending.need
                 self.stats[pending.name].prefetched_bytes -= pending.need
                 return
-        if self._file(pending) and self.device.type == "cuda":
+        if not self._file(pending):  # the copy failed: nothing of it was copied ahead after all
+            self.stats[pending.name].prefetched_bytes -= pending.need
+        elif self.device.type == "cuda":
             current = torch.cuda.current_stream(self.device)
             for u in pending.units:  # made on the copy stream, read on the compute stream
                 pending.tensors[u].record_stream(current)
