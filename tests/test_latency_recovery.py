@@ -12,7 +12,7 @@ from gemel_studio.runtime import load_bundle
 from gemel_studio.runtime.batching import BatchPlanner, Job, LatencyEstimates
 
 from .test_bundle import bundle, merged  # noqa: F401  (fixtures)
-from .test_scheduling import MS, fake_engine
+from .test_scheduling import MS, arrive_and_step, fake_engine
 
 # --- the estimates and the planner ---------------------------------------------------------
 
@@ -107,14 +107,7 @@ def test_the_engine_recovers_after_the_machine_was_slow_and_starves_no_stream_me
 
     def until(t: float):
         while clock.t < t0 + t:
-            for i, s in enumerate(engine.stats):
-                while due[i] <= clock.t:
-                    index = s.frames_in
-                    s.frames_in += 1
-                    engine._admit((i, index, due[i], frame))
-                    due[i] += 1.0 / s.fps
-            if not engine.step():
-                clock.t = max(clock.t, min(due))
+            arrive_and_step(engine, clock, frame, due)
         marks[t] = [(s.frames_in, s.processed) for s in engine.stats]
 
     def fractions(a: float, b: float) -> list[float]:

@@ -116,6 +116,20 @@ def fake_engine(loaded, streams, costs, policy="unlimited", budget=None, max_bat
     return engine, clock, runs
 
 
+def arrive_and_step(engine, clock, frame, due: list[float]) -> None:
+    """One turn of the worker on the fake clock: the frames due by now arrive at each stream
+    (`due`: each stream's next arrival, moved on), then one batch runs, or the clock jumps to
+    the next arrival when there is nothing to run."""
+    for i, s in enumerate(engine.stats):
+        while due[i] <= clock.t:
+            index = s.frames_in
+            s.frames_in += 1
+            engine._admit((i, index, due[i], frame))
+            due[i] += 1.0 / s.fps
+    if not engine.step():
+        clock.t = max(clock.t, min(due))
+
+
 def simulate(engine, clock, duration_s: float, started: list | None = None):
     """Frames arrive at each stream's rate on the fake clock; the engine plans and runs batches
     between arrivals, as its worker does."""
@@ -131,14 +145,7 @@ def simulate(engine, clock, duration_s: float, started: list | None = None):
 
     engine._run_batch = run_batch
     while clock.t < end:
-        for i, s in enumerate(engine.stats):
-            while due[i] <= clock.t:
-                index = s.frames_in
-                s.frames_in += 1
-                engine._admit((i, index, due[i], frame))
-                due[i] += 1.0 / s.fps
-        if not engine.step():
-            clock.t = max(clock.t, min(due))
+        arrive_and_step(engine, clock, frame, due)
     engine._drain()
     for s in engine.stats:
         assert s.frames_in == s.processed + s.dropped, s
