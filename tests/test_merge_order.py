@@ -16,15 +16,20 @@ from .test_scheduling import MS, fake_engine, linear, loaded, simulate  # noqa: 
 MIB = 2**20
 
 
-def paired_scheduler(policy="merged"):
+def paired(policy: str, budget: int | None) -> ModelScheduler:
     """Two pairs of models: color and shape share a 1 MiB tensor, size and spare another; each
-    model has a small tensor of its own. The budget holds one of the big tensors, not two."""
+    model has 4 KiB of its own."""
+    names = ("color", "shape", "size", "spare")
     big = {k: torch.zeros(MIB // 4) for k in ("A", "B")}
-    own = {f"own.{m}": torch.zeros(1024) for m in ("color", "shape", "size", "spare")}
-    maps = {m: {"body": "A" if m in ("color", "shape") else "B", "head": f"own.{m}"}
-            for m in ("color", "shape", "size", "spare")}
+    own = {f"own.{m}": torch.zeros(1024) for m in names}
+    maps = {m: {"body": "A" if m in ("color", "shape") else "B", "head": f"own.{m}"} for m in names}
+    return ModelScheduler({**big, **own}, maps, policy, budget, "cpu")
+
+
+def paired_scheduler(policy="merged"):
+    """`paired` with a budget that holds one of the big tensors, not two."""
     budget = MIB + 4 * 4096 + 1000
-    return ModelScheduler({**big, **own}, maps, policy, budget, "cpu"), budget
+    return paired(policy, budget), budget
 
 
 def run_paired(loaded, order):  # noqa: F811

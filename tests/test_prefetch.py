@@ -15,18 +15,10 @@ from gemel_studio.runtime.scheduler import ModelScheduler
 from gemel_studio.runtime.sources import SyntheticSource
 
 from .test_bundle import bundle, merged  # noqa: F401  (fixtures)
+from .test_merge_order import paired
 from .test_scheduling import loaded  # noqa: F401  (fixture)
 
 MIB = 2**20
-NAMES = ("color", "shape", "size", "spare")
-
-
-def paired(policy: str, budget: int) -> ModelScheduler:
-    """color and shape share a 1 MiB tensor, size and spare another; each has 4 KiB of its own."""
-    big = {k: torch.zeros(MIB // 4) for k in ("A", "B")}
-    own = {f"own.{m}": torch.zeros(1024) for m in NAMES}
-    maps = {m: {"body": "A" if m in ("color", "shape") else "B", "head": f"own.{m}"} for m in NAMES}
-    return ModelScheduler({**big, **own}, maps, policy, budget, "cpu")
 
 
 @pytest.mark.parametrize("policy", ["merged", "time-sharing"])
