@@ -43,7 +43,7 @@ from ..merging.retrain import EpochRecord
 from ..tasks import plural
 from ..workload import Workload
 from . import settings
-from .columns import column_menu
+from .columns import MENU_HINT, column_menu
 from .memory_view import style_plot
 from .settings import PALETTES
 from .task import TaskMixin
@@ -227,7 +227,7 @@ class StepLogModel(QAbstractTableModel):
         if role == Qt.ItemDataRole.DisplayRole:
             return self.COLUMNS[section][0]
         if role == Qt.ItemDataRole.ToolTipRole:
-            return f"{self.COLUMNS[section][1]}\n(right-click the header to show or hide columns)"
+            return f"{self.COLUMNS[section][1]}\n{MENU_HINT}"
         return None
 
 
