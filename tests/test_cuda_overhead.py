@@ -17,7 +17,8 @@ CUDA_FIELDS = ("cuda_allocator_cache_bytes", "gpu_process_used_bytes", "cuda_con
 
 def summary(memory: SummaryMemory, device: str = "cuda:0") -> RunSummary:
     return RunSummary(bundle="b", backend="torch", device=device, policy="merged", budget_bytes=GIB,
-                      elapsed_s=1.0, stopped="duration", last_error=None, streams=[], models={}, memory=memory)
+                      elapsed_s=1.0, stopped="duration", last_error=None, streams=[], models={}, memory=memory,
+                      prefetch=True)
 
 
 def test_on_a_cpu_the_figures_are_absent_and_the_summary_says_nothing_of_them():

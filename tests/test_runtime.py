@@ -393,7 +393,9 @@ def test_a_snapshot_round_trips_through_its_json(loaded):
     snap = engine.snapshot()
     served = json.loads(json.dumps(snap.to_dict()))
     assert list(served) == ["bundle", "policy", "backend", "device", "eviction", "state", "last_error", "elapsed_s",
-                            "streams", "models", "memory"]
+                            "streams", "models", "memory", "order", "reordered_batches", "prefetch", "prefetches",
+                            "prefetch_misses"]
+    assert served["order"] == "merge-aware" and served["prefetch"] is False  # prefetch: CUDA only by default
     assert served["streams"][0]["processed"] == snap.streams[0].processed == 1
     assert "torch_allocated_bytes" not in served["memory"] and served["memory"]["budget_bytes"] == 200 * 2**20
     assert RunSnapshot.from_dict(served).to_dict() == served

@@ -9,7 +9,8 @@ costs on this device (as GEMEL's evaluation and Nexus do it).
   load of the next one when it is not resident); a frame that cannot make it is dropped then.
 - Compute is shared max-min fairly: the next batch serves the stream that has had the least
   compute recently (`usage`: the engine's decaying sums, see engine.FAIR_SHARE_TIME_S), unless
-  a frame due sooner would be lost by waiting and fits in before it without making it late,
+  a frame due sooner would be lost by waiting and fits in before it without making it late
+  (its batch, that is: the batch built around it is capped to what the first's slack allows),
   and its stream is not already more than one of the first's runs ahead in compute (else a
   stream with a long deadline would be passed over for as long as sooner frames kept coming).
 - Merge-aware order (`order="merge-aware"`, the default): when the fair choice's model has
@@ -17,7 +18,8 @@ costs on this device (as GEMEL's evaluation and Nexus do it).
   fewest first: models that share layers with the one just run run back to back, and the
   shared layers are loaded once), but only while its stream is at most one of the fair
   choice's runs (its load included) ahead in compute, only when the fair choice still meets
-  its deadline after it (twice the inserted work must fit, as above), and only for as long
+  its deadline after it (twice the inserted work must fit, as above: the work of the whole
+  batch built around the frame moved ahead, which is capped to what fits), and only for as long
   as one of the fair choice's runs, its load included, from the first time its stream was
   passed over. So no stream is starved: the fair rule still decides whose turn it is, the
   order only moves a load back by one run. (A bound in compute alone is not enough: compute
@@ -173,8 +175,9 @@ class BatchPlanner:
             return [], drop
         # Max-min fairness: the stream that has had the least compute goes first ...
         lead = min(feasible, key=lambda j: (usage[j.stream], j.deadline, j.ts))
+        batch = None  # the batch moved ahead of the fair choice, as large as its check allowed
         if self.order == "merge-aware" and missing is not None:
-            lead = self._merge_aware(now, lead, feasible, usage, load, missing)
+            lead, batch = self._merge_aware(now, lead, feasible, usage, load, missing)
         # ... unless a frame due sooner would be lost by waiting for it and fits in before it
         # without making it late (work the lead's slack can pay for).
         soonest = min(feasible, key=lambda j: (j.deadline, usage[j.stream], j.ts))
@@ -187,9 +190,24 @@ class BatchPlanner:
             # already a run of the lead's ahead in compute: a lead whose frame is replaced by a
             # newer one (an over-rate stream, latest frame first) has fresh slack every time, and
             # a sooner stream could otherwise take all of it, every time, for as long as it lasts.
+            # The inserted work is the batch built around the sooner frame, capped to what fits.
             ahead = usage[soonest.stream] - usage[lead.stream]
-            if lost and ahead <= second and now + 2 * first + second + self.rest(lead) <= lead.deadline:
-                lead = soonest
+            if lost and ahead <= second:
+                inserted = self._ahead_of(now, soonest, lead, feasible, usage, load)
+                if inserted:
+                    lead, batch = soonest, inserted
+        if batch is None:
+            batch = self._batch(now, lead, feasible, usage, load)
+        for j in batch:  # served: passed over no longer
+            self._passed_since.pop(j.stream, None)
+        return batch, drop
+
+    def _batch(self, now: float, lead: Job, feasible: list[Job], usage: list[float],
+               load: Callable[[str], float]) -> list[Job]:
+        """The batch built around `lead`: frames for its model, fairest first, up to the model's
+        maximum and only while every frame in it still meets its deadline. (Each of its
+        prefixes is a batch that meets every deadline too.)"""
+        est = self.estimates
         m = lead.model
         limit = max(1, self.max_batch.get(m, 1))
         batch = [lead]
@@ -203,14 +221,28 @@ class BatchPlanner:
             if now + load(m) + est.run(m, len(batch) + 1) <= s:  # every frame in it still in time
                 batch.append(j)
                 slack = s
-        for j in batch:  # served: passed over no longer
-            self._passed_since.pop(j.stream, None)
-        return batch, drop
+        return batch
+
+    def _ahead_of(self, now: float, first: Job, lead: Job, feasible: list[Job], usage: list[float],
+                  load: Callable[[str], float]) -> list[Job]:
+        """The batch around `first` to run before `lead`, as large as keeps `lead` in time with
+        twice that batch's work before its own run (its load included); [] when even `first`
+        alone does not. The batch built around `first` may hold up to its model's maximum, so
+        the check is of the batch that would run, not of `first` alone."""
+        est = self.estimates
+        m = first.model
+        second = load(lead.model) + est.run(lead.model, 1)
+        batch = self._batch(now, first, feasible, usage, load)
+        for size in range(len(batch), 0, -1):
+            if now + 2 * (load(m) + est.run(m, size)) + second + self.rest(lead) <= lead.deadline:
+                return batch[:size]
+        return []
 
     def _merge_aware(self, now: float, lead: Job, feasible: list[Job], usage: list[float],
-                     load: Callable[[str], float], missing: Callable[[str], int]) -> Job:
+                     load: Callable[[str], float], missing: Callable[[str], int]) -> tuple[Job, list[Job] | None]:
         """The frame to run instead of the fair `lead` because its model has fewer bytes left
-        to load, or `lead` (see the module's docstring for the bounds)."""
+        to load, and the batch to run around it (as large as still keeps `lead` in time); or
+        (`lead`, None). See the module's docstring for the bounds."""
         need = {}
 
         def lacks(m: str) -> int:
@@ -219,30 +251,30 @@ class BatchPlanner:
             return need[m]
 
         if lacks(lead.model) == 0:
-            return lead
+            return lead, None
         est = self.estimates
         second = load(lead.model) + est.run(lead.model, 1)  # the fair choice's run, its load included
         since = self._passed_since.get(lead.stream)
         if since is not None and now - since > second:  # passed over for one of its runs already
-            return lead
+            return lead, None
         best = None
         for j in feasible:
             if j.model == lead.model or lacks(j.model) >= lacks(lead.model):
                 continue
             if usage[j.stream] - usage[lead.stream] > second:  # its stream would get too far ahead
                 continue
-            first = load(j.model) + est.run(j.model, 1)
-            if now + 2 * first + second + self.rest(lead) > lead.deadline:  # the fair choice would be lost
-                continue
             key = (lacks(j.model), usage[j.stream], j.deadline, j.ts)
-            if best is None or key < best[0]:
-                best = (key, j)
+            if best is not None and key >= best[0]:
+                continue
+            batch = self._ahead_of(now, j, lead, feasible, usage, load)
+            if not batch:  # the fair choice would be lost even behind j alone
+                continue
+            best = (key, j, batch)
         if best is None:
-            return lead
+            return lead, None
         self.reordered += 1
         self._passed_since.setdefault(lead.stream, now)
-        return best[1]
-
+        return best[1], best[2]
 
 
 def profile_latency(run: Callable[[int], object], estimates: LatencyEstimates, model: str, longest_s: float,

@@ -463,7 +463,13 @@ class Engine:
                            device=str(self.device), eviction=sched.eviction, state=state, last_error=self.last_error,
                            elapsed_s=elapsed, streams=[s.row(elapsed) for s in self.stats], models=self._models(),
                            memory=memory_snapshot(self.device, sched.resident_bytes, sched.peak_resident_bytes,
-                                                  sched.budget))
+                                                  sched.budget), **self._order_and_prefetch())
+
+    def _order_and_prefetch(self) -> dict:
+        """The order in use and the prefetch counters, as the snapshot and the summary report them."""
+        sched = self.scheduler
+        return {"order": self.planner.order, "reordered_batches": self.planner.reordered, "prefetch": self.prefetch,
+                "prefetches": sched.prefetches, "prefetch_misses": sched.prefetch_misses}
 
     def summary(self) -> RunSummary:
         sched = self.scheduler
@@ -475,8 +481,7 @@ class Engine:
                           stopped=self.stopped, last_error=self.last_error,
                           streams=[s.row(self.elapsed_s) for s in self.stats], models=self._models(),
                           memory=memory, eviction=sched.eviction, batching=self.batching,
-                          order=self.planner.order, reordered_batches=self.planner.reordered,
-                          prefetch=self.prefetch, prefetches=sched.prefetches, prefetch_misses=sched.prefetch_misses)
+                          **self._order_and_prefetch())
 
 
 def run(bundle, streams: list[tuple[FrameSource, list[str]]], options: RunOptions | None = None,

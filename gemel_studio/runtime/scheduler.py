@@ -24,8 +24,9 @@ exactly the model needed next.
 Prefetch (`prefetch`): while one model runs, what the model expected next lacks is copied on
 a loader thread (on CUDA, on a copy stream), so its load overlaps the run (GEMEL's evaluation:
 "loading overlaps the previous model's run when memory allows"). Its bytes count as resident
-from the start, and it only evicts what neither model needs: when that does not make room, no
-prefetch. A prefetch for a model that then does not run next is finished (its copies filed as
+from the start (against the budget), and it only evicts what neither model needs: when that
+does not make room, no prefetch. Until its copy is done, what is left of it still counts as
+missing in `missing_bytes` (the planner's load estimate): the model that runs next waits for it. A prefetch for a model that then does not run next is finished (its copies filed as
 resident, evictable like any other) before anything else loads when the model that runs
 instead shares tensors with it; otherwise it is cancelled between tensors and its bytes freed.
 
@@ -237,17 +238,22 @@ class ModelScheduler:
                 u = self.unit_of(name, key)
                 rank.setdefault(u, len(rank))
             missing.sort(key=lambda u: rank.get(u, len(rank)))
-        need = self._make_room(name, missing, future)
+        pending = self._start_copy(name, missing, self._make_room(name, missing, future))
+        state = {k: self._resident.get(self.unit_of(name, k)) for k in self._maps[name]}
+        return state, pending
+
+    def _start_copy(self, name: str, missing: list[Hashable], need: int, doing: str = "loading") -> PendingLoad:
+        """Count `missing` (`need` bytes, room already made for them) as resident and start
+        copying it on the loader thread (on CUDA, on the one copy stream, made on first use).
+        `doing`: what the budget's assertion calls it."""
         assert self.budget is None or self.resident_bytes + need <= self.budget, (
-            f"{self.policy}: loading {name} would hold {self.resident_bytes + need} bytes, over the budget")
+            f"{self.policy}: {doing} {name} would hold {self.resident_bytes + need} bytes, over the budget")
         self.resident_bytes += need
         self.peak_resident_bytes = max(self.peak_resident_bytes, self.resident_bytes)
         if self.device.type == "cuda" and self._load_stream is None:
             self._load_stream = torch.cuda.Stream(self.device)
-        pending = PendingLoad(name, missing, [self._stored[u if self.shared else u[1]] for u in missing],
-                              self.device, need, self._load_stream)
-        state = {k: self._resident.get(self.unit_of(name, k)) for k in self._maps[name]}
-        return state, pending
+        return PendingLoad(name, missing, [self._stored[u if self.shared else u[1]] for u in missing],
+                           self.device, need, self._load_stream)
 
     def finish(self, pending: PendingLoad) -> None:
         """File a deferred load's tensors as resident and count what it cost (once; a second
@@ -308,14 +314,7 @@ class ModelScheduler:
             self._evict_tensors(keep=keep, need=need, future=future)
         else:
             self._evict_models(keep=keep, need=need, future=future)
-        assert self.resident_bytes + need <= self.budget, (
-            f"{self.policy}: prefetching {name} would hold {self.resident_bytes + need} bytes, over the budget")
-        self.resident_bytes += need
-        self.peak_resident_bytes = max(self.peak_resident_bytes, self.resident_bytes)
-        if self.device.type == "cuda" and self._load_stream is None:
-            self._load_stream = torch.cuda.Stream(self.device)
-        self._prefetch = PendingLoad(name, missing, [self._stored[u if self.shared else u[1]] for u in missing],
-                                     self.device, need, self._load_stream)
+        self._prefetch = self._start_copy(name, missing, need, "prefetching")
         self.stats[name].prefetched_bytes += need
         self.prefetches += 1
         return True
@@ -459,11 +458,30 @@ class ModelScheduler:
         return self.static_set is not None and name not in self.static_set
 
     def missing_bytes(self, name: str) -> int:
-        """Bytes model `name` would load now (0 when it is resident; a prefetch on its way
-        counts as there)."""
-        pending = self._prefetch  # whoever runs next files it first
-        coming = set(pending.units) if pending is not None else ()
-        return sum(self._unit_bytes[u] for u in self._units[name] if u not in self._resident and u not in coming)
+        """Bytes model `name` would load, or wait for, if it ran now (0 when it is resident).
+        A prefetch still copying is not loaded yet: running `name` first settles it
+        (`settle_prefetch`), which for the prefetch's own model, or one that shares tensors
+        with it, waits for the rest of that copy; so the bytes of the copy not copied yet count
+        as missing for those models (a partial load), and what is copied does not. (For a model
+        that shares nothing with it the copy is cancelled between tensors: nothing of it counts.)"""
+        units = self._units[name]
+        lacking = [u for u in units if u not in self._resident]
+        pending = self._prefetch
+        if pending is None:
+            return sum(self._unit_bytes[u] for u in lacking)
+        coming = set(pending.units)
+        own = sum(self._unit_bytes[u] for u in lacking if u not in coming)
+        if not coming & set(units):  # cancelled when `name` runs: no wait for it
+            return own
+        return own + sum(self._unit_bytes[u] for u in self._still_copying(pending))
+
+    @staticmethod
+    def _still_copying(pending: PendingLoad) -> list[Hashable]:
+        """The units of a pending copy not copied yet (all of them when the copy failed: then
+        nothing of it is filed, and they load as usual)."""
+        left = [u for u in pending.units if not pending._ready[u].is_set()]
+        # Read after the events: a failed copy sets its error before it sets every event.
+        return list(pending.units) if pending.error is not None else left
 
     def is_resident(self, name: str) -> bool:
         return all(u in self._resident for u in self._units[name])

@@ -152,7 +152,9 @@ class SummaryMemory(MemoryReport):
 @dataclass
 class RunSnapshot:
     """A run's counters at one moment (`Engine.snapshot()`). `extra`: entries of a served
-    snapshot this version does not know (kept, so a round trip loses nothing)."""
+    snapshot this version does not know (kept, so a round trip loses nothing). The order and
+    prefetch figures are `RunSummary`'s, so far (after `extra`: older code builds a snapshot
+    positionally; a snapshot an older runtime served has no order, None, and no prefetch)."""
 
     bundle: str
     policy: str
@@ -166,13 +168,19 @@ class RunSnapshot:
     models: dict[str, ModelRow]
     memory: MemoryReport
     extra: dict = field(default_factory=dict)
+    order: str | None = None  # merge-aware | fair (None: not served by the runtime that made it)
+    reordered_batches: int = 0  # batches the merge-aware order ran before the fair choice
+    prefetch: bool = False
+    prefetches: int = 0  # loads started while the model before ran
+    prefetch_misses: int = 0  # of them, for a model that did not run next
 
     def to_dict(self) -> dict:
         return {"bundle": self.bundle, "policy": self.policy, "backend": self.backend, "device": self.device,
                 "eviction": self.eviction, "state": self.state, "last_error": self.last_error,
                 "elapsed_s": self.elapsed_s, "streams": [s.to_dict() for s in self.streams],
                 "models": {n: m.to_dict() for n, m in self.models.items()}, "memory": self.memory.to_dict(),
-                **self.extra}
+                "order": self.order, "reordered_batches": self.reordered_batches, "prefetch": self.prefetch,
+                "prefetches": self.prefetches, "prefetch_misses": self.prefetch_misses, **self.extra}
 
     @classmethod
     def from_dict(cls, data: dict) -> "RunSnapshot":
@@ -185,7 +193,10 @@ class RunSnapshot:
                    streams=[StreamRow.from_dict(s) for s in data.get("streams", [])],
                    models={n: ModelRow.from_dict(m, n) for n, m in data.get("models", {}).items()},
                    memory=MemoryReport.from_dict(data.get("memory", {})),
-                   extra={k: v for k, v in data.items() if k not in known})
+                   extra={k: v for k, v in data.items() if k not in known},
+                   order=None if data.get("order") is None else str(data["order"]),
+                   reordered_batches=int(data.get("reordered_batches", 0)), prefetch=bool(data.get("prefetch", False)),
+                   prefetches=int(data.get("prefetches", 0)), prefetch_misses=int(data.get("prefetch_misses", 0)))
 
     @property
     def running(self) -> bool:
@@ -217,7 +228,7 @@ class RunSummary:
     batching: bool = True
     order: str = "merge-aware"
     reordered_batches: int = 0  # batches the merge-aware order ran before the fair choice
-    prefetch: bool = True
+    prefetch: bool = False  # whether prefetch ran (the engine says; a summary built without saying claims not)
     prefetches: int = 0  # loads started while the model before ran
     prefetch_misses: int = 0  # of them, for a model that did not run next
 
