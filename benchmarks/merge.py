@@ -244,6 +244,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--time-budget", type=float, help="seconds per strategy run")
+    parser.add_argument("--checks-per-epoch", type=int, default=4,
+                        help="held-out checks per epoch, the round stopping at the first that meets every target "
+                             "(the same for every strategy; 1: only at the epoch's end)")
     parser.add_argument("--min-savings-fraction", type=float, default=0.01,
                         help="candidates saving less than this fraction of the all-shareable bound are not tried "
                              "(the same for every strategy; 0 tries everything)")
@@ -265,7 +268,7 @@ def main() -> None:
     limit = args.limit or None
     device = resolve_device(args.device)
     settings = {"optimizer": "sgd", "lr": args.lr, "epochs": args.epochs, "batch_size": args.batch_size,
-                "device": args.device}
+                "device": args.device, "checks_per_epoch": args.checks_per_epoch}
     result = {"device": device_name() if device.type == "cpu" else f"{gpu_name(device)}, torch {torch.__version__}",
               "device_type": device.type, "limit": limit, "retraining": settings, "workloads": {}}
     for name in args.workloads:
@@ -282,8 +285,8 @@ def main() -> None:
         row = {"total_param_bytes": analysis.total_param_bytes, "all_shareable_bytes": analysis.max_savings_bytes,
                "groups": len(analysis.groups), "min_savings_bytes": floor, "unmerged": prepared["models"],
                "strategies": {}}
+        tv_base = PretrainedBase(architecture="mobilenet_v2", weights="IMAGENET1K_V1") if name == "fashion" else None
         if not args.skip_zero_retraining and args.inits:
-            tv_base = PretrainedBase(architecture="mobilenet_v2", weights="IMAGENET1K_V1") if name == "fashion" else None
             init_retraining = RetrainSettings(**{**settings, "epochs": args.init_epochs}) if args.init_epochs else None
             row["init_comparison"] = compare_inits(workload_path, plan_path, limit, args.inits, tv_base,
                                                    top_groups=args.init_groups, settings=init_retraining)
@@ -291,8 +294,9 @@ def main() -> None:
         if "predict" in args.strategies:
             started = time.perf_counter()
             plan = load_plan(plan_path)
+            init = init_settings(args.init, tv_base) or InitSettings(method="mean")  # ties needs a base
             plan = plan.model_copy(update={"retraining": plan.retraining.model_copy(update={"device": args.device}),
-                                           "init": InitSettings(method=args.init)})
+                                           "init": init})
             measured, notes = measure_risk(load_workload(workload_path), plan, limit=limit, drop_min_savings=floor)
             save_plan(measured, risk_plan)
             row["risk_seconds"] = round(time.perf_counter() - started, 1)

@@ -188,3 +188,45 @@ def test_predict_tries_the_low_risk_groups_together_first_and_the_risky_ones_las
     run = search(ctx.build_models, ctx.base_state, plan, ctx.data, ctx.targets, "predict")
     assert [sorted(s.groups) for s in run.steps] == [sorted(g.id for g in plan.groups[1:]), [risky.id]]
     assert run.saved_bytes == sum(g.savings_bytes for g in plan.groups)
+
+
+def _group(gid: str, nbytes: int, drops: dict[str, float]):
+    from gemel_studio.merging.plan import GroupRisk, PlannedGroup, PlannedMember
+
+    return PlannedGroup(id=gid, signature="Conv2d", bytes_per_copy=nbytes,
+                        members=[PlannedMember(model=m, layer="conv") for m in ("a", "b")],
+                        risk=GroupRisk(cka=0.9, drop=drops) if drops else None)
+
+
+def test_predicts_first_block_spends_half_of_each_models_margin_fewest_points_per_byte_first():
+    from gemel_studio.merging.heuristic import predicted_blocks
+
+    groups = [_group("cheap-big", 1000, {"a": 0.01, "b": 0.0}),    # 1e-5 points a byte: first
+              _group("dear-small", 10, {"a": 0.02, "b": 0.0}),     # 2e-3 a byte: last; no room left for a
+              _group("b-only", 500, {"a": -0.01, "b": 0.03}),      # a negative drop (noise) costs nothing
+              _group("over", 800, {"a": 0.0, "b": 0.06}),          # low-risk? no: 0.06 > LOW_RISK, and over b's room
+              _group("unmeasured", 50, {})]                        # no drop: never in the first block
+    margins = {"a": 0.05, "b": 0.08}  # room: a 0.025, b 0.04
+    blocks = predicted_blocks(groups, margins)
+    assert [[g.id for g in c.groups] for c in blocks] == [["cheap-big", "b-only"], ["dear-small"], ["over", "unmeasured"]]
+    # a spent 0.01 + 0 of its 0.025 (dear-small's 0.02 would pass it); b spent 0.03 of 0.04.
+    # Without margins (no unmerged accuracy) there is no first block: low risk, then the rest by risk.
+    assert [[g.id for g in c.groups] for c in predicted_blocks(groups, None)] == \
+        [["cheap-big", "dear-small", "b-only"], ["over", "unmeasured"]]
+
+
+def test_predict_banks_the_predicted_block_with_zero_retraining(write_workload):
+    from gemel_studio.merging.plan import GroupRisk
+
+    w = _workload(write_workload, {"absolute": 0.001})
+    plan, ctx = _context(w)
+    plan.groups.sort(key=lambda g: -g.savings_bytes)
+    safe, rest = plan.groups[:2], plan.groups[2:]
+    for g in plan.groups:
+        g.risk = GroupRisk(cka=0.9, drop={m.model: (0.0 if g in safe else 0.03) for m in g.members})
+    unmerged = {n: 0.5 for n in ctx.targets}  # margins of ~0.5: room for 0.25 of summed drops per model
+    run = search(ctx.build_models, ctx.base_state, plan, ctx.data, ctx.targets, "predict", unmerged=unmerged)
+    first = run.steps[0]
+    assert set(g.id for g in safe) <= set(first.groups)
+    assert first.outcome == "kept" and first.epochs == 0 and first.next_action == "banked with zero retraining"
+    assert run.saved_bytes == sum(g.savings_bytes for g in plan.groups)

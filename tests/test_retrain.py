@@ -169,3 +169,32 @@ def test_out_of_memory_halves_the_batch_and_says_so(color_models):
     models = {n: _SmallMemory(m.inner, fits=0) for n, m in models.items()}
     with pytest.raises(GemelError, match="out of GPU memory even at batch size 1"):
         joint_retrain(models, data, {"color": 1, "size": 1}, RetrainSettings(epochs=1, **SETTINGS))
+
+
+def _steps_trained(progress_calls: list[tuple[int, int, str]]) -> int:
+    return sum(1 for _, _, message in progress_calls if " loss " in message)
+
+
+@pytest.mark.parametrize("checks", [1, 4])
+def test_a_round_stops_at_the_first_check_where_every_target_is_met(color_models, checks):
+    models, data = color_models()
+    calls: list[tuple[int, int, str]] = []
+    progress = Progress(lambda *a: calls.append(a), min_interval=0)
+    settings = RetrainSettings(epochs=3, checks_per_epoch=checks, **SETTINGS)
+    result = joint_retrain(models, data, {"color": 0.0, "size": 0.0}, settings, progress=progress)
+    steps = max(len(d.train) // SETTINGS["batch_size"] for d in data.values())
+    assert result.stopped == "targets met" and len(result.history) == 1
+    if checks == 1:  # checked only at the epoch's end
+        assert result.history[0].steps is None and _steps_trained(calls) == steps
+    else:  # met at the first check, a quarter of the way in
+        assert result.history[0].steps == steps // 4 and _steps_trained(calls) == steps // 4
+
+
+def test_checks_that_fail_do_not_cut_the_epoch_short(color_models):
+    models, data = color_models()
+    calls: list[tuple[int, int, str]] = []
+    progress = Progress(lambda *a: calls.append(a), min_interval=0)
+    settings = RetrainSettings(epochs=1, checks_per_epoch=4, **SETTINGS)
+    result = joint_retrain(models, data, {"color": 1.01, "size": 1.01}, settings, progress=progress)
+    steps = max(len(d.train) // SETTINGS["batch_size"] for d in data.values())
+    assert result.stopped == "epochs done" and result.history[0].steps is None and _steps_trained(calls) == steps

@@ -25,13 +25,19 @@ stop, what to keep) is taken identically on every rank from identical models:
 from __future__ import annotations
 
 from contextlib import contextmanager
-from datetime import timedelta
+from datetime import datetime, timedelta
+import json
+import logging
 import os
 from pathlib import Path
 import shutil
+import signal
 import sys
 import tempfile
+import time
+import traceback
 from typing import Iterator, Mapping
+import warnings
 
 import torch
 from torch import nn
@@ -40,6 +46,16 @@ from ..errors import GemelError
 
 # A rank waiting on a collective for longer than this gives up with an error instead of hanging.
 COLLECTIVE_TIMEOUT_S = float(os.environ.get("GEMEL_DIST_TIMEOUT_S", "300"))
+# `gemel merge --nproc` prints one line when a rank fails, the details in FAILURE_LOG in the output
+# folder; with GEMEL_DIST_VERBOSE=1 every rank and the launcher also print theirs as they come.
+VERBOSE_ENV = "GEMEL_DIST_VERBOSE"
+FAILURE_LOG = "nproc-error.log"
+_QUIET_RANK_ENV = "GEMEL_QUIET_RANK"  # set by `launch` for its ranks: an error goes to the launcher only
+_LAUNCHER_LOGGERS = ("torch.distributed.elastic", "torch.distributed.launcher")
+
+
+class LostPeer(GemelError):
+    """A rank's collective failed because another rank of its group died (not the cause)."""
 
 
 def _dist():
@@ -197,13 +213,59 @@ def any_rank(flag: bool) -> bool:
 
 def lost_peer(exc: BaseException) -> bool:
     """True for the error a rank gets when another rank of its group died mid-collective."""
-    if not active():
-        return False
-    dist = _dist()
-    if isinstance(exc, getattr(dist, "DistError", ())):
+    return active() and _peer_error(exc)
+
+
+def _peer_error(exc: BaseException) -> bool:
+    if isinstance(exc, LostPeer) or isinstance(exc, getattr(_dist(), "DistError", ())):
         return True
     text = str(exc)
     return isinstance(exc, RuntimeError) and any(w in text for w in ("gloo", "NCCL", "Connection reset", "timed out"))
+
+
+def _one_line(exc: BaseException) -> str:
+    """An error as `gemel` prints it, on one line."""
+    if isinstance(exc, GemelError):
+        text = str(exc)
+    elif isinstance(exc, OSError):
+        where = f"{exc.filename}: " if exc.filename else ""
+        text = f"{where}{exc.strerror or exc} (check the path and its permissions)"
+    else:
+        first = next((ln for ln in str(exc).splitlines() if ln.strip()), "")
+        text = f"{type(exc).__name__}: {first[:300]}" if first else type(exc).__name__
+    return " ".join(text.split())
+
+
+@contextmanager
+def rank_errors() -> Iterator[None]:
+    """Around a rank's work (`gemel merge` started by the launcher): an error is written to the
+    launcher's error file for this rank (message, traceback), which `launch` reads to name what
+    the rank died of. In a rank `launch` started (and not GEMEL_DIST_VERBOSE), the rank then
+    exits quietly, with gemel's exit code (2 for an error of the user's, 1 for another), and the
+    launcher prints the run's one line; otherwise (torchrun by hand) the error goes on as before."""
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not (launched() and error_file):
+        yield
+        return
+    from ..errors import Cancelled
+
+    try:
+        yield
+    except Cancelled:
+        raise
+    except Exception as exc:
+        code = 2 if isinstance(exc, (GemelError, OSError)) else 1
+        exc.__suppress_context__ = False  # the log keeps the error a one-line message replaced
+        record = {"message": _one_line(exc), "timestamp": int(time.time()),
+                  "gemel": {"rank": int(os.environ.get("RANK", "0")), "exit_code": code, "lost_peer": _peer_error(exc),
+                            "user_error": code == 2, "traceback": "".join(traceback.format_exception(exc))}}
+        try:
+            Path(error_file).write_text(json.dumps(record))
+        except OSError:
+            pass
+        if os.environ.get(_QUIET_RANK_ENV) != "1":
+            raise
+        raise SystemExit(code) from None
 
 
 def without_nproc(argv: list[str]) -> list[str]:
@@ -219,34 +281,163 @@ def without_nproc(argv: list[str]) -> list[str]:
     return out
 
 
-def launch(nproc: int, argv: list[str], device: str = "auto") -> int:
+def launch(nproc: int, argv: list[str], device: str = "auto", out: Path | None = None) -> int:
     """Run `gemel <argv>` (less its --nproc) on `nproc` processes of this machine through torch's
     elastic launcher (torchrun's), and return 0 when every rank finished. A failed rank stops
-    the others; its error is raised as one line."""
+    the others; its error is raised as one line, which names the rank, what it died of and the
+    log file (in `out`, the output folder) that holds every rank's output and the launcher's log.
+
+    Rank 0 prints on this terminal (progress, the report); the other ranks' output goes to files,
+    the launcher's log lines too, and a failed rank exits quietly (`rank_errors`): the user sees
+    one line, not one traceback per rank. GEMEL_DIST_VERBOSE=1 prints them all as they come."""
     if nproc < 1:
         raise GemelError(f"--nproc {nproc}: must be at least 1")
     if torch.cuda.is_available() and device != "cpu" and nproc > torch.cuda.device_count():
         raise GemelError(f"--nproc {nproc}: this machine has {torch.cuda.device_count()} GPU(s); use at most "
                          "that many, or --device cpu")
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    verbose = os.environ.get(VERBOSE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+    logs = Path(tempfile.mkdtemp(prefix="gemel-ranks-"))  # each rank's stdout, stderr and error file
+    # Rank 0 keeps the terminal (its progress bar, the report); the others, which print nothing
+    # but their errors, write to files.
+    redirects = Std.NONE if verbose else {r: Std.ALL for r in range(1, nproc)}
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, rdzv_backend="c10d",
                           rdzv_endpoint="127.0.0.1:0", run_id=f"gemel-{os.getpid()}", max_restarts=0,
-                          monitor_interval=0.2)
+                          monitor_interval=0.2, logs_specs=DefaultLogsSpecs(log_dir=str(logs), redirects=redirects))
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    launcher_log: list[str] = []
+    quiet_before = os.environ.get(_QUIET_RANK_ENV)
+    if not verbose:
+        os.environ[_QUIET_RANK_ENV] = "1"
     try:
-        elastic_launch(config, sys.executable)("-m", "gemel_studio.cli", *without_nproc(argv))
+        with _launcher_log(launcher_log, quiet=not verbose):
+            elastic_launch(config, sys.executable)("-m", "gemel_studio.cli", *without_nproc(argv))
     except ChildFailedError as exc:
         if not exc.failures:
             raise GemelError(f"the retraining processes failed: {exc}") from None
-        _, failure = exc.get_first_failure()  # the rank that failed first; the others were stopped after
-        message = failure.message if isinstance(failure.message, str) else str(failure.message)
-        lines = [ln for ln in str(message).splitlines() if ln.strip() and "errors.html" not in ln]
-        detail = lines[-1] if lines else f"exit code {failure.exitcode}"
-        raise GemelError(f"rank {failure.local_rank} of {nproc} failed ({detail}); the others were stopped. "
-                         "Its checkpoint, if any, is kept: run the same command again to resume") from None
+        raise GemelError(_failed(exc.failures, nproc, argv, logs, launcher_log, out)) from None
+    finally:
+        if quiet_before is None:
+            os.environ.pop(_QUIET_RANK_ENV, None)
+        else:
+            os.environ[_QUIET_RANK_ENV] = quiet_before
+    shutil.rmtree(logs, ignore_errors=True)
     return 0
+
+
+@contextmanager
+def _launcher_log(lines: list[str], quiet: bool) -> Iterator[None]:
+    """The elastic launcher's log records and warnings, kept in `lines` (for the failure log);
+    with `quiet`, not printed."""
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            try:
+                lines.append(self.format(record))
+            except Exception:  # a log line must never fail the run
+                pass
+
+    keep = Keep(logging.INFO)
+    keep.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    loggers = [logging.getLogger(n) for n in _LAUNCHER_LOGGERS]
+    before = [lg.propagate for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(keep)
+        if quiet:
+            lg.propagate = False
+    try:
+        with warnings.catch_warnings(record=quiet) as caught:
+            if quiet:
+                warnings.simplefilter("always")
+            yield
+    finally:
+        for lg, propagate in zip(loggers, before):
+            lg.removeHandler(keep)
+            lg.propagate = propagate
+        lines.extend(f"warning: {warnings.formatwarning(w.message, w.category, w.filename, w.lineno).strip()}"
+                     for w in caught or ())
+
+
+def _cause(failures: Mapping[int, object]):
+    """The failure that ended the run: the first one that is not a rank losing a dead peer."""
+    def lost(f) -> bool:
+        return bool(isinstance(f.error_file_data, dict) and f.error_file_data.get("gemel", {}).get("lost_peer"))
+
+    ordered = sorted(failures.items(), key=lambda kv: (lost(kv[1]), kv[1].timestamp, kv[0]))
+    return ordered[0]
+
+
+def _died_of(failure) -> tuple[str, bool]:
+    """What a rank died of, in a few words, and whether it was an error of gemel's own (whose
+    message says what to do)."""
+    data = failure.error_file_data if isinstance(failure.error_file_data, dict) else {}
+    mine = data.get("gemel")
+    if isinstance(mine, dict) and isinstance(failure.message, str) and failure.message:
+        return failure.message, bool(mine.get("user_error")) and not mine.get("lost_peer")
+    if failure.exitcode < 0:
+        sig = -failure.exitcode
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = "unknown"
+        why = {signal.SIGKILL: "sent by hand, or by the system when memory ran out",
+               signal.SIGSEGV: "a crash", signal.SIGBUS: "a crash", signal.SIGABRT: "aborted"}.get(sig)
+        return f"killed by signal {sig} ({name}{', ' + why if why else ''})", False
+    message = failure.message if isinstance(failure.message, str) else str(failure.message)
+    lines = [ln for ln in message.splitlines() if ln.strip() and "errors.html" not in ln]
+    return (lines[-1] if lines else f"exit code {failure.exitcode}"), False
+
+
+def _failed(failures: Mapping[int, object], nproc: int, argv: list[str], logs: Path, launcher_log: list[str],
+            out: Path | None) -> str:
+    """The one line for a failed run; writes the failure log (and says where)."""
+    rank_, failure = _cause(failures)
+    detail, mine = _died_of(failure)
+    log = _write_failure_log(failures, nproc, argv, logs, launcher_log, out)
+    where = f"details in {log}" if log else "details above"
+    if mine:  # gemel's own error: its message says what to do
+        return f"rank {rank_} of {nproc} failed: {detail} (the others were stopped; {where})"
+    return (f"rank {rank_} of {nproc} failed: {detail}; the others were stopped, {where}. "
+            "Its checkpoint, if any, is kept: run the same command again to resume")
+
+
+def _write_failure_log(failures: Mapping[int, object], nproc: int, argv: list[str], logs: Path,
+                       launcher_log: list[str], out: Path | None) -> Path | None:
+    """Every failed rank's error and traceback, every rank's output that went to a file, and the
+    launcher's log, in one file: `out`/FAILURE_LOG (the ranks' folder of files is then deleted),
+    or, when `out` cannot be written, a file in that folder (kept)."""
+    parts = [f"gemel {' '.join(argv)}", f"failed at {datetime.now().isoformat(sep=' ', timespec='seconds')}, "
+             f"{len(failures)} of {nproc} rank(s) failed", ""]
+    for r, f in sorted(failures.items()):
+        detail, _ = _died_of(f)
+        data = f.error_file_data if isinstance(f.error_file_data, dict) else {}
+        parts += [f"== rank {r} (local rank {f.local_rank}, pid {f.pid}): exit code {f.exitcode} ==", detail]
+        mine = data.get("gemel")
+        if isinstance(mine, dict) and mine.get("traceback"):
+            parts += ["", str(mine["traceback"]).rstrip()]
+        elif isinstance(data.get("message"), dict):  # torch's own error file (@record)
+            parts += ["", json.dumps(data["message"], indent=2)]
+        parts.append("")
+    for path in sorted(logs.glob("*/attempt_*/*/std*.log"), key=lambda p: (int(p.parent.name), p.name)):
+        text = path.read_text(errors="replace").rstrip()
+        parts += [f"== rank {path.parent.name} {path.stem} ==", text or "(empty)", ""]
+    if nproc > 1:
+        parts += ["(rank 0 printed on the terminal)", ""]
+    parts += ["== launcher ==", *launcher_log, ""]
+    text = "\n".join(parts)
+    for target in ([out / FAILURE_LOG] if out is not None else []) + [logs / FAILURE_LOG]:
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text)
+        except OSError:
+            continue
+        if target.parent != logs:
+            shutil.rmtree(logs, ignore_errors=True)
+        return target
+    return None
 
 
 def sync_buffers(module: nn.Module) -> None:

@@ -10,10 +10,14 @@ Two strategies over the same candidates, retraining and bookkeeping:
 - `bisect`: try every candidate at once first (the all-shareable merge); on failure split
   the block into two halves by savings and recurse, heavier half first. When most merges
   succeed, as GEMEL observed, this needs far fewer retraining rounds for the same savings.
-- `predict`: uses the merge risk `gemel propose` measured (plan.groups[].risk). The low-risk
-  groups (largest zero-retraining drop at most LOW_RISK) are tried together first, then the
-  rest; a failed block is split by risk, the safer half first, so risky groups end up alone
-  and last. Without risk figures it is bisection with the risk-ordered split.
+- `predict`: uses the merge risk `gemel propose` measured (plan.groups[].risk: each group's
+  accuracy drop when tied alone, with no retraining). First block: the groups whose measured
+  drops, added up per model, stay within half of each model's margin (unmerged accuracy minus
+  target), fewest points lost per byte first: predicted to merge with zero retraining, which
+  the check before training confirms. Then the other low-risk groups (largest drop at most
+  LOW_RISK), then the rest; a failed block is split by risk, the safer half first, so risky
+  groups end up alone and last. Without risk figures it is bisection with the risk-ordered
+  split.
 
 Retraining always starts from the last banked weights; a failed round is thrown away.
 """
@@ -38,11 +42,13 @@ from .plan import GroupState, MergePlan, PlannedGroup
 from .retrain import EpochRecord, RetrainResult, joint_retrain
 from .tying import apply_plan
 
-__all__ = ["Candidate", "STRATEGIES", "SearchResult", "Step", "Strategy", "candidates", "search"]
+__all__ = ["Candidate", "STRATEGIES", "SearchResult", "Step", "Strategy", "candidates", "predicted_blocks",
+           "search"]
 
 Strategy = Literal["gemel", "bisect", "predict"]
 STRATEGIES: tuple[Strategy, ...] = ("gemel", "bisect", "predict")
 LOW_RISK = 0.05  # predict: a group whose largest zero-retraining drop is at most this is low-risk
+SAFE_SHARE = 0.5  # predict: the first block may spend this share of each model's margin, drops added up
 
 
 def group_risk(g: PlannedGroup) -> float:
@@ -128,6 +134,29 @@ def candidates(plan: MergePlan) -> list[Candidate]:
     return out
 
 
+def predicted_blocks(groups: list[PlannedGroup], margins: Mapping[str, float] | None) -> list[Candidate]:
+    """predict's blocks, in the order tried (see the module's docstring). `margins`: each model's
+    unmerged accuracy minus its target; without them there is no first block."""
+    def cost(g: PlannedGroup) -> float:  # points lost per byte, the largest over the members
+        return max(0.0, g.risk.max_drop) / max(1, g.savings_bytes)
+
+    first: list[PlannedGroup] = []
+    if margins:
+        spent = {n: 0.0 for n in margins}
+        measured = [g for g in groups if g.risk is not None and g.risk.drop]
+        for g in sorted(measured, key=lambda g: (cost(g), -g.savings_bytes)):
+            drops = {n: max(0.0, d) for n, d in g.risk.drop.items()}
+            if all(n in margins and spent[n] + d <= SAFE_SHARE * max(0.0, margins[n]) for n, d in drops.items()):
+                first.append(g)
+                for n, d in drops.items():
+                    spent[n] += d
+    chosen = {g.id for g in first}
+    rest = [g for g in groups if g.id not in chosen]
+    low = [g for g in rest if group_risk(g) <= LOW_RISK]
+    high = sorted((g for g in rest if group_risk(g) > LOW_RISK), key=lambda g: (group_risk(g), -g.savings_bytes))
+    return [Candidate(part) for part in (first, low, high) if part]
+
+
 def _affected(models: frozenset[str], groups: list[PlannedGroup]) -> list[str]:
     """Models connected to `models` through shared groups: all must be retrained together."""
     found = set(models)
@@ -156,7 +185,8 @@ def search(build_models: Builder, base_state: Mapping[str, Mapping[str, torch.Te
            progress: Progress | None = None, time_budget_s: float | None = None,
            on_step: Callable[[Step], None] | None = None, seed: int = 0,
            state_path: Path | None = None, on_epoch: Callable[[EpochRecord], None] | None = None,
-           init_base: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> SearchResult:
+           init_base: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+           unmerged: Mapping[str, float] | None = None) -> SearchResult:
     """Run the merge search. `build_models()` returns fresh, untied models; `base_state` holds
     the unmerged weights. Returns the plan with kept/backed-off states and the banked weights.
 
@@ -166,7 +196,8 @@ def search(build_models: Builder, base_state: Mapping[str, Mapping[str, torch.Te
     Each candidate's shared tensors start as `plan.init` says (merging/initialise.py; `init_base`
     holds each model's pretrained state for `ties`), batch-norm statistics are recomputed after
     tying, and with `plan.retraining.check_before_training` a candidate whose models all meet
-    their targets before the first step is banked with zero retraining.
+    their targets before the first step is banked with zero retraining. `unmerged` (each model's
+    unmerged accuracy) gives `predict` the margins its first block is sized by.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy '{strategy}'; expected one of {', '.join(STRATEGIES)}")
@@ -183,10 +214,8 @@ def search(build_models: Builder, base_state: Mapping[str, Mapping[str, torch.Te
     if strategy == "bisect" and len(queue) > 1:
         queue = [Candidate([g for c in queue for g in c.groups])]
     elif strategy == "predict":
-        every = [g for c in queue for g in c.groups]
-        low = [g for g in every if group_risk(g) <= LOW_RISK]
-        high = sorted((g for g in every if group_risk(g) > LOW_RISK), key=lambda g: (group_risk(g), -g.savings_bytes))
-        queue = [Candidate(part) for part in (low, high) if part]
+        margins = {n: unmerged[n] - targets[n] for n in targets if n in unmerged} if unmerged else None
+        queue = predicted_blocks([g for c in queue for g in c.groups], margins)
     kept: list[PlannedGroup] = []
     state = {n: dict(s) for n, s in base_state.items()}
     result = SearchResult(strategy=strategy, plan=plan, state=state)

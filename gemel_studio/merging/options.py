@@ -49,6 +49,10 @@ class RetrainSettings(_Strict):
     # Evaluate a tied candidate before its first training step; bank it if every model meets
     # its target already (zero retraining).
     check_before_training: bool = _hidden(default=True)
+    # Evaluate on the held-out split this many times per epoch (the last at the epoch's end) and
+    # stop the round at the first check where every model meets its target; GEMEL's reference
+    # validates more often than once an epoch too. The loss weights follow each check.
+    checks_per_epoch: int = _hidden(default=4, ge=1, le=1000)
 
 
 # What `gemel finetune` (and the studio's Fine-tune tab) trains each model alone with.
@@ -59,8 +63,8 @@ class MergeOptions(_Strict):
     """One merge's options: the search and, over the plan's, its retraining settings.
     A bad value raises GemelError naming its flag (through gemel_studio.options)."""
     strategy: Strategy = Field("bisect", description="bisect: all candidates first, split on failure (default); "
-                               "gemel: the reference loop; predict: low-risk groups first by the plan's merge "
-                               "risk, split safer-first")
+                               "gemel: the reference loop; predict: by the plan's merge risk, first the groups "
+                               "predicted to need no retraining, then the low-risk ones, split safer-first")
     limit: int | None = Field(None, gt=0, description="use at most this many samples per dataset (quick runs)")
     min_savings_mib: float | None = Field(None, ge=0, description="do not try candidates (or halves of failed "
                                           "ones) that save less than this many MiB",

@@ -197,7 +197,7 @@ def merge_workload(workload: Workload, plan: MergePlan, out_dir: Path, options: 
                                   progress=progress, time_budget_s=plan.retraining.time_budget_s,
                                   on_step=on_step, state_path=out_dir / "search.state", on_epoch=on_epoch,
                                   init_base=load_base(workload, ctx.names, plan.init)
-                                  if plan.init.method == "ties" else None)
+                                  if plan.init.method == "ties" else None, unmerged=ctx.unmerged_accuracy)
     if progress is not None:
         progress.check()  # a pause or cancel during the last round: the search state is saved, resume writes
     models = ctx.build_models()

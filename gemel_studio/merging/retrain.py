@@ -4,7 +4,9 @@ One optimizer over the unique parameters of every model being retrained, so a sh
 weight receives the summed gradients of its users in one step. Each step draws one batch
 per model; the loss is a weighted sum that pushes the models furthest below their targets
 (GEMEL's weights: min((target / accuracy)^0.75, 10)). Mixed precision (bfloat16 autocast)
-on CUDA. After every epoch the state is checkpointed atomically; a cancel checkpoints the
+on CUDA. The held-out split is evaluated `checks_per_epoch` times an epoch and the round
+stops at the first check where every model meets its target (a partial epoch is recorded
+with its steps). After every epoch the state is checkpointed atomically; a cancel checkpoints the
 exact step, and a rerun resumes from there with nothing lost. A GPU out-of-memory error
 halves the batch size and retries the epoch, and says so.
 
@@ -103,6 +105,7 @@ class EpochRecord:
     seconds: float
     loss: dict[str, float]
     accuracy: dict[str, float]
+    steps: int | None = None  # steps trained when the epoch stopped early (targets met at a check); None: all
 
 
 @dataclass
@@ -234,6 +237,10 @@ def joint_retrain(models: Mapping[str, torch.nn.Module], data: Mapping[str, Mode
         steps = max(len(loader) for loader in loaders.values())
         iters = {n: iter(loaders[n]) for n in names}
         first_step = start_step if epoch == start_epoch else 0
+        # Checks inside the epoch (its end is always one): evenly spaced steps after which to evaluate.
+        checks = min(settings.checks_per_epoch, steps) if early_stop else 1
+        check_after = {steps * k // checks for k in range(1, checks)}
+        stopped_at: int | None = None
         progress.start(steps, f"epoch {epoch + 1}/{settings.epochs}")
         losses = {n: 0.0 for n in names}
         t0 = time.monotonic()
@@ -263,6 +270,14 @@ def joint_retrain(models: Mapping[str, torch.nn.Module], data: Mapping[str, Mode
                 total = total.detach()
                 optimizer.step()
                 progress.step(f"epoch {epoch + 1}/{settings.epochs} loss {total.item():.3f}", check=False)
+                if step + 1 in check_after:
+                    accuracy = _evaluate_all(joint, models, data, device)
+                    if all(accuracy[n] >= targets[n] for n in names):
+                        stopped_at = step + 1
+                        break
+                    weights = {n: loss_weight(targets[n], accuracy[n]) for n in names}
+                    for m in models.values():
+                        m.train()
         except Cancelled:
             if checkpoint:
                 _save_checkpoint(checkpoint, snapshot(epoch, step))
@@ -279,18 +294,22 @@ def joint_retrain(models: Mapping[str, torch.nn.Module], data: Mapping[str, Mode
             progress.message = events[-1]
             start_epoch, start_step = epoch, 0
             continue
-        distributed.sync_buffers(joint)  # batch-norm statistics as rank 0 has them, before evaluating
-        accuracy = distributed.from_main({n: evaluate(models[n], data[n].val, device, task=data[n].task)
-                                          for n in names})
+        if stopped_at is None:
+            accuracy = _evaluate_all(joint, models, data, device)
         losses = distributed.mean_over_ranks(losses)
+        trained = (stopped_at or steps) - first_step
         record = EpochRecord(epoch=epoch + 1, seconds=time.monotonic() - t0,
-                             loss={n: losses[n] / max(1, steps - first_step) for n in names}, accuracy=accuracy)
+                             loss={n: losses[n] / max(1, trained) for n in names}, accuracy=accuracy,
+                             steps=stopped_at)
         history.append(record)
         if on_epoch:
             on_epoch(record)
         epoch += 1
         if checkpoint:
             _save_checkpoint(checkpoint, snapshot(epoch, 0))
+        if stopped_at is not None:
+            stopped = "targets met"
+            break
         if early_stop and _cannot_reach(history, targets, settings.epochs):
             stopped = "cannot reach target"
             break
@@ -299,6 +318,13 @@ def joint_retrain(models: Mapping[str, torch.nn.Module], data: Mapping[str, Mode
             stopped = "targets met"
     return RetrainResult(initial_accuracy=initial, accuracy=accuracy, targets=dict(targets), history=history,
                          seconds=time.monotonic() - started, batch_size=batch_size, stopped=stopped, events=events)
+
+
+def _evaluate_all(joint, models: Mapping[str, torch.nn.Module], data: Mapping[str, ModelData],
+                  device: torch.device) -> dict[str, float]:
+    """Every model's held-out accuracy, as rank 0 measures it (batch-norm statistics synced first)."""
+    distributed.sync_buffers(joint)
+    return distributed.from_main({n: evaluate(m, data[n].val, device, task=data[n].task) for n, m in models.items()})
 
 
 def _epoch_loader(data: ModelData, batch_size: int, seed: int) -> DataLoader:
