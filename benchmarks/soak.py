@@ -25,6 +25,10 @@ Figures:
 - `per_minute`: for every whole minute of the run, frames arrived, processed and dropped
   (differences of the counters between the scrapes nearest to the minute's ends) and the
   processed fraction;
+- `per_minute` also says where the box's CPU went in that minute (from /proc/stat and the run's
+  own CPU time): `run_cpu` (cores the `gemel run` process used), `other_cpu` (cores every other
+  process used), `steal` (cores the hypervisor gave to other machines) and `idle`, so that a
+  minute that processed less can be told apart: the runtime slower, or the box taken;
 - `bar`: the issue's bars, each passed or not: the slope under 1% of the start value per
   hour, no scrape failed, every minute's processed fraction within 5 points of the run's.
 
@@ -45,6 +49,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -97,6 +102,31 @@ def _exits_soon(proc: subprocess.Popen, within_s: float = 30.0) -> bool:
         return False
 
 
+def box_cpu() -> dict:
+    """The box's CPU seconds so far (all cores): busy, idle and stolen (Linux /proc/stat; {} elsewhere)."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return {}
+    ticks = [int(v) for v in fields] + [0] * 8
+    hz = 100.0  # USER_HZ: the unit of /proc/stat on every Linux build that matters
+    user, nice, system, idle, iowait, irq, softirq, steal = ticks[:8]
+    return {"busy_s": (user + nice + system + irq + softirq) / hz, "idle_s": (idle + iowait) / hz,
+            "steal_s": steal / hz}
+
+
+def cpu_sample(process: psutil.Process | None) -> dict:
+    """Box CPU counters and the run process's own CPU seconds, for per-minute shares."""
+    out = box_cpu()
+    if process is not None:
+        try:
+            times = process.cpu_times()
+            out["run_s"] = times.user + times.system
+        except psutil.Error:
+            pass
+    return out
+
+
 def totals(snap: dict) -> dict:
     streams = snap["streams"]
     return {key: sum(s[key] for s in streams) for key in ("frames_in", "processed", "dropped")}
@@ -115,6 +145,12 @@ def per_minute(samples: list[dict], minutes: int) -> list[dict]:
         for key in ("frames_in", "processed", "dropped"):
             row[key] = b[key] - (a[key] if a else 0)
         row["processed_fraction"] = round(row["processed"] / row["frames_in"], 4) if row["frames_in"] else None
+        c = a or samples[0]  # CPU counters: the first minute's from the first scrape
+        span = b["t"] - c["t"]
+        if span > 0 and all(k in c.get("cpu", {}) and k in b.get("cpu", {}) for k in ("busy_s", "run_s")):
+            d = {k: b["cpu"][k] - c["cpu"][k] for k in c["cpu"] if k in b["cpu"]}
+            row["cores"] = {"run_cpu": round(d["run_s"] / span, 2), "other_cpu": round((d["busy_s"] - d["run_s"]) / span, 2),
+                            "steal": round(d.get("steal_s", 0.0) / span, 2), "idle": round(d.get("idle_s", 0.0) / span, 2)}
         out.append(row)
     return out
 
@@ -184,6 +220,10 @@ def main() -> None:
 
         samples: list[dict] = []
         errors: list[str] = []
+        try:
+            run_process = psutil.Process(proc.pid)
+        except psutil.Error:
+            run_process = None
         sink = args.samples.open("w") if args.samples else None
         started = time.monotonic()
         tick = 0
@@ -194,7 +234,8 @@ def main() -> None:
                         raise OSError(f"HTTP {response.status}")
                     snap = json.loads(response.read())
                 sample = {"t": round(time.monotonic() - started, 3), "elapsed_s": snap["elapsed_s"],
-                          "state": snap["state"], "rss": snap["memory"].get("process_rss_bytes"), **totals(snap)}
+                          "state": snap["state"], "rss": snap["memory"].get("process_rss_bytes"), **totals(snap),
+                          "cpu": cpu_sample(run_process)}
                 samples.append(sample)
                 if sink:
                     sink.write(json.dumps(sample) + "\n")
