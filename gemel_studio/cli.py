@@ -147,8 +147,10 @@ def cmd_merge(args) -> int:
     check_plan_workload(plan, workload, origin=str(args.plan))  # before any work
     options = from_args(MergeOptions, args, retraining=from_args(RetrainSettings, args, base=plan.retraining))
     if args.nproc != 1 and not distributed.launched():  # N copies of this command, one per rank
-        return distributed.launch(args.nproc, args.argv, device=options.retraining.device)
-    with distributed.process_group(options.retraining.device), distributed.rank_folder(args.out) as out:
+        return distributed.launch(args.nproc, args.argv, device=options.retraining.device, out=args.out)
+    # A rank's error goes to the launcher, which prints one line for the run (rank_errors).
+    with (distributed.rank_errors(), distributed.process_group(options.retraining.device),
+          distributed.rank_folder(args.out) as out):
         main_rank = distributed.is_main()  # only rank 0 prints and writes the folder named
         progress = Progress() if args.json or not main_rank else terminal_progress()
         try:
@@ -163,8 +165,8 @@ def cmd_merge(args) -> int:
             return 130
         except RuntimeError as exc:
             if distributed.lost_peer(exc):  # another rank died: say so in one line, the launcher names it
-                raise GemelError(f"rank {distributed.rank()} lost another process of the retraining "
-                                 f"({str(exc).splitlines()[0][:120]})") from None
+                raise distributed.LostPeer(f"rank {distributed.rank()} lost another process of the retraining "
+                                           f"({str(exc).splitlines()[0][:120]})") from None
             raise
     if not main_rank:
         return 0

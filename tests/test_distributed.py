@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ from safetensors.torch import load_file
 from gemel_studio.cli import main
 from gemel_studio.errors import GemelError
 from gemel_studio.merging.datasets import ModelData
+from gemel_studio.merging import distributed
 from gemel_studio.merging.distributed import GlobalBatchShard
 from gemel_studio.merging.plan import RetrainSettings
 from gemel_studio.merging.retrain import joint_retrain
@@ -198,11 +200,92 @@ def test_a_killed_rank_ends_the_run_with_its_error(tmp_path, write_workload):
                 child.kill()
             proc.kill()
     assert proc.returncode == 2, err[-2000:]
-    assert "rank 1 of 2 failed" in err and "run the same command again to resume" in err
-    assert "Traceback" not in err.splitlines()[-1]
+    # One line: the rank, what it died of, where the details are, what to do. Not each rank's
+    # traceback ([rankN]: ...), nor the elastic launcher's log lines (W1202 12:00:00 ... api.py:1028]).
+    lines = err.splitlines()
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    assert len(errors) == 1, err[-3000:]
+    log = tmp_path / "out" / distributed.FAILURE_LOG
+    assert errors[0].startswith("error: rank 1 of 2 failed: killed by signal 9 (SIGKILL"), errors[0]
+    assert f"details in {log}" in errors[0] and errors[0].endswith("run the same command again to resume")
+    assert not [ln for ln in lines if ln.startswith("[rank") or re.match(r"[IWE]\d{4} ", ln)], err[-3000:]
+    assert "Traceback" not in err and "torch.distributed" not in err
+    detail = log.read_text()  # the whole story: each failed rank, each rank's output, the launcher's log
+    assert "== rank 1 (local rank 1, pid " in detail and "exit code -9" in detail
+    assert "== rank 1 stderr ==" in detail and "torch.distributed.elastic" in detail
     assert (tmp_path / "out" / "search.state.round").exists()  # the saved epoch is kept for a resume
     assert not [p for p in psutil.Process().children(recursive=True) if p.pid != os.getpid()
                 and "gemel_studio.cli" in " ".join(p.cmdline())]
+
+
+def _rank_fails(tmp_path: Path, monkeypatch, rank: int, exc: Exception) -> int:
+    """A rank `launch` started meets `exc` inside `rank_errors`: its exit code (it prints nothing)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / f"{rank}.json"))
+    monkeypatch.setenv(distributed._QUIET_RANK_ENV, "1")
+    with pytest.raises(SystemExit) as stop:
+        with distributed.rank_errors():
+            raise exc
+    return stop.value.code
+
+
+def test_a_failed_rank_is_one_line_that_names_it_and_the_log_holds_the_rest(tmp_path, monkeypatch, capsys):
+    """In-process, what `launch` makes of the ranks' failures (the killed-rank test runs the real thing)."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    def bad_split():
+        raise GemelError("no 'val' split in data/cats; add one or set split")
+
+    # Rank 1 meets an error of the user's; rank 0 then loses it mid-collective (and says so second).
+    try:
+        bad_split()
+    except GemelError as exc:
+        assert _rank_fails(tmp_path, monkeypatch, 1, exc) == 2
+    lost = distributed.LostPeer("rank 0 lost another process of the retraining (gloo: Connection reset by peer)")
+    assert _rank_fails(tmp_path, monkeypatch, 0, lost) == 2
+    assert capsys.readouterr().err == ""  # the ranks print nothing: the launcher says it once
+    monkeypatch.delenv("RANK")  # back in the launcher
+    out, logs = tmp_path / "out", tmp_path / "ranks"
+    (logs / "run_x" / "attempt_0" / "1").mkdir(parents=True)
+    (logs / "run_x" / "attempt_0" / "1" / "stderr.log").write_text("a warning rank 1 printed\n")
+    failures = {r: ProcessFailure(r, 100 + r, 2, str(tmp_path / f"{r}.json")) for r in (0, 1)}
+    failures[1].timestamp += 5  # even seen later, the lost peer is not the cause
+    line, log = distributed._failed(failures, 2, ["merge", "w.yaml"], logs, ["W launcher line"], out)
+    assert log == out / distributed.FAILURE_LOG
+    assert line == (f"rank 1 of 2 failed: no 'val' split in data/cats; add one or set split (the others were "
+                    f"stopped; details in {log})")
+    text = log.read_text()
+    assert "Traceback" in text and "in bad_split" in text and "LostPeer" in text  # each rank's traceback
+    assert "a warning rank 1 printed" in text and "W launcher line" in text
+    assert "== rank 0 output: printed on the terminal ==" in text
+
+    # A rank killed by a signal (no error file) is the cause; one that crashed says its last words.
+    killed = ProcessFailure(1, 101, -9, str(tmp_path / "none.json"))
+    line, _ = distributed._failed({0: failures[0], 1: killed}, 2, ["merge"], logs, [], out)
+    assert line.startswith("rank 1 of 2 failed: killed by signal 9 (SIGKILL, sent by hand, or by the system "
+                           "when memory ran out); the others were stopped, details in ")
+    assert line.endswith("run the same command again to resume")
+    crashed = ProcessFailure(1, 101, 1, str(tmp_path / "none.json"))
+    line, _ = distributed._failed({1: crashed}, 2, ["merge"], logs, [], out)
+    assert line.startswith("rank 1 of 2 failed: exit code 1 (a warning rank 1 printed); ")
+    # An unexpected error: its type and first line.
+    monkeypatch.setenv("RANK", "1")
+    assert _rank_fails(tmp_path, monkeypatch, 1, ValueError("shapes differ\nmore")) == 1
+    line, _ = distributed._failed({1: ProcessFailure(1, 101, 1, str(tmp_path / "1.json"))}, 2, ["merge"], logs, [], out)
+    assert line.startswith("rank 1 of 2 failed: ValueError: shapes differ; the others were stopped")
+
+
+def test_a_rank_started_by_hand_still_raises_its_error(tmp_path, monkeypatch):
+    # torchrun by hand: the error goes on as before (gemel prints it), and is in torchrun's error file.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "e.json"))
+    monkeypatch.delenv(distributed._QUIET_RANK_ENV, raising=False)
+    with pytest.raises(GemelError, match="bad"):
+        with distributed.rank_errors():
+            raise GemelError("bad")
+    assert json.loads((tmp_path / "e.json").read_text())["message"] == "bad"
 
 
 def test_each_rank_runs_the_command_without_nproc():

@@ -19,7 +19,9 @@ stop, what to keep) is taken identically on every rank from identical models:
 - Batch-norm statistics come from each rank's part of a batch (no SyncBatchNorm: it needs
   CUDA), and rank 0's running statistics are given to all after each epoch.
 - NCCL on GPUs, gloo on CPUs. A rank that fails makes the launcher stop the others, and the
-  run ends with that rank's error; a rank that hangs is bounded by the process group timeout.
+  run ends with one line naming that rank and what it died of; every rank's traceback and
+  output and the launcher's log go to `nproc-error.log` in the output folder (all on the
+  terminal with GEMEL_DIST_VERBOSE=1). A rank that hangs is bounded by the process group timeout.
 """
 
 from __future__ import annotations
@@ -255,10 +257,12 @@ def rank_errors() -> Iterator[None]:
         raise
     except Exception as exc:
         code = 2 if isinstance(exc, (GemelError, OSError)) else 1
-        exc.__suppress_context__ = False  # the log keeps the error a one-line message replaced
+        suppressed, exc.__suppress_context__ = exc.__suppress_context__, False
+        details = "".join(traceback.format_exception(exc))  # with the error a one-line message replaced
+        exc.__suppress_context__ = suppressed
         record = {"message": _one_line(exc), "timestamp": int(time.time()),
                   "gemel": {"rank": int(os.environ.get("RANK", "0")), "exit_code": code, "lost_peer": _peer_error(exc),
-                            "user_error": code == 2, "traceback": "".join(traceback.format_exception(exc))}}
+                            "user_error": code == 2, "traceback": details}}
         try:
             Path(error_file).write_text(json.dumps(record))
         except OSError:
@@ -295,7 +299,7 @@ def launch(nproc: int, argv: list[str], device: str = "auto", out: Path | None =
     if torch.cuda.is_available() and device != "cpu" and nproc > torch.cuda.device_count():
         raise GemelError(f"--nproc {nproc}: this machine has {torch.cuda.device_count()} GPU(s); use at most "
                          "that many, or --device cpu")
-    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException, Std
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -309,6 +313,7 @@ def launch(nproc: int, argv: list[str], device: str = "auto", out: Path | None =
                           monitor_interval=0.2, logs_specs=DefaultLogsSpecs(log_dir=str(logs), redirects=redirects))
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     launcher_log: list[str] = []
+    kept: Path | None = None  # the failure log, when it could only be written in `logs`
     quiet_before = os.environ.get(_QUIET_RANK_ENV)
     if not verbose:
         os.environ[_QUIET_RANK_ENV] = "1"
@@ -318,13 +323,21 @@ def launch(nproc: int, argv: list[str], device: str = "auto", out: Path | None =
     except ChildFailedError as exc:
         if not exc.failures:
             raise GemelError(f"the retraining processes failed: {exc}") from None
-        raise GemelError(_failed(exc.failures, nproc, argv, logs, launcher_log, out)) from None
+        line, log = _failed(exc.failures, nproc, argv, logs, launcher_log, out)
+        kept = log if log is not None and log.parent == logs else None
+        raise GemelError(line) from None
+    except SignalException as exc:  # the launcher was signalled (Ctrl-C): it stopped the ranks
+        if exc.sigval == signal.SIGINT:
+            raise KeyboardInterrupt from None  # `gemel` says "interrupted", as one process does
+        raise GemelError(f"stopped by {signal.Signals(exc.sigval).name}: the ranks were stopped; the last epoch's "
+                         "checkpoint, if any, is kept: run the same command again to resume") from None
     finally:
         if quiet_before is None:
             os.environ.pop(_QUIET_RANK_ENV, None)
         else:
             os.environ[_QUIET_RANK_ENV] = quiet_before
-    shutil.rmtree(logs, ignore_errors=True)
+        if kept is None:
+            shutil.rmtree(logs, ignore_errors=True)
     return 0
 
 
@@ -370,9 +383,10 @@ def _cause(failures: Mapping[int, object]):
     return ordered[0]
 
 
-def _died_of(failure) -> tuple[str, bool]:
+def _died_of(failure, logs: Path | None = None) -> tuple[str, bool]:
     """What a rank died of, in a few words, and whether it was an error of gemel's own (whose
-    message says what to do)."""
+    message says what to do). A rank that exited before it could say (no error file) is
+    described by the last line of its standard error, when that went to a file in `logs`."""
     data = failure.error_file_data if isinstance(failure.error_file_data, dict) else {}
     mine = data.get("gemel")
     if isinstance(mine, dict) and isinstance(failure.message, str) and failure.message:
@@ -383,36 +397,41 @@ def _died_of(failure) -> tuple[str, bool]:
             name = signal.Signals(sig).name
         except ValueError:
             name = "unknown"
-        why = {signal.SIGKILL: "sent by hand, or by the system when memory ran out",
-               signal.SIGSEGV: "a crash", signal.SIGBUS: "a crash", signal.SIGABRT: "aborted"}.get(sig)
+        why = {"SIGKILL": "sent by hand, or by the system when memory ran out", "SIGSEGV": "a crash",
+               "SIGBUS": "a crash", "SIGABRT": "aborted"}.get(name)
         return f"killed by signal {sig} ({name}{', ' + why if why else ''})", False
     message = failure.message if isinstance(failure.message, str) else str(failure.message)
     lines = [ln for ln in message.splitlines() if ln.strip() and "errors.html" not in ln]
-    return (lines[-1] if lines else f"exit code {failure.exitcode}"), False
+    if not lines and logs is not None:
+        for path in logs.glob(f"*/attempt_*/{failure.local_rank}/stderr.log"):
+            lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()][-1:]
+    last = lines[-1][:300] if lines else ""
+    return (f"exit code {failure.exitcode} ({last})" if last else f"exit code {failure.exitcode}"), False
 
 
 def _failed(failures: Mapping[int, object], nproc: int, argv: list[str], logs: Path, launcher_log: list[str],
-            out: Path | None) -> str:
-    """The one line for a failed run; writes the failure log (and says where)."""
+            out: Path | None) -> tuple[str, Path | None]:
+    """The one line for a failed run, which says where the failure log is, and that log (None
+    when it could not be written)."""
     rank_, failure = _cause(failures)
-    detail, mine = _died_of(failure)
+    detail, mine = _died_of(failure, logs)
     log = _write_failure_log(failures, nproc, argv, logs, launcher_log, out)
     where = f"details in {log}" if log else "details above"
     if mine:  # gemel's own error: its message says what to do
-        return f"rank {rank_} of {nproc} failed: {detail} (the others were stopped; {where})"
+        return f"rank {rank_} of {nproc} failed: {detail} (the others were stopped; {where})", log
     return (f"rank {rank_} of {nproc} failed: {detail}; the others were stopped, {where}. "
-            "Its checkpoint, if any, is kept: run the same command again to resume")
+            "Its checkpoint, if any, is kept: run the same command again to resume"), log
 
 
 def _write_failure_log(failures: Mapping[int, object], nproc: int, argv: list[str], logs: Path,
                        launcher_log: list[str], out: Path | None) -> Path | None:
     """Every failed rank's error and traceback, every rank's output that went to a file, and the
-    launcher's log, in one file: `out`/FAILURE_LOG (the ranks' folder of files is then deleted),
-    or, when `out` cannot be written, a file in that folder (kept)."""
+    launcher's log, in one file: `out`/FAILURE_LOG, or, when `out` cannot be written, the same
+    name in `logs` (the ranks' folder of files, then kept)."""
     parts = [f"gemel {' '.join(argv)}", f"failed at {datetime.now().isoformat(sep=' ', timespec='seconds')}, "
              f"{len(failures)} of {nproc} rank(s) failed", ""]
     for r, f in sorted(failures.items()):
-        detail, _ = _died_of(f)
+        detail, _ = _died_of(f, logs)
         data = f.error_file_data if isinstance(f.error_file_data, dict) else {}
         parts += [f"== rank {r} (local rank {f.local_rank}, pid {f.pid}): exit code {f.exitcode} ==", detail]
         mine = data.get("gemel")
@@ -421,12 +440,14 @@ def _write_failure_log(failures: Mapping[int, object], nproc: int, argv: list[st
         elif isinstance(data.get("message"), dict):  # torch's own error file (@record)
             parts += ["", json.dumps(data["message"], indent=2)]
         parts.append("")
-    for path in sorted(logs.glob("*/attempt_*/*/std*.log"), key=lambda p: (int(p.parent.name), p.name)):
-        text = path.read_text(errors="replace").rstrip()
-        parts += [f"== rank {path.parent.name} {path.stem} ==", text or "(empty)", ""]
-    if nproc > 1:
-        parts += ["(rank 0 printed on the terminal)", ""]
-    parts += ["== launcher ==", *launcher_log, ""]
+    for r in range(nproc):
+        files = sorted(logs.glob(f"*/attempt_*/{r}/std*.log"), key=lambda p: p.name)
+        for path in files:
+            text = path.read_text(errors="replace").rstrip()
+            parts += [f"== rank {r} {path.stem} ==", text or "(empty)", ""]
+        if not files:
+            parts += [f"== rank {r} output: printed on the terminal ==", ""]
+    parts += ["== launcher ==", *(launcher_log or ["(no log lines)"]), ""]
     text = "\n".join(parts)
     for target in ([out / FAILURE_LOG] if out is not None else []) + [logs / FAILURE_LOG]:
         try:
@@ -434,8 +455,6 @@ def _write_failure_log(failures: Mapping[int, object], nproc: int, argv: list[st
             target.write_text(text)
         except OSError:
             continue
-        if target.parent != logs:
-            shutil.rmtree(logs, ignore_errors=True)
         return target
     return None
 

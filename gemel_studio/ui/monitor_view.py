@@ -166,22 +166,17 @@ class BoxTableModel(SnapshotTableModel):
         # What a connected box runs ('running', 'stopped (eos)'), else why it is not seen.
         ("Status", lambda b: str((b.snapshot or {}).get("state") or "connected") if b.connected else b.status()),
     )
-    HEADER_TIPS = {"Box": "The box's instance name once its snapshot reports it, else its address "
-                          "(hover a row for both)",
-                   "fps": f"Frames processed per second, all its streams (over {RATE_WINDOW_S:g} s)",
-                   "Dropped": "The share of the frames that arrived that were dropped, all its streams",
-                   "Resident": "Model weights the runtime holds resident",
-                   "Status": "Its run's state while it answers; else finished, lost or not answering"}
+    TIPS = {"Box": "The box's instance name once its snapshot reports it, else its address "
+                   "(hover a row for both)",
+            "fps": f"Frames processed per second, all its streams (over {RATE_WINDOW_S:g} s)",
+            "Dropped": "The share of the frames that arrived that were dropped, all its streams",
+            "Resident": "Model weights the runtime holds resident",
+            "Status": "Its run's state while it answers; else finished, lost or not answering"}
 
     def data(self, index: QModelIndex, role=Qt.ItemDataRole.DisplayRole):
         if role == Qt.ItemDataRole.ToolTipRole and index.isValid():
             return self.rows[index.row()].details()
         return super().data(index, role)
-
-    def headerData(self, section: int, orientation, role=Qt.ItemDataRole.DisplayRole):
-        if orientation == Qt.Orientation.Horizontal and role == Qt.ItemDataRole.ToolTipRole:
-            return self.HEADER_TIPS[self.COLUMNS[section][0]]
-        return super().headerData(section, orientation, role)
 
 
 def _fetch_boxes(addresses: list[str]) -> dict[str, tuple[bool, object]]:

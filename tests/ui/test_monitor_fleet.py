@@ -70,6 +70,22 @@ def test_the_rate_history_is_the_qt_free_one():
     assert monitor_view.RunHistory is rates.RunHistory
 
 
+def test_the_boxes_headers_say_what_each_column_counts(qtbot):
+    # The base table model's TIPS mechanism, as the Streams and Models tables use it.
+    model = monitor_view.BoxTableModel()
+    headers = [h for h, _ in model.COLUMNS]
+
+    def tip(header: str):
+        return model.headerData(headers.index(header), Qt.Orientation.Horizontal, Qt.ItemDataRole.ToolTipRole)
+
+    assert tip("fps") == f"Frames processed per second, all its streams (over {monitor_view.RATE_WINDOW_S:g} s)"
+    assert tip("Box") == "The box's instance name once its snapshot reports it, else its address (hover a row for both)"
+    assert tip("Status") == "Its run's state while it answers; else finished, lost or not answering"
+    assert all(tip(h) for h in headers)  # every column has one
+    assert model.headerData(0, Qt.Orientation.Horizontal) == "Box"
+    assert model.headerData(0, Qt.Orientation.Vertical, Qt.ItemDataRole.ToolTipRole) is None
+
+
 def test_several_boxes_each_get_a_row_and_their_curves_and_one_going_away_leaves_the_other(panel, qtbot):
     runs = {"a": ScriptedRun(["cam-1", "cam-2"], rate=10.0, instance="box-a"),
             "b": ScriptedRun(["door"], rate=4.0, resident=8 << 20, instance="box-b")}
