@@ -8,7 +8,10 @@ one JSON object.
 gemel and bisect run as the reference does (first member's weights, statistics kept, no check
 before training); predict runs with the plan's init (default mean, batch-norm statistics
 recomputed), the check before training and the merge risk `gemel propose` measures (its
-seconds are reported and counted in predict's retraining seconds). Also reported, the inits
+seconds are reported beside predict's retraining seconds, `..._with_risk`). `gemel/init` (run
+by default) and `bisect/init` are the reference loops given predict's init and check before
+training: the strongest version of the other side, which tells what the init does apart from
+the search. Every strategy checks the held-out split `--checks-per-epoch` times an epoch. Also reported, the inits
 side by side (`init_comparison`): every model's accuracy on the deciding and unseen splits with
 the groups tied (all, or --init-groups N) and no retraining, and with --init-epochs E the
 retraining seconds and epochs each init needed to bring every model to its target. Only the
@@ -51,6 +54,7 @@ from gemel_studio.merging.risk import measure_risk  # noqa: E402
 from gemel_studio.merging.tying import apply_plan  # noqa: E402
 
 REFERENCE = {"init": InitSettings(method="first", recompute_bn=False), "check_before_training": False}
+STRONGER = ("gemel/init", "bisect/init")  # the reference loops with predict's init and check before training
 INIT_VARIANTS = ("reference", "first", "mean", "fisher", "ties")
 from gemel_studio.merging.retrain import resolve_device  # noqa: E402
 from gemel_studio.workload import load_workload  # noqa: E402
@@ -236,7 +240,10 @@ def _risk_vs_outcome(plan, out: Path) -> dict | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workloads", nargs="*", default=["quickstart", "fashion"], choices=["quickstart", "fashion"])
-    parser.add_argument("--strategies", nargs="*", default=list(STRATEGIES), choices=list(STRATEGIES))
+    parser.add_argument("--strategies", nargs="*", default=[*STRATEGIES, "gemel/init"],
+                        choices=[*STRATEGIES, *STRONGER],
+                        help="gemel/init and bisect/init: the loop with predict's init and check before "
+                             "training (a stronger baseline than the reference's first-member tying)")
     parser.add_argument("--limit", type=int, default=2000, help="samples per model (train + held-out); 0: all")
     parser.add_argument("--finetune-epochs", type=int, help="epochs of fine-tuning the unmerged models "
                         "(default: 10 for quickstart, from scratch; 4 for fashion, from ImageNet weights)")
@@ -291,22 +298,24 @@ def main() -> None:
             row["init_comparison"] = compare_inits(workload_path, plan_path, limit, args.inits, tv_base,
                                                    top_groups=args.init_groups, settings=init_retraining)
         risk_plan = base / "finetuned" / "plan-risk.yaml"
+        predict_init = init_settings(args.init, tv_base) or InitSettings(method="mean")  # ties needs a base
         if "predict" in args.strategies:
             started = time.perf_counter()
             plan = load_plan(plan_path)
-            init = init_settings(args.init, tv_base) or InitSettings(method="mean")  # ties needs a base
             plan = plan.model_copy(update={"retraining": plan.retraining.model_copy(update={"device": args.device}),
-                                           "init": init})
+                                           "init": predict_init})
             measured, notes = measure_risk(load_workload(workload_path), plan, limit=limit, drop_min_savings=floor)
             save_plan(measured, risk_plan)
             row["risk_seconds"] = round(time.perf_counter() - started, 1)
             row["risk_notes"] = notes
         for strategy in args.strategies:
             predict = strategy == "predict"
+            loop, _, variant = strategy.partition("/")
+            stronger = {"init": predict_init, "check_before_training": True} if variant else dict(REFERENCE)
             row["strategies"][strategy] = run_strategy(workload_path, risk_plan if predict else plan_path,
-                                                       base / strategy, strategy,
+                                                       base / strategy.replace("/", "-"), loop,
                                                        {**settings, "min_savings_bytes": floor}, limit,
-                                                       args.time_budget, None if predict else dict(REFERENCE))
+                                                       args.time_budget, None if predict else stronger)
             if predict:  # the risk was measured for this search: count it as its cost
                 row["strategies"][strategy]["retrain_seconds_with_risk"] = round(
                     row["strategies"][strategy]["retrain_seconds"] + row["risk_seconds"], 1)
