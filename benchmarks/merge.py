@@ -225,16 +225,25 @@ def run_strategy(workload_path: Path, plan_path: Path, out: Path, strategy: str,
 
 
 def _risk_vs_outcome(plan, out: Path) -> dict | None:
-    """Rank correlation, over the groups tried, between predicted risk and failure (backed off)."""
+    """Rank correlation, over the groups tried, between predicted risk and what retraining found:
+    a group failed if it was in a round that failed and was never kept (a failed block is split,
+    so its groups end kept, backed off, or untried below the minimum savings)."""
     if not any(g.risk is not None for g in plan.groups):
         return None
-    final = {g.id: g.state for g in load_plan(out / "plan.yaml").groups}
-    tried = [g for g in plan.groups if final[g.id] in (GroupState.kept, GroupState.backed_off) and g.risk is not None]
+    report = json.loads((out / "report.json").read_text())
+    kept, in_failed = set(), set()
+    for step in report["steps"]:
+        (kept if step["outcome"] == "kept" else in_failed).update(step["groups"])
+    tried = [g for g in plan.groups if g.id in kept | in_failed and g.risk is not None]
+    failed = [0.0 if g.id in kept else 1.0 for g in tried]
     risk = [group_risk(g) for g in tried]
-    failed = [1.0 if final[g.id] is GroupState.backed_off else 0.0 for g in tried]
     cka = [-(g.risk.cka if g.risk.cka is not None else 0.0) for g in tried]
+    measured = [i for i, g in enumerate(tried) if g.risk.drop]
     return {"groups_tried": len(tried), "failed": int(sum(failed)),
-            "spearman_drop_vs_failed": spearman(risk, failed), "spearman_low_cka_vs_failed": spearman(cka, failed)}
+            "spearman_risk_vs_failed": spearman(risk, failed), "spearman_low_cka_vs_failed": spearman(cka, failed),
+            "measured_drop": {"groups": len(measured), "failed": int(sum(failed[i] for i in measured)),
+                              "spearman_drop_vs_failed": spearman([risk[i] for i in measured],
+                                                                  [failed[i] for i in measured])}}
 
 
 def main() -> None:
