@@ -218,7 +218,7 @@ def run_strategy(workload_path: Path, plan_path: Path, out: Path, strategy: str,
         "stopped": report["stopped"],
         "wall_seconds": round(time.perf_counter() - started, 1),
         "steps": [{k: s.get(k) for k in ("round", "savings_bytes", "outcome", "next_action", "retrain_seconds",
-                                         "saved_bytes_after", "epochs")} for s in report["steps"]],
+                                         "saved_bytes_after", "epochs", "trained_epochs")} for s in report["steps"]],
         "init": plan.init.method,
         "risk_vs_outcome": _risk_vs_outcome(plan, out),
     }

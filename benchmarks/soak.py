@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -109,7 +110,7 @@ def box_cpu() -> dict:
     except OSError:
         return {}
     ticks = [int(v) for v in fields] + [0] * 8
-    hz = 100.0  # USER_HZ: the unit of /proc/stat on every Linux build that matters
+    hz = float(os.sysconf("SC_CLK_TCK"))  # USER_HZ, the unit of /proc/stat
     user, nice, system, idle, iowait, irq, softirq, steal = ticks[:8]
     return {"busy_s": (user + nice + system + irq + softirq) / hz, "idle_s": (idle + iowait) / hz,
             "steal_s": steal / hz}

@@ -213,6 +213,13 @@ def test_predicts_first_block_spends_half_of_each_models_margin_fewest_points_pe
     # Without margins (no unmerged accuracy) there is no first block: low risk, then the rest by risk.
     assert [[g.id for g in c.groups] for c in predicted_blocks(groups, None)] == \
         [["cheap-big", "dear-small", "b-only"], ["over", "unmeasured"]]
+    # Drops measured with another init than the plan's say nothing of it: no first block then.
+    for g in groups:
+        if g.risk is not None:
+            g.risk.init = "mean"
+    assert [[g.id for g in c.groups] for c in predicted_blocks(groups, margins, "mean")][0] == ["cheap-big", "b-only"]
+    assert [[g.id for g in c.groups] for c in predicted_blocks(groups, margins, "first")] == \
+        [["cheap-big", "dear-small", "b-only"], ["over", "unmeasured"]]
 
 
 def test_predict_banks_the_predicted_block_with_zero_retraining(write_workload):
@@ -229,4 +236,5 @@ def test_predict_banks_the_predicted_block_with_zero_retraining(write_workload):
     first = run.steps[0]
     assert set(g.id for g in safe) <= set(first.groups)
     assert first.outcome == "kept" and first.epochs == 0 and first.next_action == "banked with zero retraining"
+    assert first.trained_epochs == 0.0
     assert run.saved_bytes == sum(g.savings_bytes for g in plan.groups)

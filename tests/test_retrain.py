@@ -188,6 +188,7 @@ def test_a_round_stops_at_the_first_check_where_every_target_is_met(color_models
         assert result.history[0].steps is None and _steps_trained(calls) == steps
     else:  # met at the first check, a quarter of the way in
         assert result.history[0].steps == steps // 4 and _steps_trained(calls) == steps // 4
+        assert result.history[0].fraction == pytest.approx((steps // 4) / steps)
 
 
 def test_checks_that_fail_do_not_cut_the_epoch_short(color_models):
@@ -198,3 +199,25 @@ def test_checks_that_fail_do_not_cut_the_epoch_short(color_models):
     result = joint_retrain(models, data, {"color": 1.01, "size": 1.01}, settings, progress=progress)
     steps = max(len(d.train) // SETTINGS["batch_size"] for d in data.values())
     assert result.stopped == "epochs done" and result.history[0].steps is None and _steps_trained(calls) == steps
+
+
+def test_a_cancel_between_checks_resumes_with_the_last_checks_loss_weights(tmp_path, color_models):
+    settings = RetrainSettings(epochs=1, checks_per_epoch=4, **SETTINGS)
+    targets = {"color": 1.01, "size": 1.01}  # never met: every check changes the loss weights, none stops
+    models, data = color_models()
+    reference = joint_retrain(models, data, targets, settings)
+    ref_state = {k: v.clone() for k, v in models["color"].state_dict().items()}
+    steps = max(len(d.train) // SETTINGS["batch_size"] for d in data.values())
+    cancel_at = steps // 4 + 2  # two steps after the first check
+
+    models, data = color_models()
+    ckpt = tmp_path / "retrain.ckpt"
+    progress = Progress(lambda done, total, message: progress.cancel() if done == cancel_at else None, min_interval=0)
+    with pytest.raises(Cancelled):
+        joint_retrain(models, data, targets, settings, progress=progress, checkpoint=ckpt)
+    models, data = color_models()
+    resumed = joint_retrain(models, data, targets, settings, checkpoint=ckpt)
+    assert any("resumed" in e for e in resumed.events)
+    for key, value in models["color"].state_dict().items():
+        torch.testing.assert_close(value, ref_state[key], msg=key)
+    assert resumed.accuracy == reference.accuracy

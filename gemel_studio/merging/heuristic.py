@@ -105,6 +105,7 @@ class Step:
     epochs: int = 0  # epochs trained this round (0: banked or dropped on the check before training)
     initial_accuracy: dict[str, float] = field(default_factory=dict)  # tied and initialised, before training
     init: str = "first"  # how the candidate's shared tensors started
+    trained_epochs: float = 0.0  # epochs trained, a round stopped at a check inside an epoch counting its share
 
 
 @dataclass
@@ -134,16 +135,20 @@ def candidates(plan: MergePlan) -> list[Candidate]:
     return out
 
 
-def predicted_blocks(groups: list[PlannedGroup], margins: Mapping[str, float] | None) -> list[Candidate]:
+def predicted_blocks(groups: list[PlannedGroup], margins: Mapping[str, float] | None,
+                     init: str | None = None) -> list[Candidate]:
     """predict's blocks, in the order tried (see the module's docstring). `margins`: each model's
-    unmerged accuracy minus its target; without them there is no first block."""
+    unmerged accuracy minus its target; without them there is no first block. `init`: the plan's
+    init method; a drop measured with another init says nothing of this one's, so such a group
+    is left out of the first block."""
     def cost(g: PlannedGroup) -> float:  # points lost per byte, the largest over the members
         return max(0.0, g.risk.max_drop) / max(1, g.savings_bytes)
 
     first: list[PlannedGroup] = []
     if margins:
         spent = {n: 0.0 for n in margins}
-        measured = [g for g in groups if g.risk is not None and g.risk.drop]
+        measured = [g for g in groups if g.risk is not None and g.risk.drop
+                    and (init is None or g.risk.init in (None, init))]
         for g in sorted(measured, key=lambda g: (cost(g), -g.savings_bytes)):
             drops = {n: max(0.0, d) for n, d in g.risk.drop.items()}
             if all(n in margins and spent[n] + d <= SAFE_SHARE * max(0.0, margins[n]) for n, d in drops.items()):
@@ -215,7 +220,7 @@ def search(build_models: Builder, base_state: Mapping[str, Mapping[str, torch.Te
         queue = [Candidate([g for c in queue for g in c.groups])]
     elif strategy == "predict":
         margins = {n: unmerged[n] - targets[n] for n in targets if n in unmerged} if unmerged else None
-        queue = predicted_blocks([g for c in queue for g in c.groups], margins)
+        queue = predicted_blocks([g for c in queue for g in c.groups], margins, plan.init.method)
     kept: list[PlannedGroup] = []
     state = {n: dict(s) for n, s in base_state.items()}
     result = SearchResult(strategy=strategy, plan=plan, state=state)
@@ -294,7 +299,8 @@ def search(build_models: Builder, base_state: Mapping[str, Mapping[str, torch.Te
                                  next_action=action, accuracy=dict(retrain.accuracy), retrain_seconds=retrain.seconds,
                                  saved_bytes_after=sum(g.savings_bytes for g in kept),
                                  elapsed_seconds=time.monotonic() - started, epochs=len(retrain.history),
-                                 initial_accuracy=dict(retrain.initial_accuracy), init=plan.init.method))
+                                 initial_accuracy=dict(retrain.initial_accuracy), init=plan.init.method,
+                                 trained_epochs=round(sum(r.fraction for r in retrain.history), 3)))
         persist()
         if round_ckpt is not None and round_ckpt.exists():
             round_ckpt.unlink()

@@ -106,6 +106,12 @@ class EpochRecord:
     loss: dict[str, float]
     accuracy: dict[str, float]
     steps: int | None = None  # steps trained when the epoch stopped early (targets met at a check); None: all
+    total_steps: int | None = None  # steps in a whole epoch
+
+    @property
+    def fraction(self) -> float:
+        """The share of an epoch this record trained (1.0 for a whole one)."""
+        return self.steps / self.total_steps if self.steps is not None and self.total_steps else 1.0
 
 
 @dataclass
@@ -207,9 +213,12 @@ def joint_retrain(models: Mapping[str, torch.nn.Module], data: Mapping[str, Mode
         return {"version": CHECKPOINT_VERSION, "seed": seed, "world_size": distributed.world_size(),
                 "epoch": epoch, "step": step, "batch_size": batch_size,
                 "models": {n: models[n].state_dict() for n in names}, "optimizer": optimizer.state_dict(),
-                "initial_accuracy": initial, "history": [vars(h) for h in history]}
+                "initial_accuracy": initial, "history": [vars(h) for h in history],
+                "accuracy": dict(accuracy)}  # the last check's (the loss weights follow it)
 
     accuracy = dict(history[-1].accuracy) if history else dict(initial)
+    if state is not None and state.get("accuracy"):  # a cancel between checks: the weights of the last check
+        accuracy = dict(state["accuracy"])
     stopped = "epochs done"
     if check_first and state is None and all(initial[n] >= targets[n] for n in names):
         return RetrainResult(initial_accuracy=initial, accuracy=dict(initial), targets=dict(targets), history=[],
@@ -271,7 +280,21 @@ def joint_retrain(models: Mapping[str, torch.nn.Module], data: Mapping[str, Mode
                 optimizer.step()
                 progress.step(f"epoch {epoch + 1}/{settings.epochs} loss {total.item():.3f}", check=False)
                 if step + 1 in check_after:
-                    accuracy = _evaluate_all(joint, models, data, device)
+                    try:
+                        checked = _evaluate_all(joint, models, data, device)
+                    except torch.OutOfMemoryError:
+                        # Not the training's: halving its batch would not help. Skip this check
+                        # (the epoch's end checks again); under several ranks every rank must agree.
+                        if distributed.active():
+                            raise GemelError("out of GPU memory while checking the held-out split in the middle "
+                                             "of an epoch; set retraining.checks_per_epoch: 1 in the plan") from None
+                        if device.type == "cuda":
+                            torch.cuda.empty_cache()
+                        events.append(f"out of GPU memory at a check in epoch {epoch + 1}: check skipped")
+                        for m in models.values():
+                            m.train()
+                        continue
+                    accuracy = checked
                     if all(accuracy[n] >= targets[n] for n in names):
                         stopped_at = step + 1
                         break
@@ -300,7 +323,7 @@ def joint_retrain(models: Mapping[str, torch.nn.Module], data: Mapping[str, Mode
         trained = (stopped_at or steps) - first_step
         record = EpochRecord(epoch=epoch + 1, seconds=time.monotonic() - t0,
                              loss={n: losses[n] / max(1, trained) for n in names}, accuracy=accuracy,
-                             steps=stopped_at)
+                             steps=stopped_at, total_steps=steps)
         history.append(record)
         if on_epoch:
             on_epoch(record)
