@@ -17,7 +17,7 @@ stop, what to keep) is taken identically on every rank from identical models:
   on a private copy of it (`rank_folder`). Since step k reads the same samples whatever the
   number of ranks, a checkpoint resumes on any number of ranks.
 - Batch-norm statistics come from each rank's part of a batch (no SyncBatchNorm: it needs
-  CUDA), and rank 0's running statistics are given to all after each epoch.
+  CUDA), and rank 0's running statistics are given to all at every held-out check.
 - NCCL on GPUs, gloo on CPUs. A rank that fails makes the launcher stop the others, and the
   run ends with one line naming that rank and what it died of; every rank's traceback and
   output and the launcher's log go to `nproc-error.log` in the output folder (all on the
