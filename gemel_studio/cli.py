@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .errors import Cancelled, GemelError
+from .errors import Cancelled, GemelError, user_message
 
 from .samples import DEFAULT_WORKLOAD  # noqa: F401  (the studio's default workload; found in a wheel too)
 from .system import versions
@@ -421,12 +421,8 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
-    except GemelError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # a file the user named cannot be read or written
-        where = f"{exc.filename}: " if exc.filename else ""
-        print(f"error: {where}{exc.strerror or exc} (check the path and its permissions)", file=sys.stderr)
+    except (GemelError, OSError) as exc:  # OSError: a file the user named cannot be read or written
+        print(f"error: {user_message(exc)}", file=sys.stderr)
         return 2
     except Cancelled:
         print("cancelled", file=sys.stderr)

@@ -19,3 +19,14 @@ class DatasetError(GemelError):
 
 class Cancelled(Exception):
     """Long work stopped because the caller asked it to (not an error)."""
+
+
+def user_message(exc: BaseException) -> str | None:
+    """The one line `gemel` prints for an error of the user's (a GemelError, or a file that
+    cannot be read or written), or None for any other error."""
+    if isinstance(exc, GemelError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{exc.strerror or exc} (check the path and its permissions)"
+    return None

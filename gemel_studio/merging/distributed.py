@@ -44,7 +44,7 @@ import warnings
 import torch
 from torch import nn
 
-from ..errors import GemelError
+from ..errors import GemelError, user_message
 
 # A rank waiting on a collective for longer than this gives up with an error instead of hanging.
 COLLECTIVE_TIMEOUT_S = float(os.environ.get("GEMEL_DIST_TIMEOUT_S", "300"))
@@ -226,13 +226,9 @@ def _peer_error(exc: BaseException) -> bool:
 
 
 def _one_line(exc: BaseException) -> str:
-    """An error as `gemel` prints it, on one line."""
-    if isinstance(exc, GemelError):
-        text = str(exc)
-    elif isinstance(exc, OSError):
-        where = f"{exc.filename}: " if exc.filename else ""
-        text = f"{where}{exc.strerror or exc} (check the path and its permissions)"
-    else:
+    """An error as `gemel` prints it, on one line (another error: its type and first line)."""
+    text = user_message(exc)
+    if text is None:
         first = next((ln for ln in str(exc).splitlines() if ln.strip()), "")
         text = f"{type(exc).__name__}: {first[:300]}" if first else type(exc).__name__
     return " ".join(text.split())
