@@ -75,6 +75,13 @@ class PendingLoad:
             t.record_stream(torch.cuda.current_stream(t.device))
         return t
 
+    def remaining(self) -> list[Hashable]:
+        """The units not copied yet (all of them when the copy failed: then nothing of it is
+        filed, and they load as usual)."""
+        left = [u for u in self.units if not self._ready[u].is_set()]
+        # Read after the events: a failed copy sets its error before it sets every event.
+        return list(self.units) if self.error is not None else left
+
     def cancel(self) -> None:
         """Stop after the tensor being copied now; the load then ends with an error (nothing of
         it is to be filed as resident)."""

@@ -473,15 +473,7 @@ class ModelScheduler:
         own = sum(self._unit_bytes[u] for u in lacking if u not in coming)
         if not coming & set(units):  # cancelled when `name` runs: no wait for it
             return own
-        return own + sum(self._unit_bytes[u] for u in self._still_copying(pending))
-
-    @staticmethod
-    def _still_copying(pending: PendingLoad) -> list[Hashable]:
-        """The units of a pending copy not copied yet (all of them when the copy failed: then
-        nothing of it is filed, and they load as usual)."""
-        left = [u for u in pending.units if not pending._ready[u].is_set()]
-        # Read after the events: a failed copy sets its error before it sets every event.
-        return list(pending.units) if pending.error is not None else left
+        return own + sum(self._unit_bytes[u] for u in pending.remaining())
 
     def is_resident(self, name: str) -> bool:
         return all(u in self._resident for u in self._units[name])
