@@ -174,13 +174,14 @@ def compare_inits(workload_path: Path, plan_path: Path, limit: int | None, varia
             row["notes"] = sorted(set(notes))[:5]
         if settings is not None:
             result = joint_retrain(models, ctx.data, ctx.targets, settings, check_first=True)
-            spent, reached, epochs_to = 0.0, None, None
+            spent, trained, reached, epochs_to = 0.0, 0.0, None, None
             if result.stopped == "targets met before training":
                 reached, epochs_to = 0.0, 0
             for record in result.history:
                 spent += record.seconds
+                trained += record.fraction  # a round stopped at a check inside an epoch: its share
                 if reached is None and all(record.accuracy[n] >= ctx.targets[n] for n in ctx.names):
-                    reached, epochs_to = round(spent, 1), record.epoch
+                    reached, epochs_to = round(spent, 1), round(trained, 3)
             row["retrain"] = {"stopped": result.stopped, "epochs": len(result.history),
                               "seconds": round(result.seconds, 1), "seconds_to_targets": reached,
                               "epochs_to_targets": epochs_to,

@@ -83,8 +83,7 @@ class MergeReport(_Record):
 def format_round(step) -> str:
     """One line for a round of the search (a `Step`)."""
     acc = ", ".join(f"{k} {v:.3f}" for k, v in step.accuracy.items())
-    trained = getattr(step, "trained_epochs", 0.0)
-    epochs = f", {trained:g} epoch(s) trained" if trained else ""
+    epochs = f", {step.trained_epochs:g} epoch(s) trained" if step.trained_epochs else ""
     return (f"round {step.round}: {len(step.groups)} group(s), {human_bytes(step.savings_bytes)} -> "
             f"{step.outcome} ({step.next_action}{epochs}); {acc}; saved so far {human_bytes(step.saved_bytes_after)}")
 

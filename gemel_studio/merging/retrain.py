@@ -216,11 +216,14 @@ def joint_retrain(models: Mapping[str, torch.nn.Module], data: Mapping[str, Mode
                 "initial_accuracy": initial, "history": [vars(h) for h in history],
                 "accuracy": dict(accuracy)}  # the last check's (the loss weights follow it)
 
+    def met(acc: Mapping[str, float]) -> bool:
+        return all(acc[n] >= targets[n] for n in names)
+
     accuracy = dict(history[-1].accuracy) if history else dict(initial)
     if state is not None and state.get("accuracy"):  # a cancel between checks: the weights of the last check
         accuracy = dict(state["accuracy"])
     stopped = "epochs done"
-    if check_first and state is None and all(initial[n] >= targets[n] for n in names):
+    if check_first and state is None and met(initial):
         return RetrainResult(initial_accuracy=initial, accuracy=dict(initial), targets=dict(targets), history=[],
                              seconds=time.monotonic() - started, batch_size=batch_size,
                              stopped="targets met before training", events=events)
@@ -235,7 +238,7 @@ def joint_retrain(models: Mapping[str, torch.nn.Module], data: Mapping[str, Mode
     runner = distributed.wrap(joint, device, find_unused=any(data[n].task == "detection" for n in names))
     epoch = start_epoch
     while epoch < settings.epochs:
-        if early_stop and all(accuracy[n] >= targets[n] for n in names) and epoch > 0:
+        if early_stop and met(accuracy) and epoch > 0:
             stopped = "targets met"
             break
         if deadline is not None and time.monotonic() > deadline:
@@ -281,7 +284,7 @@ def joint_retrain(models: Mapping[str, torch.nn.Module], data: Mapping[str, Mode
                 progress.step(f"epoch {epoch + 1}/{settings.epochs} loss {total.item():.3f}", check=False)
                 if step + 1 in check_after:
                     try:
-                        checked = _evaluate_all(joint, models, data, device)
+                        accuracy = _evaluate_all(joint, models, data, device)
                     except torch.OutOfMemoryError:
                         # Not the training's: halving its batch would not help. Skip this check
                         # (the epoch's end checks again); under several ranks every rank must agree.
@@ -291,14 +294,11 @@ def joint_retrain(models: Mapping[str, torch.nn.Module], data: Mapping[str, Mode
                         if device.type == "cuda":
                             torch.cuda.empty_cache()
                         events.append(f"out of GPU memory at a check in epoch {epoch + 1}: check skipped")
-                        for m in models.values():
-                            m.train()
-                        continue
-                    accuracy = checked
-                    if all(accuracy[n] >= targets[n] for n in names):
-                        stopped_at = step + 1
-                        break
-                    weights = {n: loss_weight(targets[n], accuracy[n]) for n in names}
+                    else:
+                        if met(accuracy):
+                            stopped_at = step + 1
+                            break
+                        weights = {n: loss_weight(targets[n], accuracy[n]) for n in names}
                     for m in models.values():
                         m.train()
         except Cancelled:
@@ -337,7 +337,7 @@ def joint_retrain(models: Mapping[str, torch.nn.Module], data: Mapping[str, Mode
             stopped = "cannot reach target"
             break
     else:
-        if all(accuracy[n] >= targets[n] for n in names):
+        if met(accuracy):
             stopped = "targets met"
     return RetrainResult(initial_accuracy=initial, accuracy=accuracy, targets=dict(targets), history=history,
                          seconds=time.monotonic() - started, batch_size=batch_size, stopped=stopped, events=events)
