@@ -99,6 +99,11 @@ def test_the_endpoint_serves_what_the_runtime_counted(loaded):
     assert labels["bundle_name"] == loaded.manifest.workload == "bundle-test"
     assert labels["bundle_sha256"] == hashlib.sha256(manifest).hexdigest()
     assert labels["version"] == gemel_studio.__version__
+    # How it scheduled: the order and prefetch on the info, the counts as counters.
+    assert labels["order"] == summary.order == "merge-aware" and labels["prefetch"] == "off"
+    assert prom[("gemel_reordered_batches_total", ())] == summary.reordered_batches
+    assert prom[("gemel_prefetches_total", ())] == summary.prefetches == 0  # (prefetch is off on a CPU)
+    assert prom[("gemel_prefetch_misses_total", ())] == summary.prefetch_misses == 0
 
 
 def test_the_endpoint_is_live_during_a_run(loaded):
@@ -261,7 +266,8 @@ def test_every_series_is_labelled_with_the_box_and_the_default_is_the_hostname(b
 def test_served_names_come_from_the_collector():
     names = served_metric_names()
     assert {"gemel_run_info", "gemel_run_healthy", "gemel_stream_frames_processed_total",
-            "gemel_stream_frames_dropped_total", "gemel_model_swaps_total", "gemel_device_used_bytes"} <= names
+            "gemel_stream_frames_dropped_total", "gemel_model_swaps_total", "gemel_device_used_bytes",
+            "gemel_reordered_batches_total", "gemel_prefetches_total", "gemel_prefetch_misses_total"} <= names
     # A run without a GPU serves fewer memory figures, never other names.
     cpu = example_snapshot()
     cpu["memory"] = {"budget_bytes": 1, "runtime_resident_bytes": 0, "runtime_peak_resident_bytes": 0}

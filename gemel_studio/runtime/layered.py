@@ -2,15 +2,16 @@
 of later ones are still being copied to the device.
 
 `LayerPlan` says, per module, which tensors it needs before its forward starts and the order
-to load them in; `PendingLoad` copies a model's missing tensors on a loader thread in that
-order; `run_layered` runs the model with a forward pre-hook per module that waits for its own
-tensors. A model the plan cannot trace (data-dependent detectors) loads whole.
+to load them in; `PendingLoad` copies a model's missing tensors in that order on one of the
+process's loader threads; `run_layered` runs the model with a forward pre-hook per module that
+waits for its own tensors. A model the plan cannot trace (data-dependent detectors) loads whole.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
+from concurrent import futures
 import time
 from typing import Hashable
 
@@ -20,6 +21,22 @@ from torch.nn.utils._named_member_accessor import set_tensor
 
 from ..errors import GemelError
 from .options import LOADS
+
+_LOADER: futures.ThreadPoolExecutor | None = None
+_LOADER_LOCK = threading.Lock()
+
+
+def _loader() -> futures.ThreadPoolExecutor:
+    """The process's loader threads, made on first use and kept: a thread per copy would make
+    and end a thread several times a second, and glibc may give each new thread a new malloc
+    arena (resident memory that steps up over a long run). Two: a prefetch may still be
+    finishing while the next load starts."""
+    global _LOADER
+    with _LOADER_LOCK:
+        if _LOADER is None:
+            _LOADER = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="gemel-load")
+        return _LOADER
+
 
 class PendingLoad:
     """Tensors of one model being copied to the device on a loader thread, in the order the
@@ -40,8 +57,7 @@ class PendingLoad:
         self.load_seconds = 0.0
         self._ready = {u: threading.Event() for u in units}
         self._cancel = threading.Event()
-        self._thread = threading.Thread(target=self._load, args=(sources,), name=f"gemel-load-{name}", daemon=True)
-        self._thread.start()
+        self._done = _loader().submit(self._load, sources)
 
     def _load(self, sources: list[torch.Tensor]) -> None:
         start = time.perf_counter()
@@ -88,9 +104,9 @@ class PendingLoad:
         self._cancel.set()
 
     def join(self) -> None:
-        if self._thread.is_alive():
+        if not self._done.done():
             start = time.perf_counter()
-            self._thread.join()
+            futures.wait([self._done])
             self.wait_seconds += time.perf_counter() - start
 
 

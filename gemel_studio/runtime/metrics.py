@@ -57,6 +57,11 @@ MEMORY_METRICS = {
 }
 
 # Per-model counters of the snapshot and their metric names (Prometheus adds `_total`).
+RUN_COUNTERS = {  # snapshot key -> (metric, help): the run's scheduling, over all models
+    "reordered_batches": ("gemel_reordered_batches", "Batches the merge-aware order ran before the fair choice"),
+    "prefetches": ("gemel_prefetches", "Loads started while the model before was still running"),
+    "prefetch_misses": ("gemel_prefetch_misses", "Prefetches for a model that did not run next (wasted copies)"),
+}
 MODEL_COUNTERS = {
     "swaps": ("gemel_model_swaps", "Loads of the model's weights (first load included)"),
     "load_seconds": ("gemel_model_load_seconds", "Time spent loading the model's weights"),
@@ -214,11 +219,17 @@ class SnapshotCollector:
         info = family(InfoMetricFamily, "gemel_run", "What this run is: the box, the bundle (its workload's name and "
                       "its manifest's sha256), the runtime's version, the policy and the run's state")
         run = {k: str(snap.get(k, "")) for k in ("bundle", "policy", "backend", "device", "state")}
+        run["order"] = str(snap.get("order") or "")  # "" from a runtime that does not say
+        run["prefetch"] = "on" if snap.get("prefetch") else "off"
         info.add_metric([inst], {**self.identity.labels(), **run})
         yield info
         yield gauge("gemel_elapsed_seconds", "Seconds since the run started", snap.get("elapsed_s", 0.0))
         yield gauge("gemel_run_healthy", "1 while every stream is live (what /healthz answers 200 to)",
                     1 if self.liveness.check(snap).live else 0)
+        for key, (name, doc) in RUN_COUNTERS.items():
+            fam = family(CounterMetricFamily, name, doc)
+            fam.add_metric([inst], snap.get(key, 0) or 0)
+            yield fam
 
         streams = snap.get("streams", [])
         families = {
@@ -288,7 +299,7 @@ def example_snapshot() -> dict:
               "latency_p99_ms": 9.0, "throughput_fps": 8.0, "end_reason": None}
     model = {"bytes": 1000, "max_batch": 4, **{key: 1 for key in MODEL_COUNTERS}}
     return {"bundle": "b", "policy": "merged", "backend": "torch", "device": "cuda:0", "state": "running",
-            "elapsed_s": 1.0, "streams": [stream], "models": {"m": model},
+            "order": "merge-aware", "prefetch": True, **{key: 1 for key in RUN_COUNTERS}, "elapsed_s": 1.0, "streams": [stream], "models": {"m": model},
             "memory": {key: 1 for key in MEMORY_METRICS}}
 
 
@@ -405,6 +416,6 @@ def fetch_snapshot(address: str, timeout: float = 2.0) -> dict:
         raise GemelError(f"{url}: the answer is not JSON; is this a `gemel run --metrics-port` address?") from None
 
 
-__all__ = ["HEALTH_PATH", "JSON_PATH", "LOOPBACK", "MEMORY_METRICS", "MODEL_COUNTERS", "PROM_PATH", "Health",
+__all__ = ["HEALTH_PATH", "JSON_PATH", "LOOPBACK", "MEMORY_METRICS", "MODEL_COUNTERS", "PROM_PATH", "RUN_COUNTERS", "Health",
            "LivenessWatch", "MetricsServer", "RunIdentity", "SnapshotCollector", "as_dict", "default_instance",
            "example_snapshot", "fetch_snapshot", "served_metric_names"]
