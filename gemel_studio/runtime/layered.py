@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from concurrent import futures
 import time
+from concurrent import futures
 from typing import Hashable
 
 import torch

@@ -56,8 +56,9 @@ MEMORY_METRICS = {
                            "The process's GPU memory beyond what torch reserved (the CUDA context; pynvml)"),
 }
 
-# Per-model counters of the snapshot and their metric names (Prometheus adds `_total`).
-RUN_COUNTERS = {  # snapshot key -> (metric, help): the run's scheduling, over all models
+# The run's scheduling counters and the per-model counters of the snapshot, with their metric
+# names (Prometheus adds `_total`).
+RUN_COUNTERS = {  # snapshot key -> (metric, help), over all models
     "reordered_batches": ("gemel_reordered_batches", "Batches the merge-aware order ran before the fair choice"),
     "prefetches": ("gemel_prefetches", "Loads started while the model before was still running"),
     "prefetch_misses": ("gemel_prefetch_misses", "Prefetches for a model that did not run next (wasted copies)"),
@@ -299,7 +300,8 @@ def example_snapshot() -> dict:
               "latency_p99_ms": 9.0, "throughput_fps": 8.0, "end_reason": None}
     model = {"bytes": 1000, "max_batch": 4, **{key: 1 for key in MODEL_COUNTERS}}
     return {"bundle": "b", "policy": "merged", "backend": "torch", "device": "cuda:0", "state": "running",
-            "order": "merge-aware", "prefetch": True, **{key: 1 for key in RUN_COUNTERS}, "elapsed_s": 1.0, "streams": [stream], "models": {"m": model},
+            "order": "merge-aware", "prefetch": True, **{key: 1 for key in RUN_COUNTERS}, "elapsed_s": 1.0,
+            "streams": [stream], "models": {"m": model},
             "memory": {key: 1 for key in MEMORY_METRICS}}
 
 
@@ -416,6 +418,6 @@ def fetch_snapshot(address: str, timeout: float = 2.0) -> dict:
         raise GemelError(f"{url}: the answer is not JSON; is this a `gemel run --metrics-port` address?") from None
 
 
-__all__ = ["HEALTH_PATH", "JSON_PATH", "LOOPBACK", "MEMORY_METRICS", "MODEL_COUNTERS", "PROM_PATH", "RUN_COUNTERS", "Health",
-           "LivenessWatch", "MetricsServer", "RunIdentity", "SnapshotCollector", "as_dict", "default_instance",
-           "example_snapshot", "fetch_snapshot", "served_metric_names"]
+__all__ = ["HEALTH_PATH", "JSON_PATH", "LOOPBACK", "MEMORY_METRICS", "MODEL_COUNTERS", "PROM_PATH", "RUN_COUNTERS",
+           "Health", "LivenessWatch", "MetricsServer", "RunIdentity", "SnapshotCollector", "as_dict",
+           "default_instance", "example_snapshot", "fetch_snapshot", "served_metric_names"]
