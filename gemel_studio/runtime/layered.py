@@ -27,10 +27,10 @@ _LOADER_LOCK = threading.Lock()
 
 
 def _loader() -> futures.ThreadPoolExecutor:
-    """The process's loader threads, made on first use and kept: a thread per copy would make
-    and end a thread several times a second, and glibc may give each new thread a new malloc
-    arena (resident memory that steps up over a long run). Two: a prefetch may still be
-    finishing while the next load starts."""
+    """The process's loader threads, made on first use and kept, instead of a thread made and
+    ended per copy several times a second. (That churn was suspected of the soak's step in
+    resident memory; the step stayed with kept threads, so it has another cause.) Two: a
+    prefetch may still be finishing while the next load starts."""
     global _LOADER
     with _LOADER_LOCK:
         if _LOADER is None:
