@@ -423,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (GemelError, OSError) as exc:  # OSError: a file the user named cannot be read or written
         print(f"error: {user_message(exc)}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_code", 2)  # 2 (the user's input) unless the error says otherwise
     except Cancelled:
         print("cancelled", file=sys.stderr)
         return 130

@@ -4,6 +4,18 @@
 class GemelError(Exception):
     """A problem with the user's input: shown as one line, exit code 2, never a traceback."""
 
+    exit_code = 2
+
+
+class ProcessFailed(GemelError):
+    """Work on another process ended for a reason that is not the user's input (it was killed,
+    crashed or met a bug): shown as one line too, with exit code 1, or 128 + N when a signal N
+    stopped it (as a shell reports a process a signal ended)."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
 
 class WorkloadError(GemelError):
     """A workload file is missing, unreadable or does not fit the schema."""

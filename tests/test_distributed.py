@@ -19,7 +19,7 @@ import yaml
 from safetensors.torch import load_file
 
 from gemel_studio.cli import main
-from gemel_studio.errors import GemelError
+from gemel_studio.errors import GemelError, ProcessFailed
 from gemel_studio.merging.datasets import ModelData
 from gemel_studio.merging import distributed
 from gemel_studio.merging.distributed import GlobalBatchShard
@@ -131,7 +131,13 @@ def _plan(workload: Path, tmp_path: Path, check_first: bool = True) -> Path:
 def _merge(workload: Path, plan: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "gemel_studio.cli", "merge", str(workload), "--plan", str(plan), "--out", str(out),
            "--json", "--epochs", "2", "--batch-size", "8", "--device", "cpu", "--lr", "0.01", *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=WAIT_S)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=WAIT_S, env=_env_with_tmp(out.parent / "tmp"))
+
+
+def _env_with_tmp(tmp: Path) -> dict[str, str]:
+    """The environment with its own temporary folder, to check that the ranks leave nothing there."""
+    tmp.mkdir(exist_ok=True)
+    return {**os.environ, "TMPDIR": str(tmp)}
 
 
 @pytest.mark.timeout(1800)
@@ -160,7 +166,7 @@ def test_two_processes_keep_the_same_groups_and_weights_as_one(tmp_path, write_w
     assert w1.keys() == w2.keys()  # shared tensors stored once, as from one process
     # Not equal: SqueezeNet's dropout draws other masks in two processes (the exact equality of
     # the gradients is the next test's, on models without dropout).
-    assert not list(Path(tmp_path).glob("gemel-rank*"))  # the other rank's private copy is gone
+    assert not list((tmp_path / "tmp").iterdir())  # the other rank's private copy is gone, the launcher's logs too
 
 
 @pytest.mark.timeout(900)
@@ -169,7 +175,8 @@ def test_a_killed_rank_ends_the_run_with_its_error(tmp_path, write_workload):
     plan = _plan(workload, tmp_path)
     cmd = [sys.executable, "-m", "gemel_studio.cli", "merge", str(workload), "--plan", str(plan), "--out",
            str(tmp_path / "out"), "--json", "--epochs", "50", "--batch-size", "8", "--device", "cpu", "--nproc", "2"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env_with_tmp(tmp_path / "tmp"))
     try:
         deadline = time.monotonic() + WAIT_S
         victim = None
@@ -178,11 +185,12 @@ def test_a_killed_rank_ends_the_run_with_its_error(tmp_path, write_workload):
             assert time.monotonic() < deadline, "the ranks did not start"
             for child in psutil.Process(proc.pid).children(recursive=True):
                 try:
-                    env = child.environ()
+                    env, cmdline = child.environ(), " ".join(child.cmdline())
                 except (psutil.Error, OSError):
                     continue
-                # Rank 1 is in the group once its process group is up: wait for its checkpoint copy.
-                if env.get("RANK") == "1" and env.get("WORLD_SIZE") == "2":
+                # Rank 1 itself (`python -m gemel_studio.cli merge ...`), not a process it started,
+                # which would carry its environment too.
+                if env.get("RANK") == "1" and env.get("WORLD_SIZE") == "2" and "gemel_studio.cli" in cmdline:
                     victim = child
             time.sleep(0.2)
         # Let it reach training (the round's checkpoint appears after the first epoch).
@@ -199,7 +207,7 @@ def test_a_killed_rank_ends_the_run_with_its_error(tmp_path, write_workload):
             for child in psutil.Process(proc.pid).children(recursive=True):
                 child.kill()
             proc.kill()
-    assert proc.returncode == 2, err[-2000:]
+    assert proc.returncode == 1, err[-2000:]  # not the user's error (2): the same command can be run again
     # One line: the rank, what it died of, where the details are, what to do. Not each rank's
     # traceback ([rankN]: ...), nor the elastic launcher's log lines (W1202 12:00:00 ... api.py:1028]).
     lines = err.splitlines()
@@ -214,6 +222,9 @@ def test_a_killed_rank_ends_the_run_with_its_error(tmp_path, write_workload):
     assert "== rank 1 (local rank 1, pid " in detail and "exit code -9" in detail
     assert "== rank 1 stderr ==" in detail and "torch.distributed.elastic" in detail
     assert (tmp_path / "out" / "search.state.round").exists()  # the saved epoch is kept for a resume
+    # The killed rank ran no clean-up, yet its private copy of the output folder is gone with the
+    # launcher's folder (the failure log went to the output folder).
+    assert not list((tmp_path / "tmp").iterdir())
     assert not [p for p in psutil.Process().children(recursive=True) if p.pid != os.getpid()
                 and "gemel_studio.cli" in " ".join(p.cmdline())]
 
@@ -251,9 +262,10 @@ def test_a_failed_rank_is_one_line_that_names_it_and_the_log_holds_the_rest(tmp_
     (logs / "run_x" / "attempt_0" / "1" / "stderr.log").write_text("a warning rank 1 printed\n")
     failures = {r: ProcessFailure(r, 100 + r, 2, str(tmp_path / f"{r}.json")) for r in (0, 1)}
     failures[1].timestamp += 5  # even seen later, the lost peer is not the cause
-    line, log = distributed._failed(failures, 2, ["merge", "w.yaml"], logs, ["W launcher line"], out)
+    error, log = distributed._failed(failures, 2, ["merge", "w.yaml"], logs, ["W launcher line"], out)
     assert log == out / distributed.FAILURE_LOG
-    assert line == (f"rank 1 of 2 failed: no 'val' split in data/cats; add one or set split (the others were "
+    assert type(error) is GemelError and error.exit_code == 2  # the user's error: fix the command
+    assert str(error) == (f"rank 1 of 2 failed: no 'val' split in data/cats; add one or set split (the others were "
                     f"stopped; details in {log})")
     text = log.read_text()
     assert "Traceback" in text and "in bad_split" in text and "LostPeer" in text  # each rank's traceback
@@ -262,18 +274,21 @@ def test_a_failed_rank_is_one_line_that_names_it_and_the_log_holds_the_rest(tmp_
 
     # A rank killed by a signal (no error file) is the cause; one that crashed says its last words.
     killed = ProcessFailure(1, 101, -9, str(tmp_path / "none.json"))
-    line, _ = distributed._failed({0: failures[0], 1: killed}, 2, ["merge"], logs, [], out)
+    error, _ = distributed._failed({0: failures[0], 1: killed}, 2, ["merge"], logs, [], out)
+    assert isinstance(error, ProcessFailed) and error.exit_code == 1  # not the user's: run it again
+    line = str(error)
     assert line.startswith("rank 1 of 2 failed: killed by signal 9 (SIGKILL, sent by hand, or by the system "
                            "when memory ran out); the others were stopped, details in ")
     assert line.endswith("run the same command again to resume")
     crashed = ProcessFailure(1, 101, 1, str(tmp_path / "none.json"))
-    line, _ = distributed._failed({1: crashed}, 2, ["merge"], logs, [], out)
-    assert line.startswith("rank 1 of 2 failed: exit code 1 (a warning rank 1 printed); ")
+    error, _ = distributed._failed({1: crashed}, 2, ["merge"], logs, [], out)
+    assert error.exit_code == 1 and str(error).startswith("rank 1 of 2 failed: exit code 1 (a warning rank 1 printed); ")
     # An unexpected error: its type and first line.
     monkeypatch.setenv("RANK", "1")
     assert _rank_fails(tmp_path, monkeypatch, 1, ValueError("shapes differ\nmore")) == 1
-    line, _ = distributed._failed({1: ProcessFailure(1, 101, 1, str(tmp_path / "1.json"))}, 2, ["merge"], logs, [], out)
-    assert line.startswith("rank 1 of 2 failed: ValueError: shapes differ; the others were stopped")
+    error, _ = distributed._failed({1: ProcessFailure(1, 101, 1, str(tmp_path / "1.json"))}, 2, ["merge"], logs, [],
+                                   out)
+    assert error.exit_code == 1 and str(error).startswith("rank 1 of 2 failed: ValueError: shapes differ; the others were stopped")
 
 
 def test_a_rank_started_by_hand_still_raises_its_error(tmp_path, monkeypatch):

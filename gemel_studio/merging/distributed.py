@@ -36,6 +36,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from typing import Iterator, Mapping
@@ -44,7 +45,7 @@ import warnings
 import torch
 from torch import nn
 
-from ..errors import GemelError, user_message
+from ..errors import GemelError, ProcessFailed, user_message
 
 # A rank waiting on a collective for longer than this gives up with an error instead of hanging.
 COLLECTIVE_TIMEOUT_S = float(os.environ.get("GEMEL_DIST_TIMEOUT_S", "300"))
@@ -53,6 +54,7 @@ COLLECTIVE_TIMEOUT_S = float(os.environ.get("GEMEL_DIST_TIMEOUT_S", "300"))
 VERBOSE_ENV = "GEMEL_DIST_VERBOSE"
 FAILURE_LOG = "nproc-error.log"
 _QUIET_RANK_ENV = "GEMEL_QUIET_RANK"  # set by `launch` for its ranks: an error goes to the launcher only
+_SCRATCH_ENV = "GEMEL_RANK_SCRATCH"  # set by `launch`: the folder its ranks make their private copies in
 _LAUNCHER_LOGGERS = ("torch.distributed.elastic", "torch.distributed.launcher")
 
 
@@ -113,22 +115,36 @@ def process_group(device: str = "auto") -> Iterator[None]:
 def rank_folder(out: Path) -> Iterator[Path]:
     """The output folder this rank reads and writes: the user's on rank 0; on every other rank
     a private copy of it made before rank 0 changes anything (so a resume reads the same state
-    everywhere), deleted at the end. Only rank 0 writes the user's folder."""
+    everywhere), deleted at the end. Only rank 0 writes the user's folder.
+
+    Under `launch` the copy is made in the launcher's own temporary folder, which the launcher
+    deletes however the rank ended (a rank killed with SIGKILL runs no clean-up of its own);
+    started by torchrun by hand, it is in the system's temporary folder, and a SIGTERM (what
+    torchrun sends the other ranks when one fails) ends the rank through this clean-up."""
     if not active():
         yield out
         return
     dist = _dist()
     scratch = None
+    before = None
     if not is_main():
-        scratch = Path(tempfile.mkdtemp(prefix=f"gemel-rank{rank()}-"))
+        scratch = Path(tempfile.mkdtemp(prefix=f"gemel-rank{rank()}-", dir=os.environ.get(_SCRATCH_ENV) or None))
+        if threading.current_thread() is threading.main_thread():
+            before = signal.signal(signal.SIGTERM, _exit_on_sigterm)
         if out.exists():
             shutil.copytree(out, scratch / out.name)
-    dist.barrier()  # rank 0 starts writing only once every copy is made
     try:
+        dist.barrier()  # rank 0 starts writing only once every copy is made
         yield out if scratch is None else scratch / out.name
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
+        if before is not None:
+            signal.signal(signal.SIGTERM, before)
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)  # unwinds through rank_folder's clean-up, as the default would not
 
 
 def rank_device(device: torch.device) -> torch.device:
@@ -313,27 +329,34 @@ def launch(nproc: int, argv: list[str], device: str = "auto", out: Path | None =
     quiet_before = os.environ.get(_QUIET_RANK_ENV)
     if not verbose:
         os.environ[_QUIET_RANK_ENV] = "1"
+    scratch_before = os.environ.get(_SCRATCH_ENV)
+    os.environ[_SCRATCH_ENV] = str(logs)  # the ranks' private copies: deleted with `logs` below
     try:
         with _launcher_log(launcher_log, quiet=not verbose):
             elastic_launch(config, sys.executable)("-m", "gemel_studio.cli", *without_nproc(argv))
     except ChildFailedError as exc:
         if not exc.failures:
             raise GemelError(f"the retraining processes failed: {exc}") from None
-        line, log = _failed(exc.failures, nproc, argv, logs, launcher_log, out)
+        error, log = _failed(exc.failures, nproc, argv, logs, launcher_log, out)
         kept = log if log is not None and log.parent == logs else None
-        raise GemelError(line) from None
+        raise error from None
     except SignalException as exc:  # the launcher was signalled (Ctrl-C): it stopped the ranks
         if exc.sigval == signal.SIGINT:
             raise KeyboardInterrupt from None  # `gemel` says "interrupted", as one process does
-        raise GemelError(f"stopped by {signal.Signals(exc.sigval).name}: the ranks were stopped; the last epoch's "
-                         "checkpoint, if any, is kept: run the same command again to resume") from None
+        raise ProcessFailed(f"stopped by {signal.Signals(exc.sigval).name}: the ranks were stopped; the last "
+                            "epoch's checkpoint, if any, is kept: run the same command again to resume",
+                            128 + int(exc.sigval)) from None
     finally:
-        if quiet_before is None:
-            os.environ.pop(_QUIET_RANK_ENV, None)
-        else:
-            os.environ[_QUIET_RANK_ENV] = quiet_before
+        for name, value in ((_QUIET_RANK_ENV, quiet_before), (_SCRATCH_ENV, scratch_before)):
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         if kept is None:
             shutil.rmtree(logs, ignore_errors=True)
+        else:  # the failure log is kept there, the ranks' copies are not
+            for copy in logs.glob("gemel-rank*-*"):
+                shutil.rmtree(copy, ignore_errors=True)
     return 0
 
 
@@ -406,17 +429,19 @@ def _died_of(failure, logs: Path | None = None) -> tuple[str, bool]:
 
 
 def _failed(failures: Mapping[int, object], nproc: int, argv: list[str], logs: Path, launcher_log: list[str],
-            out: Path | None) -> tuple[str, Path | None]:
-    """The one line for a failed run, which says where the failure log is, and that log (None
-    when it could not be written)."""
+            out: Path | None) -> tuple[GemelError, Path | None]:
+    """The error for a failed run, whose one line says where the failure log is, and that log
+    (None when it could not be written). A rank that met an error of the user's makes a
+    GemelError (exit code 2); one killed, crashed or stopped by a bug makes a ProcessFailed
+    (exit code 1), so that a script can tell "fix the command" from "run it again"."""
     rank_, failure = _cause(failures)
     detail, mine = _died_of(failure, logs)
     log = _write_failure_log(failures, nproc, argv, logs, launcher_log, out)
     where = f"details in {log}" if log else "details above"
     if mine:  # gemel's own error: its message says what to do
-        return f"rank {rank_} of {nproc} failed: {detail} (the others were stopped; {where})", log
-    return (f"rank {rank_} of {nproc} failed: {detail}; the others were stopped, {where}. "
-            "Its checkpoint, if any, is kept: run the same command again to resume"), log
+        return GemelError(f"rank {rank_} of {nproc} failed: {detail} (the others were stopped; {where})"), log
+    return ProcessFailed(f"rank {rank_} of {nproc} failed: {detail}; the others were stopped, {where}. "
+                         "Its checkpoint, if any, is kept: run the same command again to resume"), log
 
 
 def _write_failure_log(failures: Mapping[int, object], nproc: int, argv: list[str], logs: Path,
