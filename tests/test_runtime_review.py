@@ -90,6 +90,25 @@ def test_a_sooner_frame_moved_ahead_of_the_fair_lead_brings_no_batch_that_makes_
     assert len(batch) == 1
 
 
+def test_a_sooner_frame_that_displaces_a_merge_aware_reorder_is_checked_against_the_fair_lead():
+    now = 10.0
+    est = estimates({"a": {1: 10 * MS}, "b": {1: 5 * MS}, "c": {1: 4 * MS, 2: 8 * MS, 4: 16 * MS}})
+    load = {"a": 0.0, "b": 0.0, "c": 0.0}.get
+    lacks = {"a": 4 * MIB, "b": 0, "c": MIB}.get
+    fair = Job(0, 0, now, now + 0.022, None, ["a"])  # the fair choice: 10 ms of a, which lacks the most
+    # The order moves b (resident, 5 ms) ahead of it: 2 x 5 + 10 <= 22. b's frame has time to spare.
+    reorder = Job(1, 0, now, now + 0.100, None, ["b"])
+    # Two frames of c due in 8 ms, lost behind b (5 + 4 > 8), displace that reorder. Their batch
+    # (8 ms) keeps b in time (2 x 8 + 5 <= 100) but not the fair choice (2 x 8 + 10 > 22): one
+    # frame of c is what the fair choice can wait for (2 x 4 + 10 <= 22).
+    sooner = [Job(i, 0, now, now + 0.008, None, ["c"]) for i in (2, 3)]
+    usage = [0.0, 0.002, 0.002, 0.002]
+    planner = BatchPlanner(est, {"a": 4, "b": 4, "c": 4}, "merge-aware")
+    batch, drop = planner.plan(now, [fair, reorder, *sooner], usage, load, lacks)
+    assert not drop and [j.model for j in batch] == ["c"]
+    assert fair_lead_still_in_time(planner, now, batch, fair, load)
+
+
 def test_whatever_the_planner_moves_ahead_of_the_fair_lead_leaves_it_in_time():
     rng = random.Random(7)
     models = ["a", "b", "c"]
@@ -108,8 +127,9 @@ def test_whatever_the_planner_moves_ahead_of_the_fair_lead_leaves_it_in_time():
         for i in range(rng.randint(2, 12)):
             chain = rng.sample(models, rng.randint(1, 2))
             ts = now - rng.uniform(0, 0.01)
-            # Merge-aware: one deadline for all, so only its own reorder moves a frame ahead.
-            deadline = now + common if order == "merge-aware" else ts + rng.uniform(0.005, 0.12)
+            # Merge-aware: in half its trials one deadline for all, so that only its own reorder
+            # moves a frame ahead; in the rest a sooner frame may displace the reorder as well.
+            deadline = now + common if order == "merge-aware" and trial % 4 == 1 else ts + rng.uniform(0.005, 0.12)
             waiting.append(Job(rng.randrange(4), i, ts, deadline, None, chain))
         loads = {m: rng.choice([0.0, rng.uniform(0, 10) * MS]) for m in models}
         lacks = {m: 0 if loads[m] == 0.0 else rng.randint(1, 4) * MIB for m in models}
@@ -158,9 +178,14 @@ def test_a_prefetch_still_copying_counts_its_remaining_bytes_as_missing(monkeypa
     # of that copy, and then loads its own tensor.
     assert sched.missing_bytes("spare") == own + own
     assert sched.missing_bytes("shape") == own  # shares nothing with it: the copy is cancelled
+    # The merge-aware order ranks by bytes moved: running shape would throw B away (copied
+    # already, and copied again when size runs); size and spare file the copy, as above.
+    assert sched.order_bytes("shape") == own + (size - own)
+    assert sched.order_bytes("size") == own and sched.order_bytes("spare") == own + own
     gate.set()
     sched._prefetch.join()
     assert sched.missing_bytes("size") == 0 and sched.missing_bytes("spare") == own
+    assert sched.order_bytes("shape") == own + size  # all of it copied, not filed yet: all thrown away
     sched.acquire("size")
     assert sched.stats["size"].swaps == 1 and sched.stats["size"].prefetched_bytes == size
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from gemel_studio.runtime import load_bundle
-from gemel_studio.runtime.batching import BatchPlanner, Job, LatencyEstimates
+from gemel_studio.runtime.batching import BatchPlanner, Job, LatencyEstimates, profile_latency
 from gemel_studio.runtime.engine import Engine
 from gemel_studio.runtime.scheduler import POLICIES, ModelScheduler
 from gemel_studio.runtime.sinks import JsonlSink
@@ -274,6 +274,22 @@ def test_the_profile_leaves_the_counters_and_residency_as_they_were(loaded):
     assert all(s.swaps == 0 and s.runs == 0 for s in engine.scheduler.stats.values())
     assert set(engine.profile) == {"color", "shape"} and all("1" in row for row in engine.profile.values())
     assert engine.estimates.run("color", 1) > 0
+
+
+def test_the_profile_runs_every_batch_size_up_to_the_largest_it_keeps():
+    """Sizes the profile does not time (3, 5, 6, 7 under a largest of 8) are run once at start,
+    so that no batch shape is new in the middle of a run; nothing past the largest is."""
+    ran = []
+    now = [0.0]
+
+    def run(b):  # a batch costs 10 ms a frame on the fake clock: 16 frames pass the 100 ms deadline
+        ran.append(b)
+        now[0] += 0.010 * b
+
+    best, row = profile_latency(run, LatencyEstimates(), "m", longest_s=0.1, clock=lambda: now[0])
+    assert best == 8 and set(row) == {"1", "2", "4", "8", "16"}
+    assert set(ran) == set(range(1, 9)) | {16}
+    assert all(ran.count(b) == 1 for b in (3, 5, 6, 7))
 
 
 # --- results sinks -------------------------------------------------------------------------

@@ -191,7 +191,7 @@ class Engine:
             return False
         now = self.clock()
         batch, drop = self.planner.plan(now, self._waiting, self.recent_usage(now), self._load_estimate,
-                                        self.scheduler.missing_bytes)
+                                        self.scheduler.order_bytes)
         for j in drop:
             self._waiting.remove(j)
             self.stats[j.stream].dropped_late += 1
@@ -350,7 +350,7 @@ class Engine:
         usage = self.recent_usage(now)
         for j in batch:
             usage[j.stream] += spent / len(batch)
-        nxt, _ = self.planner.plan(now + spent, after, usage, self._load_estimate, self.scheduler.missing_bytes,
+        nxt, _ = self.planner.plan(now + spent, after, usage, self._load_estimate, self.scheduler.order_bytes,
                                    commit=False)
         return nxt[0].model if nxt and nxt[0].model != m else None
 
@@ -466,7 +466,7 @@ class Engine:
                                                   sched.budget), **self._order_and_prefetch())
 
     def _order_and_prefetch(self) -> dict:
-        """The order in use and the prefetch counters, as the snapshot and the summary report them."""
+        """The order in use and the prefetch counters (telemetry.Scheduling's fields)."""
         sched = self.scheduler
         return {"order": self.planner.order, "reordered_batches": self.planner.reordered, "prefetch": self.prefetch,
                 "prefetches": sched.prefetches, "prefetch_misses": sched.prefetch_misses}

@@ -26,9 +26,11 @@ a loader thread (on CUDA, on a copy stream), so its load overlaps the run (GEMEL
 "loading overlaps the previous model's run when memory allows"). Its bytes count as resident
 from the start (against the budget), and it only evicts what neither model needs: when that
 does not make room, no prefetch. Until its copy is done, what is left of it still counts as
-missing in `missing_bytes` (the planner's load estimate): the model that runs next waits for it. A prefetch for a model that then does not run next is finished (its copies filed as
+missing in `missing_bytes` (the planner's load estimate): the model that runs next waits for
+it. A prefetch for a model that then does not run next is finished (its copies filed as
 resident, evictable like any other) before anything else loads when the model that runs
-instead shares tensors with it; otherwise it is cancelled between tensors and its bytes freed.
+instead shares tensors with it; otherwise it is cancelled between tensors and its bytes freed,
+so the merge-aware order counts what it had copied against such a model (`order_bytes`).
 
 Resident bytes never exceed the budget: every load checks it. A model whose own bytes exceed
 the budget is refused when the scheduler is made.
@@ -474,6 +476,20 @@ class ModelScheduler:
         if not coming & set(units):  # cancelled when `name` runs: no wait for it
             return own
         return own + sum(self._unit_bytes[u] for u in pending.remaining())
+
+    def order_bytes(self, name: str) -> int:
+        """What the merge-aware order ranks a model by: the bytes it would load or wait for if
+        it ran now (`missing_bytes`), plus, when running it would cancel a prefetch for a model
+        it shares nothing with, the bytes that copy has copied already: thrown away, and copied
+        again when the prefetched model runs. So a prefetch nearly done is not cancelled for a
+        model that lacks only a little less. (The load time estimate reads `missing_bytes`:
+        the thrown-away bytes cost no wait.)"""
+        missing = self.missing_bytes(name)
+        pending = self._prefetch
+        if pending is None or set(pending.units) & set(self._units[name]):
+            return missing
+        left = set(pending.remaining())
+        return missing + sum(self._unit_bytes[u] for u in pending.units if u not in left)
 
     def is_resident(self, name: str) -> bool:
         return all(u in self._resident for u in self._units[name])

@@ -149,12 +149,35 @@ class SummaryMemory(MemoryReport):
         return {**head, **rest}
 
 
+@dataclass(kw_only=True)
+class Scheduling:
+    """The order in use and the prefetch counters, as a snapshot and a summary both report them
+    (keyword-only, so that they follow the fields each of those gives positionally)."""
+
+    order: str | None = None  # merge-aware | fair (None: not served by the runtime that made it)
+    reordered_batches: int = 0  # batches the merge-aware order ran before the fair choice
+    prefetch: bool = False  # whether prefetch ran (a summary or snapshot built without saying claims not)
+    prefetches: int = 0  # loads started while the model before ran
+    prefetch_misses: int = 0  # of them, for a model that did not run next
+
+    def scheduling_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(Scheduling)}
+
+    @staticmethod
+    def scheduling_from(data: dict) -> dict:
+        """The keyword arguments for these fields from a served JSON object (an older runtime's
+        lacks them: no order, no prefetch)."""
+        return {"order": None if data.get("order") is None else str(data["order"]),
+                "reordered_batches": int(data.get("reordered_batches", 0)),
+                "prefetch": bool(data.get("prefetch", False)), "prefetches": int(data.get("prefetches", 0)),
+                "prefetch_misses": int(data.get("prefetch_misses", 0))}
+
+
 @dataclass
-class RunSnapshot:
+class RunSnapshot(Scheduling):
     """A run's counters at one moment (`Engine.snapshot()`). `extra`: entries of a served
-    snapshot this version does not know (kept, so a round trip loses nothing). The order and
-    prefetch figures are `RunSummary`'s, so far (after `extra`: older code builds a snapshot
-    positionally; a snapshot an older runtime served has no order, None, and no prefetch)."""
+    snapshot this version does not know (kept, so a round trip loses nothing). Older code
+    builds a snapshot positionally, up to `extra`; the scheduling figures are keywords."""
 
     bundle: str
     policy: str
@@ -168,19 +191,13 @@ class RunSnapshot:
     models: dict[str, ModelRow]
     memory: MemoryReport
     extra: dict = field(default_factory=dict)
-    order: str | None = None  # merge-aware | fair (None: not served by the runtime that made it)
-    reordered_batches: int = 0  # batches the merge-aware order ran before the fair choice
-    prefetch: bool = False
-    prefetches: int = 0  # loads started while the model before ran
-    prefetch_misses: int = 0  # of them, for a model that did not run next
 
     def to_dict(self) -> dict:
         return {"bundle": self.bundle, "policy": self.policy, "backend": self.backend, "device": self.device,
                 "eviction": self.eviction, "state": self.state, "last_error": self.last_error,
                 "elapsed_s": self.elapsed_s, "streams": [s.to_dict() for s in self.streams],
                 "models": {n: m.to_dict() for n, m in self.models.items()}, "memory": self.memory.to_dict(),
-                "order": self.order, "reordered_batches": self.reordered_batches, "prefetch": self.prefetch,
-                "prefetches": self.prefetches, "prefetch_misses": self.prefetch_misses, **self.extra}
+                **self.scheduling_dict(), **self.extra}
 
     @classmethod
     def from_dict(cls, data: dict) -> "RunSnapshot":
@@ -193,10 +210,7 @@ class RunSnapshot:
                    streams=[StreamRow.from_dict(s) for s in data.get("streams", [])],
                    models={n: ModelRow.from_dict(m, n) for n, m in data.get("models", {}).items()},
                    memory=MemoryReport.from_dict(data.get("memory", {})),
-                   extra={k: v for k, v in data.items() if k not in known},
-                   order=None if data.get("order") is None else str(data["order"]),
-                   reordered_batches=int(data.get("reordered_batches", 0)), prefetch=bool(data.get("prefetch", False)),
-                   prefetches=int(data.get("prefetches", 0)), prefetch_misses=int(data.get("prefetch_misses", 0)))
+                   extra={k: v for k, v in data.items() if k not in known}, **cls.scheduling_from(data))
 
     @property
     def running(self) -> bool:
@@ -210,8 +224,9 @@ class RunSnapshot:
 
 
 @dataclass
-class RunSummary:
-    """What a run did, once it has stopped (`Engine.run()`)."""
+class RunSummary(Scheduling):
+    """What a run did, once it has stopped (`Engine.run()`). A summary built without saying
+    which order ran claims the default one, merge-aware."""
 
     bundle: str
     backend: str
@@ -226,20 +241,14 @@ class RunSummary:
     memory: SummaryMemory
     eviction: str = "belady"
     batching: bool = True
-    order: str = "merge-aware"
-    reordered_batches: int = 0  # batches the merge-aware order ran before the fair choice
-    prefetch: bool = False  # whether prefetch ran (the engine says; a summary built without saying claims not)
-    prefetches: int = 0  # loads started while the model before ran
-    prefetch_misses: int = 0  # of them, for a model that did not run next
+    order: str | None = field(default="merge-aware", kw_only=True)
 
     def to_dict(self) -> dict:
         return {"bundle": self.bundle, "backend": self.backend, "device": self.device, "policy": self.policy,
                 "budget_bytes": self.budget_bytes, "elapsed_s": self.elapsed_s, "stopped": self.stopped,
                 "last_error": self.last_error, "streams": [s.to_dict() for s in self.streams],
                 "models": {n: m.to_dict() for n, m in self.models.items()}, "memory": self.memory.to_dict(),
-                "eviction": self.eviction, "batching": self.batching, "order": self.order,
-                "reordered_batches": self.reordered_batches, "prefetch": self.prefetch,
-                "prefetches": self.prefetches, "prefetch_misses": self.prefetch_misses}
+                "eviction": self.eviction, "batching": self.batching, **self.scheduling_dict()}
 
 
 class LatencyWindow:
@@ -425,6 +434,6 @@ def result_record(spec, output, top_k: int = 5) -> dict:
             "scores": [round(float(v), 6) for v in scores]}
 
 
-__all__ = ["LATENCY_WINDOW", "LatencyWindow", "MemoryReport", "ModelRow", "RunSnapshot", "RunSummary", "StreamRow", "StreamStats",
+__all__ = ["LATENCY_WINDOW", "LatencyWindow", "MemoryReport", "ModelRow", "RunSnapshot", "RunSummary", "Scheduling", "StreamRow", "StreamStats",
            "SummaryMemory", "cuda_overhead", "describe_output", "device_capacity", "gpu_process_memory",
            "memory_figures", "memory_snapshot", "process_rss", "result_record"]
