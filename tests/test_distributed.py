@@ -274,6 +274,12 @@ def test_a_failed_rank_is_one_line_that_names_it_and_the_log_holds_the_rest(tmp_
 
     # A rank killed by a signal (no error file) is the cause; one that crashed says its last words.
     killed = ProcessFailure(1, 101, -9, str(tmp_path / "none.json"))
+    # Rank 0, which the launcher then stopped with SIGTERM, can carry the same (whole-second)
+    # timestamp: it is not the cause.
+    stopped = ProcessFailure(0, 100, -15, str(tmp_path / "none.json"))
+    stopped.timestamp = killed.timestamp
+    assert distributed._cause({0: stopped, 1: killed})[0] == 1
+    assert distributed._cause({0: stopped})[0] == 0  # alone, it is
     error, _ = distributed._failed({0: failures[0], 1: killed}, 2, ["merge"], logs, [], out)
     assert isinstance(error, ProcessFailed) and error.exit_code == 1  # not the user's: run it again
     line = str(error)

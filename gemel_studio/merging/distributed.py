@@ -131,9 +131,9 @@ def rank_folder(out: Path) -> Iterator[Path]:
         scratch = Path(tempfile.mkdtemp(prefix=f"gemel-rank{rank()}-", dir=os.environ.get(_SCRATCH_ENV) or None))
         if threading.current_thread() is threading.main_thread():
             before = signal.signal(signal.SIGTERM, _exit_on_sigterm)
-        if out.exists():
-            shutil.copytree(out, scratch / out.name)
     try:
+        if scratch is not None and out.exists():
+            shutil.copytree(out, scratch / out.name)
         dist.barrier()  # rank 0 starts writing only once every copy is made
         yield out if scratch is None else scratch / out.name
     finally:
@@ -394,8 +394,12 @@ def _launcher_log(lines: list[str], quiet: bool) -> Iterator[None]:
 
 
 def _cause(failures: Mapping[int, object]):
-    """The failure that ended the run: the first one that is not a rank losing a dead peer."""
+    """The failure that ended the run: the first one that is not a consequence of another, that
+    is neither a rank losing a dead peer nor one the launcher stopped with SIGTERM once another
+    had failed (timestamps are whole seconds: the stopped rank can tie with the cause)."""
     def lost(f) -> bool:
+        if f.exitcode == -signal.SIGTERM and len(failures) > 1:
+            return True
         return bool(isinstance(f.error_file_data, dict) and f.error_file_data.get("gemel", {}).get("lost_peer"))
 
     ordered = sorted(failures.items(), key=lambda kv: (lost(kv[1]), kv[1].timestamp, kv[0]))

@@ -287,8 +287,9 @@ def profile_latency(run: Callable[[int], object], estimates: LatencyEstimates, m
     """The latency of batches of 1, 2, 4, ... frames of `model` (`run(b)` runs one batch of b),
     each the best of two after a warm-up (timed by `clock`), until a batch takes longer than
     `longest_s` (the longest deadline of the streams that use the model), fails (an ONNX graph
-    with a fixed batch of one), passes `max_batch` or takes PROFILE_STOP_S. Returns the largest batch size
-    within `longest_s` and the milliseconds per batch size; `estimates` learns each figure.
+    with a fixed batch of one), passes `max_batch` or takes PROFILE_STOP_S. Returns the largest
+    batch size within `longest_s` and the milliseconds per batch size; `estimates` learns each
+    figure.
 
     Every other size up to that largest one is then run once, untimed: a batch shape seen for
     the first time makes kernels and caches (oneDNN's primitives, the allocator's pools) that
