@@ -397,12 +397,12 @@ def _cause(failures: Mapping[int, object]):
     """The failure that ended the run: the first one that is not a consequence of another, that
     is neither a rank losing a dead peer nor one the launcher stopped with SIGTERM once another
     had failed (timestamps are whole seconds: the stopped rank can tie with the cause)."""
-    def lost(f) -> bool:
+    def consequence(f) -> bool:
         if f.exitcode == -signal.SIGTERM and len(failures) > 1:
             return True
         return bool(isinstance(f.error_file_data, dict) and f.error_file_data.get("gemel", {}).get("lost_peer"))
 
-    ordered = sorted(failures.items(), key=lambda kv: (lost(kv[1]), kv[1].timestamp, kv[0]))
+    ordered = sorted(failures.items(), key=lambda kv: (consequence(kv[1]), kv[1].timestamp, kv[0]))
     return ordered[0]
 
 

@@ -194,10 +194,9 @@ class BatchPlanner:
             # The inserted work is the batch built around the sooner frame, capped to what fits.
             ahead = usage[soonest.stream] - usage[lead.stream]
             if lost and ahead <= second:
-                inserted = self._ahead_of(now, soonest, lead, feasible, usage, load)
-                if inserted and lead is not fair and soonest is not fair:  # it displaces a reorder: the fair
-                    # choice waits for it too, so it is checked against that as well as against the reorder
-                    inserted = inserted[:len(self._ahead_of(now, soonest, fair, feasible, usage, load))]
+                # When it displaces a reorder, the fair choice waits for it too: both are checked.
+                waits = [lead] if lead is fair or soonest is fair else [lead, fair]
+                inserted = self._ahead_of(now, soonest, waits, feasible, usage, load)
                 if inserted:
                     lead, batch = soonest, inserted
         if batch is None:
@@ -227,18 +226,19 @@ class BatchPlanner:
                 slack = s
         return batch
 
-    def _ahead_of(self, now: float, first: Job, lead: Job, feasible: list[Job], usage: list[float],
+    def _ahead_of(self, now: float, first: Job, leads: list[Job], feasible: list[Job], usage: list[float],
                   load: Callable[[str], float]) -> list[Job]:
-        """The batch around `first` to run before `lead`, as large as keeps `lead` in time with
-        twice that batch's work before its own run (its load included); [] when even `first`
-        alone does not. The batch built around `first` may hold up to its model's maximum, so
-        the check is of the batch that would run, not of `first` alone."""
+        """The batch around `first` to run before `leads` (the frames it makes wait), as large as
+        keeps each of them in time with twice that batch's work before its own run (its load
+        included); [] when even `first` alone does not. The batch built around `first` may hold
+        up to its model's maximum, so the check is of the batch that would run, not of `first`
+        alone."""
         est = self.estimates
         m = first.model
-        second = load(lead.model) + est.run(lead.model, 1)
         batch = self._batch(now, first, feasible, usage, load)
         for size in range(len(batch), 0, -1):
-            if now + 2 * (load(m) + est.run(m, size)) + second + self.rest(lead) <= lead.deadline:
+            inserted = 2 * (load(m) + est.run(m, size))
+            if all(now + inserted + load(w.model) + est.run(w.model, 1) + self.rest(w) <= w.deadline for w in leads):
                 return batch[:size]
         return []
 
@@ -270,7 +270,7 @@ class BatchPlanner:
             key = (lacks(j.model), usage[j.stream], j.deadline, j.ts)
             if best is not None and key >= best[0]:
                 continue
-            batch = self._ahead_of(now, j, lead, feasible, usage, load)
+            batch = self._ahead_of(now, j, [lead], feasible, usage, load)
             if not batch:  # the fair choice would be lost even behind j alone
                 continue
             best = (key, j, batch)

@@ -434,6 +434,7 @@ def result_record(spec, output, top_k: int = 5) -> dict:
             "scores": [round(float(v), 6) for v in scores]}
 
 
-__all__ = ["LATENCY_WINDOW", "LatencyWindow", "MemoryReport", "ModelRow", "RunSnapshot", "RunSummary", "Scheduling", "StreamRow", "StreamStats",
+__all__ = ["LATENCY_WINDOW", "LatencyWindow", "MemoryReport", "ModelRow", "RunSnapshot", "RunSummary", "Scheduling",
+           "StreamRow", "StreamStats",
            "SummaryMemory", "cuda_overhead", "describe_output", "device_capacity", "gpu_process_memory",
            "memory_figures", "memory_snapshot", "process_rss", "result_record"]
