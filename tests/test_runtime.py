@@ -784,3 +784,24 @@ def test_a_latency_window_holds_the_last_frames_in_memory_allocated_once():
         window.append(float(seconds))
     assert len(window) == 4 and sorted(window) == [6.0, 7.0, 8.0, 9.0]
     assert window._buf is buffer  # no growth: the same array after any number of frames
+
+
+def test_a_latency_window_takes_its_resident_memory_at_the_start_not_as_it_fills():
+    """The window's pages are written when it is made: filling it adds nothing resident (an
+    `np.empty` window grew resident memory by its whole size, 8 bytes a frame, as it filled)."""
+    import psutil
+
+    from gemel_studio.runtime.telemetry import LatencyWindow
+
+    process = psutil.Process()
+    size = 4_000_000  # 32 MB: far above what the interpreter's own allocations move meanwhile
+    before = process.memory_info().rss
+    window = LatencyWindow(size)
+    made = process.memory_info().rss
+    for start in range(0, size, 100_000):
+        window._buf[start:start + 100_000] = 0.001  # as append() writes, a slice at a time (fast)
+    window._count = size
+    filled = process.memory_info().rss
+    assert made - before >= 0.8 * 8 * size  # resident at once
+    assert filled - made < 0.1 * 8 * size  # filling it adds (almost) nothing
+    assert len(window) == size

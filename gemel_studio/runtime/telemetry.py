@@ -252,12 +252,15 @@ class RunSummary(Scheduling):
 
 
 class LatencyWindow:
-    """The last `size` latencies of a stream, in one array allocated at the start: its memory
-    is the same after a minute and after a week (a deque of floats grew by 32 bytes a frame
-    until it was full, about an hour at 30 fps)."""
+    """The last `size` latencies of a stream, in one array allocated and written at the start:
+    its memory is the same after a minute and after a week (a deque of floats grew by 32 bytes a
+    frame until it was full, about an hour at 30 fps). Written, not only allocated: the kernel
+    gives an array's pages memory when they are first written, so an `np.empty` window still
+    grew the process's resident memory by 8 bytes a frame until it was full (0.8 MB a stream,
+    hours at 10 fps: a soak's slowly rising resident memory)."""
 
     def __init__(self, size: int):
-        self._buf = np.empty(size, dtype=np.float64)
+        self._buf = np.full(size, np.nan, dtype=np.float64)
         self._count = 0  # appended in all; the newest is at (count - 1) % size
 
     def append(self, seconds: float) -> None:
