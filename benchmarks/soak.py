@@ -25,6 +25,10 @@ Figures:
 - `per_minute`: for every whole minute of the run, frames arrived, processed and dropped
   (differences of the counters between the scrapes nearest to the minute's ends) and the
   processed fraction;
+- `per_minute` also has the models' swaps, bytes loaded, runs (frames through a model), seconds
+  of inference and of loading in that minute, and inference per run (`infer_ms_per_run`): a
+  minute that processed less with more swaps lost time to loading, one with the same swaps and
+  a higher `infer_ms_per_run` ran the same work slower;
 - `per_minute` also says where the box's CPU went in that minute (from /proc/stat and the run's
   own CPU time): `run_cpu` (cores the `gemel run` process used), `other_cpu` (cores every other
   process used), `steal` (cores the hypervisor gave to other machines) and `idle`, so that a
@@ -129,8 +133,13 @@ def cpu_sample(process: psutil.Process | None) -> dict:
 
 
 def totals(snap: dict) -> dict:
-    streams = snap["streams"]
-    return {key: sum(s[key] for s in streams) for key in ("frames_in", "processed", "dropped")}
+    """The run's counters so far: frames (all streams), and the models' swaps, bytes loaded,
+    runs (frames through a model) and seconds of inference and of loading (all models)."""
+    streams, models = snap["streams"], snap.get("models", {}).values()
+    out = {key: sum(s[key] for s in streams) for key in ("frames_in", "processed", "dropped")}
+    for key in ("swaps", "loaded_bytes", "runs", "infer_seconds", "load_seconds"):
+        out[key] = sum(m.get(key) or 0 for m in models)
+    return out
 
 
 def per_minute(samples: list[dict], minutes: int) -> list[dict]:
@@ -143,9 +152,17 @@ def per_minute(samples: list[dict], minutes: int) -> list[dict]:
         a = min(samples, key=lambda s: abs(s["elapsed_s"] - lo)) if m else None
         b = min(samples, key=lambda s: abs(s["elapsed_s"] - hi))
         row = {"minute": m + 1, "from_s": round(a["elapsed_s"], 2) if a else 0.0, "to_s": round(b["elapsed_s"], 2)}
-        for key in ("frames_in", "processed", "dropped"):
-            row[key] = b[key] - (a[key] if a else 0)
+        for key in ("frames_in", "processed", "dropped", "swaps", "loaded_bytes", "runs"):
+            if key in b:
+                row[key] = b[key] - (a.get(key, 0) if a else 0)
         row["processed_fraction"] = round(row["processed"] / row["frames_in"], 4) if row["frames_in"] else None
+        # Inference per frame through a model: it rises in a minute where the same work took longer
+        # (the box slower), where loading rises with the schedule (more swaps).
+        if "infer_seconds" in b:
+            infer = b["infer_seconds"] - (a.get("infer_seconds", 0.0) if a else 0.0)
+            load = b["load_seconds"] - (a.get("load_seconds", 0.0) if a else 0.0)
+            row["infer_s"], row["load_s"] = round(infer, 2), round(load, 2)
+            row["infer_ms_per_run"] = round(1000.0 * infer / row["runs"], 2) if row.get("runs") else None
         c = a or samples[0]  # CPU counters: the first minute's from the first scrape
         span = b["t"] - c["t"]
         if span > 0 and all(k in c.get("cpu", {}) and k in b.get("cpu", {}) for k in ("busy_s", "run_s")):
