@@ -153,16 +153,14 @@ def per_minute(samples: list[dict], minutes: int) -> list[dict]:
         b = min(samples, key=lambda s: abs(s["elapsed_s"] - hi))
         row = {"minute": m + 1, "from_s": round(a["elapsed_s"], 2) if a else 0.0, "to_s": round(b["elapsed_s"], 2)}
         for key in ("frames_in", "processed", "dropped", "swaps", "loaded_bytes", "runs"):
-            if key in b:
-                row[key] = b[key] - (a.get(key, 0) if a else 0)
+            row[key] = b[key] - (a[key] if a else 0)
         row["processed_fraction"] = round(row["processed"] / row["frames_in"], 4) if row["frames_in"] else None
-        # Inference per frame through a model: it rises in a minute where the same work took longer
-        # (the box slower), where loading rises with the schedule (more swaps).
-        if "infer_seconds" in b:
-            infer = b["infer_seconds"] - (a.get("infer_seconds", 0.0) if a else 0.0)
-            load = b["load_seconds"] - (a.get("load_seconds", 0.0) if a else 0.0)
-            row["infer_s"], row["load_s"] = round(infer, 2), round(load, 2)
-            row["infer_ms_per_run"] = round(1000.0 * infer / row["runs"], 2) if row.get("runs") else None
+        # Inference per frame through a model rises in a minute where the same work took longer
+        # (the box slower); loading rises with the schedule (more swaps).
+        infer = b["infer_seconds"] - (a["infer_seconds"] if a else 0.0)
+        row["infer_s"] = round(infer, 2)
+        row["load_s"] = round(b["load_seconds"] - (a["load_seconds"] if a else 0.0), 2)
+        row["infer_ms_per_run"] = round(1000.0 * infer / row["runs"], 2) if row["runs"] else None
         c = a or samples[0]  # CPU counters: the first minute's from the first scrape
         span = b["t"] - c["t"]
         if span > 0 and all(k in c.get("cpu", {}) and k in b.get("cpu", {}) for k in ("busy_s", "run_s")):
