@@ -3,7 +3,7 @@ and a video file looping) under the merged policy for `--minutes` (default 30), 
 scraped from /metrics.json every second. Prints one JSON object.
 
     .venv/bin/python benchmarks/soak.py [--minutes 30] [--fps 30] [--budget 50%] [--bundle BUNDLE]
-                                        [--samples FILE.jsonl]
+                                        [--samples FILE.jsonl] [--threads N|default ...]
 
 Bundle: as benchmarks/runtime.py builds one by default (the quick-start workload with every
 proposed share group tied, not retrained), or `--bundle` (a bundle `gemel export` wrote).
@@ -36,7 +36,13 @@ Figures:
 - `bar`: the issue's bars, each passed or not: the slope under 1% of the start value per
   hour, no scrape failed, every minute's processed fraction within 5 points of the run's.
 
-`--samples` writes every scrape (full resolution) as one JSON line each.
+`--samples` writes every scrape (full resolution) as one JSON line each (with several
+`--threads`, every soak's scrapes in turn: the `t` of each starts again at 0).
+
+`--threads` passes `gemel run --threads N`; with several values (`--threads default 1`) the
+soaks run one after the other on the same bundle, and the JSON has each one's report under
+`runs` and the figures to compare (processed fraction, worst minute, the run's cores and the
+inference time per run, minute by minute) under `side_by_side`.
 """
 
 from __future__ import annotations
@@ -181,12 +187,37 @@ def main() -> None:
     parser.add_argument("--workload", type=Path, default=ROOT / "sample_workloads" / "quickstart.yaml")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--samples", type=Path, help="write every scrape to this file, one JSON line each")
+    parser.add_argument("--threads", nargs="+", default=["default"], metavar="N|default",
+                        help="`gemel run --threads N` (CPU threads one inference may use; default: not given, "
+                        "torch's own); several values run one soak each, in turn, reported side by side")
     parser.add_argument("--note", action="append", default=[], help="a note to carry in the JSON (repeatable)")
     args = parser.parse_args()
     if not args.minutes > 0:
         parser.error(f"--minutes {args.minutes}: must be positive")
+    threads = []
+    for value in args.threads:
+        if value != "default" and not (value.isdigit() and int(value) > 0):
+            parser.error(f"--threads {value}: a positive number or 'default'")
+        threads.append(None if value == "default" else int(value))
 
     print(f"device: {device_name()}", file=sys.stderr, flush=True)
+    if args.samples:
+        args.samples.write_text("")
+    reports = [soak(args, n) for n in threads]
+    if len(reports) == 1:
+        print(json.dumps(reports[0], indent=1))
+        return
+    keys = ("threads", "processed_fraction", "worst_minute_gap_points", "scrape_errors")
+    side = [{**{k: r[k] for k in keys}, "rss_slope_percent_per_hour": r["rss"]["slope_percent_per_hour"],
+             "run_cores": [m["cores"]["run_cpu"] for m in r["per_minute"] if "cores" in m],
+             "infer_ms_per_run": [m["infer_ms_per_run"] for m in r["per_minute"]], "passed": r["bar"]["passed"]}
+            for r in reports]
+    print(json.dumps({"benchmark": "soak", "device": reports[0]["device"], "compare": "threads",
+                      "side_by_side": side, "runs": reports}, indent=1))
+
+
+def soak(args, threads: int | None) -> dict:
+    """One soak of `gemel run` (`threads`: its --threads, None for not given); its report."""
     duration_s = 60.0 * args.minutes
     with tempfile.TemporaryDirectory(prefix="gemel-bench-soak-") as tmp:
         tmp = Path(tmp)
@@ -205,7 +236,7 @@ def main() -> None:
                         for i in range(4)]
         command = [sys.executable, "-m", "gemel_studio.cli", "run", str(bundle_path), "--policy", "merged",
                    "--memory-budget", str(budget), "--device", args.device, "--loop", "--metrics-port", "0",
-                   "--duration", f"{duration_s:g}", "--json"]
+                   "--duration", f"{duration_s:g}", "--json"] + ([] if threads is None else ["--threads", str(threads)])
         for spec in stream_specs:
             command += ["--stream", spec]
         print("running: " + " ".join(command), file=sys.stderr, flush=True)
@@ -240,7 +271,7 @@ def main() -> None:
             run_process = psutil.Process(proc.pid)
         except psutil.Error:
             run_process = None
-        sink = args.samples.open("w") if args.samples else None
+        sink = args.samples.open("a") if args.samples else None  # emptied once, in main()
         started = time.monotonic()
         tick = 0
         while proc.poll() is None:
@@ -303,6 +334,7 @@ def main() -> None:
         "not retrained)",
         "policy": "merged", "budget": args.budget, "budget_bytes": budget, **sizes, "streams": stream_specs,
         "fps": args.fps, "minutes": args.minutes, "command": command,
+        "threads": summary.get("threads"),  # what the run used (its --threads, else torch's own)
         "stopped": summary["stopped"], "elapsed_s": round(summary["elapsed_s"], 1),
         "frames_in": frames_in, "processed": processed, "dropped": frames_in - processed,
         "processed_fraction": round(fraction, 4) if fraction is not None else None,
@@ -327,7 +359,7 @@ def main() -> None:
         "notes": args.note,
     }
     report["bar"]["passed"] = all(report["bar"].values())
-    print(json.dumps(report, indent=1))
+    return report
 
 
 if __name__ == "__main__":

@@ -16,9 +16,10 @@ from gemel_studio.errors import GemelError
 from gemel_studio.progress import Progress
 from gemel_studio.runtime import load_bundle
 from gemel_studio.runtime.engine import Engine, run
-from gemel_studio.runtime.options import parse_bytes
+from gemel_studio.runtime.options import RunOptions, parse_bytes
 from gemel_studio.runtime.scheduler import POLICIES, ModelScheduler
 from gemel_studio.runtime.sources import CameraSource, SyntheticSource, VideoSource, parse_source
+from gemel_studio.runtime.summary_text import format_run
 
 # The small merged bundle of test_bundle (three resnet18s at 16x16 sharing layers, a mobilenet).
 from .conftest import EDGE_BLOCKED, described_outputs, run_python_blocking
@@ -363,12 +364,56 @@ def test_run_options_are_validated_once_with_one_line_errors(loaded):
     assert engine.stats[0].deadline_s == 0.04
     for bad, why in [({"memory_budget": "lots"}, "memory budget 'lots'"), ({"deadline_ms": -1}, "--deadline -1"),
                      ({"backend": "onnxruntime", "load": "layered"}, "needs the torch backend"),
-                     ({"policy": "nope"}, "--policy 'nope'")]:
+                     ({"policy": "nope"}, "--policy 'nope'"), ({"threads": 0}, "--threads 0")]:
         from gemel_studio.options import validate
 
         with pytest.raises(GemelError, match=why) as err:
             validate(RunOptions, bad)
         assert "\n" not in str(err.value)
+
+
+def test_a_run_infers_on_the_threads_it_was_given_and_gives_torch_its_own_setting_back(loaded, monkeypatch):
+    import gemel_studio.runtime.engine as engine_module
+
+    before = torch.get_num_threads()
+    want = 2 if before == 1 else 1  # a count the process is not at already
+    seen = {"profile": [], "frames": []}
+    profile = engine_module.profile_engine
+    monkeypatch.setattr(engine_module, "profile_engine",
+                        lambda engine: (seen["profile"].append(torch.get_num_threads()), profile(engine)))
+
+    class Threads:  # a result sink: the engine writes to it from the thread that runs the models
+        def write(self, record):
+            seen["frames"].append(torch.get_num_threads())
+
+        def flush(self):
+            pass
+
+        def close(self):
+            pass
+
+    options = RunOptions(policy="unlimited", device="cpu", threads=want, deadline_ms=30000)
+    engine = Engine(loaded, [(SyntheticSource(fps=20, size=(16, 16), frames=6), ["size"])], options, sinks=[Threads()])
+    summary = engine.run()
+    assert seen["profile"] == [want]  # the start's profile measured the run's own setting
+    assert len(seen["frames"]) == summary.streams[0].processed >= 1 and set(seen["frames"]) == {want}
+    assert torch.get_num_threads() == before  # given back when the run ended
+    assert summary.threads == want and summary.to_dict()["threads"] == want
+    assert f"{want} CPU thread(s)" in format_run(summary)
+    # Without the option the run leaves torch's setting alone, and says what it was.
+    summary = run(loaded, [(SyntheticSource(fps=20, size=(16, 16), frames=2), ["size"])], policy="unlimited",
+                  deadline_s=30.0)
+    assert summary.threads == before and torch.get_num_threads() == before
+
+
+def test_onnxruntime_sessions_take_the_runs_thread_count(loaded):
+    engine = Engine(loaded, [(SyntheticSource(), ["color"])],
+                    RunOptions(policy="unlimited", device="cpu", backend="onnxruntime", threads=1))
+    state = engine.scheduler.acquire("color")
+    engine._ort.prepare("color", state)
+    assert engine._ort.sessions["color"].get_session_options().intra_op_num_threads == 1
+    default = loaded.session_over("color", state)
+    assert default.get_session_options().intra_op_num_threads == 0  # onnxruntime's own choice
 
 
 def test_a_stream_spec_reads_the_command_line_form():
@@ -420,11 +465,11 @@ def test_gemel_run_prints_a_json_summary(bundle, capsys, tmp_path):  # noqa: F81
     first_clip = _write_video(tmp_path / "a.avi", frames=12, fps=10)
     second_clip = _write_video(tmp_path / "b.avi", frames=6, fps=5)
     rc = main(["run", str(bundle[1]), "--stream", f"{first_clip}=size,color", "--stream", f"{second_clip}=spare",
-               "--memory-budget", "200MiB", "--deadline", "30000", "--json", "--device", "cpu"])
+               "--memory-budget", "200MiB", "--deadline", "30000", "--json", "--device", "cpu", "--threads", "1"])
     out = capsys.readouterr().out
     assert rc == 0
     summary = json.loads(out)
-    assert summary["stopped"] == "sources ended" and summary["policy"] == "merged"
+    assert summary["stopped"] == "sources ended" and summary["policy"] == "merged" and summary["threads"] == 1
     assert summary["budget_bytes"] == 200 * 2**20 and summary["device"] == "cpu"
     first, second = summary["streams"]
     assert first["models"] == ["size", "color"] and second["models"] == ["spare"]
@@ -472,7 +517,7 @@ def test_gemel_run_flags_come_from_the_run_options():
                                                      batching=False, deadline_ms=50)
     help_text = build_parser()._subparsers._group_actions[0].choices["run"].format_help()
     for flag in ("--backend {torch,onnxruntime}", "--device DEVICE", "--load {whole,layered}",
-                 "--memory-budget BYTES", "--deadline MS", "--eviction {belady,lru}", "--no-batching"):
+                 "--memory-budget BYTES", "--deadline MS", "--eviction {belady,lru}", "--no-batching", "--threads N"):
         assert flag in help_text, flag
     script = "import sys\nfrom gemel_studio.cli import build_parser\nbuild_parser()\nassert 'torch' not in sys.modules"
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)

@@ -44,7 +44,7 @@ class OrtRunner:
     wheel this project installs has no CUDA provider. A detector's graph (batch of one) gives
     its outputs as torchvision does: a list with one dict of boxes, scores and labels."""
 
-    def __init__(self, bundle, scheduler, names: list[str]):
+    def __init__(self, bundle, scheduler, names: list[str], threads: int | None = None):
         if scheduler.device.type != "cpu":
             raise GemelError(f"the onnxruntime backend runs on the CPU only (asked for {scheduler.device}); "
                              "use --device cpu, or --backend torch on a GPU")
@@ -55,6 +55,7 @@ class OrtRunner:
                              "use --backend torch")
         self.bundle = bundle
         self.scheduler = scheduler
+        self.threads = threads  # a session's intra-op threads (None: onnxruntime's own, one per core)
         self.sessions: dict[str, object] = {}
         self.sessions_made = {n: 0 for n in names}
         self._io: dict[str, tuple[str, list[str], bool]] = {}
@@ -71,7 +72,7 @@ class OrtRunner:
         """Make the model's session over `state` unless it still has one."""
         if name not in self.sessions:
             start = time.perf_counter()
-            self.sessions[name] = self.bundle.session_over(name, state)
+            self.sessions[name] = self.bundle.session_over(name, state, threads=self.threads)
             spent = time.perf_counter() - start
             self.scheduler.stats[name].load_seconds += spent
             self.scheduler.stats[name].load_wait_seconds += spent  # nothing runs meanwhile

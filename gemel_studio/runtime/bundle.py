@@ -345,15 +345,17 @@ class Bundle:
                                                            providers=providers or ["CPUExecutionProvider"])
         return self._sessions[key]
 
-    def session_over(self, name: str, state: dict[str, torch.Tensor], providers: list[str] | None = None):
+    def session_over(self, name: str, state: dict[str, torch.Tensor], providers: list[str] | None = None,
+                     threads: int | None = None):
         """A new (uncached) onnxruntime session for model `name` whose initializers are the given
         CPU tensors (state-dict key -> tensor, e.g. the runtime's resident copies), read in place:
-        the session holds references to them, so drop it when they are evicted."""
+        the session holds references to them, so drop it when they are evicted. `threads`: its
+        intra-op threads (None: onnxruntime's own)."""
         import onnxruntime as ort
 
         spec = self._onnx_spec(name)
         values = {k: ort.OrtValue.ortvalue_from_numpy(t.numpy()) for k, t in state.items()}
-        return self._session_over_values(spec, values, providers)
+        return self._session_over_values(spec, values, providers, threads)
 
     def _onnx_spec(self, name: str) -> BundleModel:
         spec = self.manifest.model(name)
@@ -361,12 +363,15 @@ class Bundle:
             raise BundleError(f"model '{name}' has no ONNX graph in this bundle; use the torch backend")
         return spec
 
-    def _session_over_values(self, spec: BundleModel, values: dict, providers: list[str] | None):
+    def _session_over_values(self, spec: BundleModel, values: dict, providers: list[str] | None,
+                             threads: int | None = None):
         import onnx
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        if threads is not None:
+            options.intra_op_num_threads = threads
         if spec.name not in self._initializer_names:  # read once: sessions are remade at every load
             graph = onnx.load(str(self.folder / spec.onnx), load_external_data=False).graph
             self._initializer_names[spec.name] = [init.name for init in graph.initializer]

@@ -25,6 +25,7 @@ passed, every source ended, `progress.cancel()` was called or Ctrl-C was pressed
 
 from __future__ import annotations
 
+import contextlib
 import math
 import queue
 import threading
@@ -81,7 +82,9 @@ class Engine:
                                                    options.eviction, demand)
         self.inputs = {m: tuple(bundle.manifest.model(m).input_size) for m in used}
         self.preprocessing = {m: bundle.manifest.model(m).preprocessing.image_preprocessing() for m in used}
-        self._ort = OrtRunner(bundle, self.scheduler, used) if backend == "onnxruntime" else None
+        self.threads = options.threads  # None: torch's and onnxruntime's own (one per core)
+        self.threads_used: int | None = None  # torch's intra-op threads while the run worked
+        self._ort = OrtRunner(bundle, self.scheduler, used, options.threads) if backend == "onnxruntime" else None
         self._torch = TorchRunner(bundle)
         self.load = load
         # model -> its layer plan; model -> why it loads whole although layered was asked
@@ -354,17 +357,37 @@ class Engine:
                                    commit=False)
         return nxt[0].model if nxt and nxt[0].model != m else None
 
+    @contextlib.contextmanager
+    def _torch_threads(self):
+        """torch's intra-op threads at `threads` while the engine works (the profile too, so that
+        its latencies are those of the run), torch's own setting again after. The setting is the
+        process's: a run sets it for as long as it works."""
+        before = torch.get_num_threads()
+        if self.threads is not None and self.threads != before:
+            torch.set_num_threads(self.threads)
+        try:
+            yield
+        finally:
+            if torch.get_num_threads() != before:
+                torch.set_num_threads(before)
+
     def profile_batches(self) -> None:
         """The short profile made at the start of a run (batching.profile_engine)."""
-        profile_engine(self)
+        with self._torch_threads():
+            profile_engine(self)
 
     def run(self, duration_s: float | None = None, progress=None,
             on_update: Callable[[RunSnapshot], None] | None = None, update_every_s: float = 0.5) -> RunSummary:
         """Process until `duration_s` passes, every source ends, `progress.cancel()` or Ctrl-C.
         Profiles the models' batch latencies first, unless `profile_batches()` already ran."""
+        with self._torch_threads():
+            return self._run(duration_s, progress, on_update, update_every_s)
+
+    def _run(self, duration_s, progress, on_update, update_every_s) -> RunSummary:
         self._running = True
         if not self.profiled:
             self.profile_batches()
+        self.threads_used = torch.get_num_threads()
         threads = [threading.Thread(target=self._produce, args=(i, src), name=f"gemel-source-{i}", daemon=True)
                    for i, (src, _) in enumerate(self.streams)]
         self._start = time.monotonic()
@@ -481,7 +504,7 @@ class Engine:
                           stopped=self.stopped, last_error=self.last_error,
                           streams=[s.row(self.elapsed_s) for s in self.stats], models=self._models(),
                           memory=memory, eviction=sched.eviction, batching=self.batching,
-                          **self._order_and_prefetch())
+                          threads=self.threads_used, **self._order_and_prefetch())
 
 
 def run(bundle, streams: list[tuple[FrameSource, list[str]]], options: RunOptions | None = None,

@@ -1,5 +1,5 @@
 """How a run runs, stated once: `RunOptions` (policy, memory budget, device, backend, loading,
-deadline, eviction, batching, prefetch, order), validated once, read by the `gemel run` flags (built from it
+deadline, eviction, batching, prefetch, CPU threads, order), validated once, read by the `gemel run` flags (built from it
 with gemel_studio.options), by the studio's Live preview form and by the `Engine`.
 
 What a run is fed and where it reports (its streams, duration, metrics port, results file)
@@ -81,6 +81,10 @@ class RunOptions(BaseModel):
         "auto", description="load the next model's weights while the model before it runs: auto (default: on CUDA, "
                             "where the copy does not take compute; off on a CPU, where it competes with inference "
                             "for the same cores), on or off")
+    threads: int | None = Field(
+        None, description="CPU threads one inference may use (default: torch's and onnxruntime's own, one per "
+                          "core); fewer leave cores to decoding and the rest of the box",
+        json_schema_extra={"metavar": "N"})
     order: Literal[ORDERS] = Field(
         "merge-aware", description="which waiting work runs next: merge-aware (default: among streams within "
                                    "one run of the fair share, the model with the fewest bytes left to load, so "
@@ -91,6 +95,13 @@ class RunOptions(BaseModel):
     def _positive_deadline(cls, value):
         if value is not None and not value > 0:
             raise GemelError(f"--deadline {value:g}: must be a positive number of milliseconds")
+        return value
+
+    @field_validator("threads")
+    @classmethod
+    def _positive_threads(cls, value):
+        if value is not None and value < 1:
+            raise GemelError(f"--threads {value}: must be at least 1 (or leave it out for one per core)")
         return value
 
     @model_validator(mode="after")

@@ -15,7 +15,8 @@ def format_run(summary: RunSummary) -> str:
     s = summary
     out = [f"{s.bundle}: policy {s.policy} (eviction {s.eviction}{', no batching' if not s.batching else ''}, "
            f"order {s.order}, prefetch {'on' if s.prefetch else 'off'}), "
-           f"budget {human_bytes(s.budget_bytes)}, device {s.device}, backend {s.backend}; ran {s.elapsed_s:.1f} s, "
+           f"budget {human_bytes(s.budget_bytes)}, device {s.device}, backend {s.backend}"
+           f"{'' if s.threads is None else f', {s.threads} CPU thread(s)'}; ran {s.elapsed_s:.1f} s, "
            f"stopped: {s.stopped}", ""]
     rows = [[r.name, ",".join(r.models), f"{r.fps:g}", str(r.frames_in), str(r.processed), str(r.dropped),
              _ms(r.latency_p50_ms), _ms(r.latency_p99_ms), f"{r.throughput_fps:.1f}", r.end_reason or "-"]

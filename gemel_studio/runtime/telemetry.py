@@ -242,13 +242,15 @@ class RunSummary(Scheduling):
     eviction: str = "belady"
     batching: bool = True
     order: str | None = field(default="merge-aware", kw_only=True)
+    threads: int | None = field(default=None, kw_only=True)  # CPU threads one inference could use (None: unknown)
 
     def to_dict(self) -> dict:
         return {"bundle": self.bundle, "backend": self.backend, "device": self.device, "policy": self.policy,
                 "budget_bytes": self.budget_bytes, "elapsed_s": self.elapsed_s, "stopped": self.stopped,
                 "last_error": self.last_error, "streams": [s.to_dict() for s in self.streams],
                 "models": {n: m.to_dict() for n, m in self.models.items()}, "memory": self.memory.to_dict(),
-                "eviction": self.eviction, "batching": self.batching, **self.scheduling_dict()}
+                "eviction": self.eviction, "batching": self.batching, "threads": self.threads,
+                **self.scheduling_dict()}
 
 
 class LatencyWindow:
