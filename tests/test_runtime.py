@@ -406,6 +406,19 @@ def test_a_run_infers_on_the_threads_it_was_given_and_gives_torch_its_own_settin
     assert summary.threads == before and torch.get_num_threads() == before
 
 
+def test_the_engine_trims_when_nothing_is_waiting(loaded):
+    from gemel_studio.runtime.heap import HeapTrimmer
+
+    engine = Engine(loaded, [(SyntheticSource(fps=20, size=(16, 16), frames=4), ["size"])], "unlimited",
+                    deadline_s=30.0)
+    calls = []
+    engine.heap = HeapTrimmer(every_s=0.0, trim=lambda pad: calls.append(pad) or 1)
+    summary = engine.run()
+    assert summary.stopped == "sources ended" and summary.streams[0].frames_in == 4
+    # Idle at least once: the run ends only when nothing waits, and checks for that after a trim.
+    assert calls and engine.heap.trims == len(calls)
+
+
 def test_onnxruntime_sessions_take_the_runs_thread_count(loaded):
     engine = Engine(loaded, [(SyntheticSource(), ["color"])],
                     RunOptions(policy="unlimited", device="cpu", backend="onnxruntime", threads=1))

@@ -4,8 +4,8 @@ the memory-budgeted scheduler and the inference engine behind `gemel run`.
 Modules, one concern each: `bundle` (load and verify), `sources` (frames in), `options` (how a
 run runs; torch-free, so the command builds its flags without torch), `scheduler` (what is
 resident), `layered` (layer-by-layer loading), `backends` (torch, onnxruntime), `batching`
-(which frames run next), `engine` (the run loop), `telemetry` (snapshots, summaries, memory
-probes), `summary_text`, `sinks` and `metrics`. The bundle names below are imported on first
+(which frames run next), `engine` (the run loop), `heap` (freed memory back to the system),
+`telemetry` (snapshots, summaries, memory probes), `summary_text`, `sinks` and `metrics`. The bundle names below are imported on first
 use, so that importing `gemel_studio.runtime.options` does not pull in torch.
 """
 

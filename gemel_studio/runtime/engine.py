@@ -38,6 +38,7 @@ from ..devices import resolve_device
 from ..errors import GemelError
 from .backends import OrtRunner, TorchRunner, prepare_input
 from .batching import BatchPlanner, Job, LatencyEstimates, profile_engine
+from .heap import HeapTrimmer
 from .layered import plan_layers, run_layered
 from .options import RunOptions
 from .scheduler import ModelScheduler
@@ -117,6 +118,7 @@ class Engine:
         # Per stream, the last frame processed in time and what each model made of it (previews).
         self.latest: list[dict | None] = [None] * len(self.streams)
         self._queue: queue.Queue = queue.Queue()
+        self.heap = HeapTrimmer()  # freed heap memory back to the system, when idle (heap.py)
         self._lock = threading.Lock()
         self._start = None
         self.elapsed_s = 0.0
@@ -411,6 +413,7 @@ class Engine:
                     except queue.Empty:
                         pass
                     if not self._waiting:
+                        self.heap.maybe_trim(now)  # nothing is waiting: the trim (ms) delays no frame
                         if not any(t.is_alive() for t in threads) and self._queue.empty():
                             stopped = "sources ended"
                         continue
