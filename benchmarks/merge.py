@@ -6,8 +6,8 @@ one JSON object.
                                          [--epochs 10] [--device auto] [--out out/bench-merge]
 
 gemel and bisect run as the reference does (first member's weights, statistics kept, no check
-before training); predict runs with the plan's init (default mean, batch-norm statistics
-recomputed), the check before training and the merge risk `gemel propose` measures (its
+before training); predict runs with a new plan's init (ties against the common ImageNet base on
+fashion, the members' mean on quickstart; batch-norm statistics recomputed), the check before training and the merge risk `gemel propose` measures (its
 seconds are reported beside predict's retraining seconds, `..._with_risk`). `gemel/init` (run
 by default) and `bisect/init` are the reference loops given predict's init and check before
 training: the strongest version of the other side, which tells what the init does apart from
@@ -258,6 +258,8 @@ def main() -> None:
     parser.add_argument("--finetune-epochs", type=int, help="epochs of fine-tuning the unmerged models "
                         "(default: 10 for quickstart, from scratch; 4 for fashion, from ImageNet weights)")
     parser.add_argument("--epochs", type=int, default=10, help="most epochs per retraining round")
+    parser.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd",
+                        help="every strategy's retraining optimizer (sgd: momentum 0.9)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--time-budget", type=float, help="seconds per strategy run")
@@ -268,8 +270,9 @@ def main() -> None:
                         help="candidates saving less than this fraction of the all-shareable bound are not tried "
                              "(the same for every strategy; 0 tries everything)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--init", default="mean", choices=["mean", "fisher", "first", "ties"],
-                        help="predict's init method")
+    parser.add_argument("--init", default="auto", choices=["auto", "mean", "fisher", "first", "ties"],
+                        help="predict's init method; auto (a new plan's default): ties against the common "
+                             "pretrained base where the workload has one (fashion), else mean")
     parser.add_argument("--skip-zero-retraining", action="store_true",
                         help="do not compare the inits (each one's accuracy with the groups tied)")
     parser.add_argument("--inits", nargs="*", default=list(INIT_VARIANTS), choices=list(INIT_VARIANTS),
@@ -284,7 +287,7 @@ def main() -> None:
     args = parser.parse_args()
     limit = args.limit or None
     device = resolve_device(args.device)
-    settings = {"optimizer": "sgd", "lr": args.lr, "epochs": args.epochs, "batch_size": args.batch_size,
+    settings = {"optimizer": args.optimizer, "lr": args.lr, "epochs": args.epochs, "batch_size": args.batch_size,
                 "device": args.device, "checks_per_epoch": args.checks_per_epoch}
     result = {"device": device_name() if device.type == "cpu" else f"{gpu_name(device)}, torch {torch.__version__}",
               "device_type": device.type, "limit": limit, "retraining": settings, "workloads": {}}
@@ -308,7 +311,8 @@ def main() -> None:
             row["init_comparison"] = compare_inits(workload_path, plan_path, limit, args.inits, tv_base,
                                                    top_groups=args.init_groups, settings=init_retraining)
         risk_plan = base / "finetuned" / "plan-risk.yaml"
-        predict_init = init_settings(args.init, tv_base) or InitSettings(method="mean")  # ties needs a base
+        init_name = ("ties" if tv_base is not None else "mean") if args.init == "auto" else args.init
+        predict_init = init_settings(init_name, tv_base) or InitSettings(method="mean")  # ties needs a base
         if "predict" in args.strategies:
             started = time.perf_counter()
             plan = load_plan(plan_path)

@@ -75,12 +75,15 @@ def cmd_propose(args) -> int:
     analysis = analyze_workload(workload, alignment=args.alignment)
     plan = propose_plan(workload, analysis)
     base = PretrainedBase.parse(args.base) if args.base else None
-    if base is None and args.init == "ties":
+    method = args.init
+    if method == "auto":  # ties against the common base where there is one (default_init), else mean
+        method = "ties" if base is not None or plan.init.method == "ties" else "mean"
+    if base is None and method == "ties":
         base = PretrainedBase.common(workload)
         if base is None:
             raise GemelError("--init ties needs the models' common pretrained weights: name them with "
                              "--base ARCHITECTURE:WEIGHTS (the workload's models do not name one set)")
-    plan.init = InitSettings(method=args.init, base=base)
+    plan.init = InitSettings(method=method, base=base if method == "ties" else None)
     notes: list[str] = []
     if not args.no_risk and plan.groups:
         from .merging.risk import measure_risk
@@ -337,9 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, required=True, help="the plan file to write (YAML)")
     p.add_argument("--alignment", choices=["structure", "order", "combined"], default="structure",
                    help="combined: structure's pairs, then what it left unpaired by GEMEL's order rule")
-    p.add_argument("--init", choices=["mean", "first", "fisher", "ties"], default="mean",
-                   help="how a shared tensor starts: members' mean (default), first member's (GEMEL), "
-                        "Fisher-weighted mean, or TIES against the common pretrained base")
+    p.add_argument("--init", choices=["auto", "mean", "first", "fisher", "ties"], default="auto",
+                   help="how a shared tensor starts: members' mean, first member's (GEMEL), Fisher-weighted "
+                        "mean, or TIES against the common pretrained base; auto (default): ties where the "
+                        "models name one set of pretrained weights (or --base names it), else mean")
     p.add_argument("--base", metavar="ARCH:WEIGHTS",
                    help="the pretrained weights the models were fine-tuned from, for --init ties")
     p.add_argument("--no-risk", action="store_true",

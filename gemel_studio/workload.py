@@ -47,6 +47,9 @@ class CheckpointSource(_Strict):
     kind: Literal["checkpoint"]
     architecture: str
     path: Path
+    # The torchvision weights it was fine-tuned from (`gemel finetune` writes it): the common base
+    # `ties` merges against, found without --base.
+    finetuned_from: str | None = None
 
     _known_architecture = field_validator("architecture")(TorchvisionSource._known_architecture.__func__)
 

@@ -222,6 +222,29 @@ def test_predicts_first_block_spends_half_of_each_models_margin_fewest_points_pe
         [["cheap-big", "dear-small", "b-only"], ["over", "unmeasured"]]
 
 
+def test_predict_puts_small_groups_by_their_joint_drop_a_harmless_tail_with_the_low_risk_block():
+    from gemel_studio.merging.heuristic import group_risk, predicted_blocks
+    from gemel_studio.merging.plan import GroupRisk
+
+    def tail(gid: str, joint: dict[str, float]):
+        g = _group(gid, 5, {})
+        g.risk = GroupRisk(cka=0.2, joint_drop=joint, joint_groups=2)  # a low CKA: 1 - CKA would say risky
+        return g
+
+    big = _group("big", 1000, {"a": 0.04, "b": 0.0})  # low risk, but over a's room for the first block
+    harmless = [tail("t1", {"a": 0.01, "b": 0.02}), tail("t2", {"a": 0.01, "b": 0.02})]
+    assert group_risk(harmless[0]) == 0.02
+    blocks = predicted_blocks([big, *harmless], {"a": 0.05, "b": 0.05})
+    assert [[g.id for g in c.groups] for c in blocks] == [["big", "t1", "t2"]]
+    harmful = [tail("t1", {"a": 0.15, "b": 0.0}), tail("t2", {"a": 0.15, "b": 0.0})]
+    blocks = predicted_blocks([big, *harmful], {"a": 0.05, "b": 0.05})
+    assert [[g.id for g in c.groups] for c in blocks] == [["big"], ["t1", "t2"]]
+    # With room for everything, only the groups measured alone are predicted to need no retraining: a joint
+    # drop is not the group's own, and added up per group it would count the tail many times.
+    blocks = predicted_blocks([big, *harmless], {"a": 1.0, "b": 1.0})
+    assert [[g.id for g in c.groups] for c in blocks] == [["big"], ["t1", "t2"]]
+
+
 def test_predict_banks_the_predicted_block_with_zero_retraining(write_workload):
     from gemel_studio.merging.plan import GroupRisk
 

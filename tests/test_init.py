@@ -116,9 +116,12 @@ def test_plan_round_trips_the_new_fields_and_old_plans_load(tmp_path, small):
     plan.init = InitSettings(method="ties", base=PretrainedBase(architecture="resnet18", weights="IMAGENET1K_V1"),
                              ties_density=0.3, bn_batches=5)
     plan.groups[0].risk = GroupRisk(cka=0.93, drop={"a": 0.01, "b": 0.2}, init="mean")
+    plan.groups[-1].risk = GroupRisk(cka=0.5, joint_drop={"a": 0.07, "b": 0.0}, joint_groups=12, init="mean")
     save_plan(plan, tmp_path / "plan.yaml")
     again = load_plan(tmp_path / "plan.yaml", w, analysis)
     assert again == plan and again.groups[0].risk.max_drop == 0.2
+    assert again.groups[-1].risk.max_drop is None and again.groups[-1].risk.max_joint_drop == 0.07
+    assert again.groups[-1].risk.joint_groups == 12 and not again.groups[0].risk.joint_drop
     # A version-1 plan (no init, no risk) loads as GEMEL's tying: first member, statistics kept.
     data = yaml.safe_load((tmp_path / "plan.yaml").read_text())
     data["version"] = 1
@@ -129,3 +132,25 @@ def test_plan_round_trips_the_new_fields_and_old_plans_load(tmp_path, small):
     (tmp_path / "old.yaml").write_text(yaml.safe_dump(data))
     old = load_plan(tmp_path / "old.yaml", w, analysis)
     assert old.init.method == "first" and not old.init.recompute_bn and old.groups[0].risk is None
+
+
+def test_a_new_plan_starts_with_ties_against_the_models_common_weights_else_the_mean(write_workload, tmp_path):
+    from gemel_studio.merging.plan import default_init
+    from gemel_studio.workload import CheckpointSource
+
+    plain = load_workload(write_workload([tv("a", "resnet18", num_classes=3), tv("b", "resnet18", num_classes=2)],
+                                         input_size=[3, 16, 16]))
+    assert default_init(plain) == InitSettings(method="mean")
+    named = plain.model_copy(deep=True)
+    for spec in named.models:
+        spec.source.weights = "IMAGENET1K_V1"
+    init = default_init(named)
+    assert init.method == "ties" and init.base == PretrainedBase(architecture="resnet18", weights="IMAGENET1K_V1")
+    # A fine-tuned checkpoint that records what it was fine-tuned from counts as that base.
+    for spec in named.models:
+        spec.source = CheckpointSource(kind="checkpoint", architecture="resnet18", path=tmp_path / f"{spec.name}.pt",
+                                       finetuned_from="IMAGENET1K_V1")
+    assert default_init(named) == init
+    # Two different bases: no common one, so the mean.
+    named.models[1].source.finetuned_from = "IMAGENET1K_V2"
+    assert default_init(named) == InitSettings(method="mean")

@@ -46,6 +46,12 @@ def test_propose_records_risk_per_group_and_no_risk_skips_it(tmp_path, write_wor
         assert set(g.risk.drop) == ({"color", "shape"} if heavy else set())
         assert all(-1.0 <= d <= 1.0 for d in g.risk.drop.values())
     assert any(g.risk.drop for g in plan.groups)
+    # The small groups: one drop measured with all of them tied together, recorded by each for its members.
+    small = [g for g in plan.groups if g.savings_bytes < int(0.05 * bound)]
+    assert small
+    for g in plan.groups:
+        expected = {m.model for m in g.members} if g in small else set()
+        assert set(g.risk.joint_drop) == expected and g.risk.joint_groups == (len(small) if g in small else 0)
     # Two independently initialised ResNet-18s: their first convolutions compute different features.
     conv1 = next(g for g in plan.groups if g.members[0].layer == "conv1")
     assert conv1.risk.cka < 0.99
@@ -96,7 +102,8 @@ def test_measure_risk_reports_the_cka_stage_model_by_model_then_the_drop(three_r
     cka_total = {t for stage, _, t, _ in rec.updates if "CKA" in stage}
     assert cka_total == {3}
     heavy = sum(g.savings_bytes >= int(0.2 * bound) for g in plan.groups)
-    assert 0 < heavy < len(plan.groups) and rec.steps("tied alone") == list(range(1, heavy + 1))
+    # Each heavy group alone, then one more step: the small ones tied together.
+    assert 0 < heavy < len(plan.groups) and rec.steps("tied alone") == list(range(1, heavy + 2))
     stages = [stage for stage, *_ in rec.updates]
     last_cka = max(i for i, s in enumerate(stages) if "CKA" in s)
     assert last_cka < min(i for i, s in enumerate(stages) if "tied alone" in s)  # CKA first, then the drop
@@ -130,3 +137,23 @@ def test_a_cancel_during_the_cka_stage_stops_it_before_the_drop_stage(three_resn
         risk.measure_risk(w, plan, limit=20, per_model=8, eval_limit=16, progress=progress)
     assert calls == {"layer_grams": 1, "evaluate": 0}  # the other two models and the drop stage never ran
     assert rec.steps("CKA") == [1] and rec.steps("tied alone") == []
+
+
+def test_the_joint_drop_of_the_small_groups_is_measured_from_the_unmerged_weights(three_resnets):
+    """The heavy groups are measured (and given back) first: the small groups' joint drop must
+    equal one measured with nothing else tied before it."""
+    from gemel_studio.merging.pipeline import prepare_merge
+    from gemel_studio.merging.risk import JOINT, group_drops, measure_risk
+
+    w, plan, bound = three_resnets
+    floor = int(0.2 * bound)
+    measured, notes = measure_risk(w, plan, limit=20, per_model=8, eval_limit=16, drop_min_savings=floor)
+    small = [g for g in plan.groups if g.savings_bytes < floor]
+    assert small and any("tied all together" in n for n in notes)
+    ctx = prepare_merge(w, plan, limit=20)
+    alone, _ = group_drops(ctx.build_models, ctx.base_state, ctx.data, [], plan, eval_limit=16, together=small)
+    by_id = {g.id: g for g in measured.groups}
+    for g in small:
+        assert by_id[g.id].risk.joint_drop == {n: round(d, 4) for n, d in alone[JOINT].items()
+                                               if n in {m.model for m in g.members}}
+    assert not any(by_id[g.id].risk.joint_drop for g in plan.groups if g.savings_bytes >= floor)

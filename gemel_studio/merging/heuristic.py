@@ -15,7 +15,8 @@ Two strategies over the same candidates, retraining and bookkeeping:
   drops, added up per model, stay within half of each model's margin (unmerged accuracy minus
   target), fewest points lost per byte first: predicted to merge with zero retraining, which
   the check before training confirms. Then the other low-risk groups (largest drop at most
-  LOW_RISK), then the rest; a failed block is split by risk, the safer half first, so risky
+  LOW_RISK; a group too small for a drop of its own counts the drop of all such groups tied
+  together, so a harmless tail joins this block and a harmful one waits), then the rest; a failed block is split by risk, the safer half first, so risky
   groups end up alone and last. Without risk figures it is bisection with the risk-ordered
   split.
 
@@ -53,12 +54,15 @@ SAFE_SHARE = 0.5  # predict: the first block may spend this share of each model'
 
 def group_risk(g: PlannedGroup) -> float:
     """How risky a group is to merge, from its measured risk (plan.groups[].risk): the largest
-    accuracy drop when tied alone, else 1 - CKA; 0.5 (unknown) without a measurement."""
+    accuracy drop when tied alone, else when tied together with the other small groups (a group
+    too small for its own), else 1 - CKA; 0.5 (unknown) without a measurement."""
     r = g.risk
     if r is None:
         return 0.5
     if r.drop:
         return max(0.0, max(r.drop.values()))
+    if r.joint_drop:
+        return max(0.0, max(r.joint_drop.values()))
     if r.cka is not None:
         return max(0.0, 1.0 - r.cka)
     return 0.5

@@ -287,7 +287,9 @@ def finetune_workload(workload: Workload, out_dir: Path, settings: RetrainSettin
         # The checkpoint no longer names the pretrained weights: keep what they prescribed.
         kept = pinned(workload, workload.model(spec.name))
         spec.preprocessing, spec.class_names = kept.preprocessing, kept.class_names
-        spec.source = CheckpointSource(kind="checkpoint", architecture=spec.source.architecture, path=Path(path.name))
+        base = spec.source.weights if isinstance(spec.source, TorchvisionSource) else spec.source.finetuned_from
+        spec.source = CheckpointSource(kind="checkpoint", architecture=spec.source.architecture, path=Path(path.name),
+                                       finetuned_from=base)
         summary[spec.name] = {"metric": metric_name(data.task), "accuracy": result.accuracy[spec.name],
                               "initial_accuracy": result.initial_accuracy[spec.name],
                               "seconds": result.seconds, "epochs": len(result.history)}

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..analysis import WorkloadAnalysis
 from ..errors import GemelError
-from ..workload import TorchvisionSource, Workload, workload_to_dict
+from ..workload import CheckpointSource, TorchvisionSource, Workload, workload_to_dict
 from .options import RetrainSettings  # noqa: F401  (a plan's `retraining:`; stated with the merge's options)
 
 PLAN_VERSION = 2
@@ -51,10 +51,19 @@ class GroupRisk(_Strict):
     cka: float | None = None  # lowest linear CKA between two members' activations at the layer (1 = same)
     drop: dict[str, float] = Field(default_factory=dict)  # accuracy each member loses, the group alone tied
     init: str | None = None  # the init method the drop was measured with
+    # For a group too small for its own drop (under the floor): each member's accuracy lost when
+    # it is tied together with every other such group (`joint_groups` in all), measured once for
+    # them all. An upper bound of the group's own share, not its drop alone.
+    joint_drop: dict[str, float] = Field(default_factory=dict)
+    joint_groups: int = Field(0, ge=0)
 
     @property
     def max_drop(self) -> float | None:
         return max(self.drop.values()) if self.drop else None
+
+    @property
+    def max_joint_drop(self) -> float | None:
+        return max(self.joint_drop.values()) if self.joint_drop else None
 
 
 class PlannedMember(_Strict):
@@ -90,9 +99,12 @@ class PretrainedBase(_Strict):
 
     @classmethod
     def common(cls, workload: Workload) -> "PretrainedBase | None":
-        """The torchvision weights every torchvision model of the workload names, if one set."""
+        """The torchvision weights every torchvision model of the workload names (or a checkpoint
+        says it was fine-tuned from, as `gemel finetune` writes), if one set."""
         named = {(s.source.architecture, s.source.weights) for s in workload.models
                  if isinstance(s.source, TorchvisionSource) and s.source.weights}
+        named |= {(s.source.architecture, s.source.finetuned_from) for s in workload.models
+                  if isinstance(s.source, CheckpointSource) and s.source.finetuned_from}
         if len(named) == 1:
             arch, weights = named.pop()
             return cls(architecture=arch, weights=weights)
@@ -137,14 +149,22 @@ def workload_hash(workload: Workload) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
+def default_init(workload: Workload) -> InitSettings:
+    """The init a new plan gets: TIES against the models' common pretrained weights when they name
+    one set (measured fastest to repair on the Fashion-MNIST workload), else the members' mean."""
+    base = PretrainedBase.common(workload)
+    return InitSettings(method="ties", base=base) if base is not None else InitSettings(method="mean")
+
+
 def propose_plan(workload: Workload, analysis: WorkloadAnalysis) -> MergePlan:
-    """Every share group as a proposal, heaviest savings first (GEMEL's first observation)."""
+    """Every share group as a proposal, heaviest savings first (GEMEL's first observation), with
+    the default init (default_init)."""
     groups = [PlannedGroup(id=f"g{i + 1:03d}", signature=g.signature,
                            members=[PlannedMember(model=m.model, layer=m.layer) for m in g.members],
                            bytes_per_copy=g.bytes_per_copy)
               for i, g in enumerate(analysis.groups)]
     return MergePlan(workload=PlanWorkload(name=workload.name, sha256=workload_hash(workload)),
-                     alignment=analysis.alignment, groups=groups)
+                     alignment=analysis.alignment, groups=groups, init=default_init(workload))
 
 
 def check_plan_workload(plan: MergePlan, workload: Workload, origin: str = "plan") -> None:

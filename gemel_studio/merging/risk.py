@@ -11,7 +11,9 @@ only for the drop; unlabelled frames are enough for the similarity):
 - `drop`: each member's accuracy lost on (up to `eval_limit` samples of) its held-out split
   when this group alone is tied with the plan's init (batch-norm statistics recomputed as the
   init says), before any retraining. A small drop means retraining has little to repair; it
-  does not add up across groups.
+  does not add up across groups. The groups too small to be worth a drop of their own (under
+  `drop_min_savings`) are tied all together once instead, and each records that joint drop
+  (`joint_drop`): what tying the whole tail costs, an upper bound of any one's share.
 
 `gemel propose` records both in the plan (`groups[].risk`); `--no-risk` skips them.
 """
@@ -29,6 +31,8 @@ from .datasets import ModelData
 from .initialise import after_tying, initialise_groups
 from .plan import GroupRisk, MergePlan, PlannedGroup
 from .retrain import evaluate
+
+JOINT = "(together)"  # group_drops' key for the groups measured together
 
 
 def _centred_gram(x: torch.Tensor) -> torch.Tensor:
@@ -130,16 +134,17 @@ def group_cka(models: Mapping[str, torch.nn.Module], data: Mapping[str, ModelDat
 
 def group_drops(build_models, base_state: Mapping[str, Mapping[str, torch.Tensor]], data: Mapping[str, ModelData],
                 groups: Sequence[PlannedGroup], plan: MergePlan, *, eval_limit: int = 256, bn_batches: int = 3,
-                init_base=None, device: torch.device | str = "cpu",
-                progress: Progress | None = None) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+                init_base=None, device: torch.device | str = "cpu", progress: Progress | None = None,
+                together: Sequence[PlannedGroup] = ()) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
     """For each group alone: each member's accuracy before minus after tying it with the plan's
-    init (no retraining). Returns ({group id: {model: drop}}, {model: unmerged accuracy})."""
+    init (no retraining). `together`: groups measured once, all tied at the same time, under the
+    key JOINT. Returns ({group id or JOINT: {model: drop}}, {model: unmerged accuracy})."""
     device = torch.device(device)
     progress = progress or Progress()
     init = plan.init.model_copy(update={"bn_batches": min(plan.init.bn_batches, bn_batches)})
     progress.check()  # a cancel during an earlier stage stops before this one builds anything
     models = build_models()
-    names = sorted({m.model for g in groups for m in g.members} & set(models) & set(data))
+    names = sorted({m.model for g in [*groups, *together] for m in g.members} & set(models) & set(data))
     val = {n: Subset(data[n].val, range(min(eval_limit, len(data[n].val)))) for n in names}
     before = {}
     for n in names:
@@ -147,27 +152,39 @@ def group_drops(build_models, base_state: Mapping[str, Mapping[str, torch.Tensor
         models[n].load_state_dict(base_state[n])
         models[n].to(device)
         before[n] = evaluate(models[n], val[n], device, task=data[n].task)
-    drops: dict[str, dict[str, float]] = {}
-    progress.start(len(groups), "merge risk: each group tied alone")
-    for g in groups:
-        progress.check()
-        members = [m.model for m in g.members]
-        if not set(members) <= set(names):
-            progress.step(f"{g.id}: skipped (a member has no data)")
-            continue
-        initialise_groups(models, [g], init, data, init_base, device=device)
+
+    def drop_of(block: Sequence[PlannedGroup]) -> dict[str, float]:
+        """Tie `block` with the init, measure every member's drop, give the weights back."""
+        members = sorted({m.model for g in block for m in g.members})
+        initialise_groups(models, list(block), init, data, init_base, device=device)
         if init.method == "first":  # tying gives every member the first member's copy
-            owner = models[members[0]].get_submodule(g.members[0].layer)
             with torch.no_grad():
-                for m in g.members[1:]:
-                    layer = models[m.model].get_submodule(m.layer)
-                    for pname, p in owner.named_parameters(recurse=False):
-                        getattr(layer, pname).copy_(p)
+                for g in block:
+                    owner = models[g.members[0].model].get_submodule(g.members[0].layer)
+                    for m in g.members[1:]:
+                        layer = models[m.model].get_submodule(m.layer)
+                        for pname, p in owner.named_parameters(recurse=False):
+                            getattr(layer, pname).copy_(p)
         after_tying(models, members, init, data, device=device)
-        drops[g.id] = {n: before[n] - evaluate(models[n], val[n], device, task=data[n].task) for n in members}
+        out = {n: before[n] - evaluate(models[n], val[n], device, task=data[n].task) for n in members}
         for n in members:
             models[n].load_state_dict(base_state[n])
+        return out
+
+    usable = [g for g in together if {m.model for m in g.members} <= set(names)]
+    drops: dict[str, dict[str, float]] = {}
+    progress.start(len(groups) + (1 if usable else 0), "merge risk: each group tied alone")
+    for g in groups:
+        progress.check()
+        if not {m.model for m in g.members} <= set(names):
+            progress.step(f"{g.id}: skipped (a member has no data)")
+            continue
+        drops[g.id] = drop_of([g])
         progress.step(f"{g.id}: largest drop {max(drops[g.id].values()):+.3f}")
+    if usable:
+        progress.check()
+        drops[JOINT] = drop_of(usable)
+        progress.step(f"the {len(usable)} small groups tied together: largest drop {max(drops[JOINT].values()):+.3f}")
     return drops, before
 
 
@@ -204,16 +221,22 @@ def measure_risk(workload, plan: MergePlan, *, limit: int | None = None, per_mod
     progress.check()  # the drop stage (and a TIES base load) only starts if not cancelled
     base = load_base(workload, ctx.names, plan.init) if plan.init.method == "ties" else None
     heavy = [g for g in groups if g.savings_bytes >= drop_min_savings]
-    if len(heavy) < len(groups):
-        notes.append(f"{len(groups) - len(heavy)} group(s) saving under {drop_min_savings} bytes: CKA only, no drop")
+    small = [g for g in groups if g.savings_bytes < drop_min_savings]
+    if small:
+        notes.append(f"{len(small)} group(s) saving under {drop_min_savings} bytes: no drop of their own; "
+                     "their drop tied all together is measured once")
     drops, _ = group_drops(ctx.build_models, ctx.base_state, ctx.data, heavy, plan, eval_limit=eval_limit,
-                           init_base=base, device=device, progress=progress)
+                           init_base=base, device=device, progress=progress, together=small)
+    joint, small_ids = drops.get(JOINT, {}), {g.id for g in small}
     by_id = {g.id: g for g in out.groups}
     for g in groups:
+        members = {m.model for m in g.members}
+        shared = {k: round(v, 4) for k, v in joint.items() if k in members} if g.id in small_ids else {}
         by_id[g.id].risk = GroupRisk(cka=None if cka.get(g.id) is None else round(cka[g.id], 4),
                                      drop={k: round(v, 4) for k, v in drops.get(g.id, {}).items()},
-                                     init=plan.init.method)
+                                     init=plan.init.method, joint_drop=shared,
+                                     joint_groups=len(small) if shared else 0)
     return out, notes
 
 
-__all__ = ["cka_from_grams", "group_cka", "group_drops", "layer_grams", "linear_cka", "measure_risk"]
+__all__ = ["JOINT", "cka_from_grams", "group_cka", "group_drops", "layer_grams", "linear_cka", "measure_risk"]

@@ -46,7 +46,8 @@ RISK_MIN_FRACTION = 0.01  # as `gemel propose`: the drop only for groups saving 
 CKA_TIP = ("CKA: how alike the members' outputs at this layer are on the same inputs (lowest linear CKA over "
            "pairs; 1 = the same up to rotation and scale, near 0 = unrelated). A ranking signal, not a promise.")
 DROP_TIP = ("Drop: the most accuracy a member loses on its held-out split when this group alone is tied, "
-            "before any retraining (what retraining must repair). Drops do not add up across groups.")
+            "before any retraining (what retraining must repair). Drops do not add up across groups. "
+            "≤: a group too small for its own, showing the drop of all such groups tied together.")
 
 
 def risk_level_of_drop(drop: float) -> float:
@@ -72,7 +73,12 @@ def _readable(note: str) -> str:
 
 
 def largest_drop(group: PlannedGroup) -> float | None:
-    return group.risk.max_drop if group.risk is not None else None
+    """The group's largest drop tied alone, else (a group too small for its own) tied together
+    with the other small groups; None when neither was measured."""
+    if group.risk is None:
+        return None
+    alone = group.risk.max_drop
+    return alone if alone is not None else group.risk.max_joint_drop
 
 
 @dataclass(frozen=True)
@@ -159,7 +165,10 @@ class PlanTableModel(QAbstractTableModel):
             if column == "CKA":
                 return "" if risk is None else "—" if raw is None else f"{raw:.2f}"
             if column == "Drop":
-                return "" if risk is None else "—" if raw is None else f"{raw * 100:+.1f} pts"
+                if risk is None:
+                    return ""
+                # A joint drop (the small groups tied together) bounds this group's share: "≤".
+                return "—" if raw is None else f"{'' if risk.drop else '≤'}{raw * 100:+.1f} pts"
             return raw
         if role == Qt.ItemDataRole.TextAlignmentRole and column in ("Saves", "CKA", "Drop"):
             return int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
@@ -186,6 +195,11 @@ class PlanTableModel(QAbstractTableModel):
             return "Not measured: press Measure risk"
         if column == "CKA":
             return CKA_TIP if risk.cka is not None else "Not comparable: the members' inputs or outputs differ"
+        if not risk.drop and risk.joint_drop:
+            lines = "<br>".join(f"{model}: {drop * 100:+.1f} pts" for model, drop in risk.joint_drop.items())
+            return (f"<b>{group.id}</b> saves too little for a drop of its own (under 1% of the bound by default): "
+                    f"tied together with all {risk.joint_groups} such groups (init {risk.init or '?'}), before "
+                    f"retraining, its members lose:<br>{lines}<br>This group's own share is at most that")
         if not risk.drop:
             return ("Not measured: the group saves too little of the all-shareable bound (under 1% by "
                     "default) to be worth a few forward passes; only its CKA was measured")

@@ -47,14 +47,19 @@ def test_risk_columns_match_measure_risk_sort_and_accept_under_a_drop(proposed, 
     # The figures are those of the core's function on the same plan (deterministic: seeded models and data).
     expected, _ = measure_risk(window.workload, panel.plan.model_copy(deep=True),
                                drop_min_savings=int(RISK_MIN_FRACTION * analysis.max_savings_bytes))
-    drops = {}
+    drops, alones = {}, {}
     for row, (shown, want) in enumerate(zip(panel.plan.groups, expected.groups)):
         assert shown.risk == want.risk
-        cka, drop = want.risk.cka, want.risk.max_drop
-        drops[want.id] = drop
+        cka, alone, joint = want.risk.cka, want.risk.max_drop, want.risk.max_joint_drop
+        assert (alone is None) != (joint is None)  # a drop of its own, or (a small group) the small ones' together
+        drop = drops[want.id] = alone if alone is not None else joint
+        alones[want.id] = alone
         assert table.data(table.index(row, col["CKA"]), RAW_ROLE) == cka
         assert table.data(table.index(row, col["CKA"])) == f"{cka:.2f}"
-        assert table.data(table.index(row, col["Drop"])) == ("—" if drop is None else f"{drop * 100:+.1f} pts")
+        assert table.data(table.index(row, col["Drop"]), RAW_ROLE) == drop
+        assert table.data(table.index(row, col["Drop"])) == ("" if alone is not None else "≤") + f"{drop * 100:+.1f} pts"
+        tip = table.data(table.index(row, col["Drop"]), Qt.ItemDataRole.ToolTipRole)
+        assert ("tied alone" in tip) == (alone is not None) and ("tied together" in tip) == (alone is None)
         # The colour scale: hue from green (120°, low risk) to red (0°).
         hue = table.data(table.index(row, col["CKA"]), Qt.ItemDataRole.BackgroundRole).color().hsvHueF()
         assert hue == pytest.approx((1 - risk_level_of_cka(cka)) / 3, abs=0.01)
@@ -62,8 +67,9 @@ def test_risk_columns_match_measure_risk_sort_and_accept_under_a_drop(proposed, 
             hue = table.data(table.index(row, col["Drop"]), Qt.ItemDataRole.BackgroundRole).color().hsvHueF()
             assert hue == pytest.approx((1 - risk_level_of_drop(drop)) / 3, abs=0.01)
     measured = [d for d in drops.values() if d is not None]
-    assert 0 < len(measured) < len(drops)  # the light groups get CKA only, as `gemel propose`
-    assert len(set(measured)) > 1
+    own = [d for d in alones.values() if d is not None]
+    assert 0 < len(own) < len(drops)  # the light groups get no drop of their own, as `gemel propose`
+    assert len(measured) == len(drops) and len(set(measured)) > 1
 
     # Sorting by the Drop column (a header click): smallest drop first, unmeasured groups last.
     header = panel.view.horizontalHeader()
@@ -95,7 +101,7 @@ def test_risk_columns_match_measure_risk_sort_and_accept_under_a_drop(proposed, 
     assert accepted == want and 0 < len(want) < n
     assert panel.plan.groups[safest].state is GroupState.rejected
     note = panel.plan_label.text()
-    assert "Accepted" in note and "without a measured drop kept their state" in note
+    assert "Accepted" in note and "without a measured drop" not in note  # every group has one
     # The Retraining tab merges the same plan, risk included (its `predict` strategy reads it).
     assert window.retraining_panel.plan is panel.plan
 
@@ -141,8 +147,9 @@ def test_the_quickstart_shows_the_risk_columns(window, open_and_wait, qtbot):
         cka = table.data(table.index(row, col["CKA"]))
         drop = table.data(table.index(row, col["Drop"]))
         assert cka not in ("", "—") and 0.0 <= float(cka) <= 1.0
-        assert (drop.endswith(" pts") and set(group.risk.drop) == set(group_models(group))) \
-            if group.savings_bytes >= floor else drop == "—"
+        heavy = group.savings_bytes >= floor  # a drop of its own; the others show the small groups' together
+        assert drop.endswith(" pts") and drop.startswith("≤") != heavy
+        assert set(group.risk.drop if heavy else group.risk.joint_drop) == set(group_models(group))
 
 
 def group_models(group) -> list[str]:
