@@ -223,8 +223,8 @@ def measure_risk(workload, plan: MergePlan, *, limit: int | None = None, per_mod
     heavy = [g for g in groups if g.savings_bytes >= drop_min_savings]
     small = [g for g in groups if g.savings_bytes < drop_min_savings]
     if small:
-        notes.append(f"{len(small)} group(s) saving under {drop_min_savings} bytes: no drop of their own; "
-                     "their drop tied all together is measured once")
+        notes.append(f"{len(small)} group(s) saving under {drop_min_savings} bytes: tied all together for one "
+                     "joint drop, none of their own")
     drops, _ = group_drops(ctx.build_models, ctx.base_state, ctx.data, heavy, plan, eval_limit=eval_limit,
                            init_base=base, device=device, progress=progress, together=small)
     joint, small_ids = drops.get(JOINT, {}), {g.id for g in small}
