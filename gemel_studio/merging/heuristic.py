@@ -16,8 +16,8 @@ Two strategies over the same candidates, retraining and bookkeeping:
   target), fewest points lost per byte first: predicted to merge with zero retraining, which
   the check before training confirms. Then the other low-risk groups (largest drop at most
   LOW_RISK; a group too small for a drop of its own counts the drop of all such groups tied
-  together, so a harmless tail joins this block and a harmful one waits), then the rest; a failed block is split by risk, the safer half first, so risky
-  groups end up alone and last. Without risk figures it is bisection with the risk-ordered
+  together, so a harmless tail joins this block and a harmful one waits), then the rest; a
+  failed block is split by risk, the safer half first, so risky groups end up alone and last. Without risk figures it is bisection with the risk-ordered
   split.
 
 Retraining always starts from the last banked weights; a failed round is thrown away.

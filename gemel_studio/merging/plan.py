@@ -53,7 +53,7 @@ class GroupRisk(_Strict):
     init: str | None = None  # the init method the drop was measured with
     # For a group too small for its own drop (under the floor): each member's accuracy lost when
     # it is tied together with every other such group (`joint_groups` in all), measured once for
-    # them all. An upper bound of the group's own share, not its drop alone.
+    # them all: what the whole tail costs, not this group's drop alone (usually less).
     joint_drop: dict[str, float] = Field(default_factory=dict)
     joint_groups: int = Field(0, ge=0)
 

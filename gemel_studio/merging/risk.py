@@ -13,7 +13,7 @@ only for the drop; unlabelled frames are enough for the similarity):
   init says), before any retraining. A small drop means retraining has little to repair; it
   does not add up across groups. The groups too small to be worth a drop of their own (under
   `drop_min_savings`) are tied all together once instead, and each records that joint drop
-  (`joint_drop`): what tying the whole tail costs, an upper bound of any one's share.
+  (`joint_drop`): what tying the whole tail costs; one group's own drop is usually less.
 
 `gemel propose` records both in the plan (`groups[].risk`); `--no-risk` skips them.
 """

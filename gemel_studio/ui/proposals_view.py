@@ -47,7 +47,8 @@ CKA_TIP = ("CKA: how alike the members' outputs at this layer are on the same in
            "pairs; 1 = the same up to rotation and scale, near 0 = unrelated). A ranking signal, not a promise.")
 DROP_TIP = ("Drop: the most accuracy a member loses on its held-out split when this group alone is tied, "
             "before any retraining (what retraining must repair). Drops do not add up across groups. "
-            "≤: a group too small for its own, showing the drop of all such groups tied together.")
+            "≤: a group too small for its own, showing the drop of all such groups tied together (one "
+            "group's own is usually less).")
 
 
 def risk_level_of_drop(drop: float) -> float:
@@ -167,7 +168,7 @@ class PlanTableModel(QAbstractTableModel):
             if column == "Drop":
                 if risk is None:
                     return ""
-                # A joint drop (the small groups tied together) bounds this group's share: "≤".
+                # A joint drop (the small groups tied together): this group's own is usually less, "≤".
                 return "—" if raw is None else f"{'' if risk.drop else '≤'}{raw * 100:+.1f} pts"
             return raw
         if role == Qt.ItemDataRole.TextAlignmentRole and column in ("Saves", "CKA", "Drop"):
@@ -199,7 +200,7 @@ class PlanTableModel(QAbstractTableModel):
             lines = "<br>".join(f"{model}: {drop * 100:+.1f} pts" for model, drop in risk.joint_drop.items())
             return (f"<b>{group.id}</b> saves too little for a drop of its own (under 1% of the bound by default): "
                     f"tied together with all {risk.joint_groups} such groups (init {risk.init or '?'}), before "
-                    f"retraining, its members lose:<br>{lines}<br>This group's own share is at most that")
+                    f"retraining, its members lose:<br>{lines}<br>This group's own share is usually less")
         if not risk.drop:
             return ("Not measured: the group saves too little of the all-shareable bound (under 1% by "
                     "default) to be worth a few forward passes; only its CKA was measured")
