@@ -154,7 +154,8 @@ def run_policy(bundle, names: list[str], args, policy: str, budget: int | None, 
 
     streams = [(source(i), [names[i % len(names)]]) for i in range(n_streams)]
     options = RunOptions(policy=policy, memory_budget=budget, device=args.device, backend=args.backend, load=load,
-                         eviction=eviction, batching=batching, order=order, prefetch=prefetch)
+                         eviction=eviction, batching=batching, order=order, prefetch=prefetch,
+                         threads=args.threads or None)
     summary = Engine(bundle, streams, options).run(args.duration)
     models, rows, mem = summary.models.values(), summary.streams, summary.memory
     batches = sum(m.batches for m in models)
@@ -199,7 +200,7 @@ def cold_starts(bundle, names: list[str], args, load: str, rounds: int) -> dict:
     largest = max(ModelScheduler.for_bundle(bundle, [n], "time-sharing", 10**15).stats[n].bytes for n in names)
     engine = Engine(bundle, [(SyntheticSource(), names)], RunOptions(policy="time-sharing", memory_budget=largest,
                                                                       device=args.device, backend=args.backend,
-                                                                      load=load))
+                                                                      load=load, threads=args.threads or None))
     frame = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))
     times: dict[str, list[float]] = {n: [] for n in names}
     for _ in range(rounds):
@@ -259,9 +260,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs of each policy and budget (the median "
                         "is reported, with the range)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: on a box "
-                        "whose cores other work shares, two threads spin against each other and one model run "
-                        "takes several times longer; 0 keeps torch's default)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads one inference may use, as `gemel run "
+                        "--threads` (torch's intra-op threads and onnxruntime's; default 1: on a box whose cores "
+                        "other work shares, two threads spin against each other and one model run takes several "
+                        "times longer; 0 keeps the libraries' own defaults)")
     parser.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"])
     parser.add_argument("--load", default="whole", choices=["whole", "layered"])
     parser.add_argument("--compare-load", action="store_true", help="run whole and layered loading both")
@@ -291,8 +293,10 @@ def main() -> None:
     if args.backend == "onnxruntime" and (args.load == "layered" or args.compare_load):
         parser.error("layer-by-layer loading needs the torch backend")
 
+    if args.threads < 0:
+        parser.error(f"--threads {args.threads}: must be at least 1, or 0 for the libraries' own defaults")
     if args.threads > 0:
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(args.threads)  # building the bundle too; each run sets it through RunOptions
     print(f"device: {device_name() if args.device == 'cpu' else args.device}", file=sys.stderr, flush=True)
     load_before = [round(x, 2) for x in os.getloadavg()]  # the box is shared: say how busy it was
     with tempfile.TemporaryDirectory(prefix="gemel-bench-runtime-") as tmp:
@@ -333,7 +337,7 @@ def main() -> None:
                                                                           torch.cuda.is_available()) else "cpu")
     report = {
         "benchmark": "runtime", "device": device_name() if device.type == "cpu" else torch.cuda.get_device_name(device),
-        "torch_threads": torch.get_num_threads(), "backend": args.backend,
+        "torch_threads": torch.get_num_threads(), "threads": args.threads or None, "backend": args.backend,
         "load": args.load if not args.compare_load else "whole and layered",
         "bundle": str(args.bundle) if args.bundle else f"{args.workload}, "
         f"{'the groups of ' + str(args.plan) + ' kept' if args.plan else 'every proposed group'} tied (built "

@@ -451,9 +451,10 @@ def test_a_snapshot_round_trips_through_its_json(loaded):
     snap = engine.snapshot()
     served = json.loads(json.dumps(snap.to_dict()))
     assert list(served) == ["bundle", "policy", "backend", "device", "eviction", "state", "last_error", "elapsed_s",
-                            "streams", "models", "memory", "order", "reordered_batches", "prefetch", "prefetches",
-                            "prefetch_misses"]
+                            "streams", "models", "memory", "threads", "order", "reordered_batches", "prefetch",
+                            "prefetches", "prefetch_misses"]
     assert served["order"] == "merge-aware" and served["prefetch"] is False  # prefetch: CUDA only by default
+    assert served["threads"] is None  # known once run() has set them up
     assert served["streams"][0]["processed"] == snap.streams[0].processed == 1
     assert "torch_allocated_bytes" not in served["memory"] and served["memory"]["budget_bytes"] == 200 * 2**20
     assert RunSnapshot.from_dict(served).to_dict() == served
@@ -465,6 +466,7 @@ def test_a_snapshot_round_trips_through_its_json(loaded):
     assert back.streams[0].dropped_error == 0 and back.models["color"].name == "color"
     assert back.models["color"].load_wait_seconds == 0.5 and back.extra == {"instance": "box-1"}
     assert back.to_dict()["instance"] == "box-1" and back.dropped_totals() == (4, 1, 0, 0)
+    assert back.threads is None and RunSnapshot.from_dict({**old, "threads": 2}).threads == 2
     summary = engine.summary().to_dict()
     assert list(summary["memory"])[:3] == ["budget_bytes", "all_models_bytes", "static_set"]
 

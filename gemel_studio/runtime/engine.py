@@ -492,9 +492,9 @@ class Engine:
                                                   sched.budget), **self._order_and_prefetch())
 
     def _order_and_prefetch(self) -> dict:
-        """The order in use and the prefetch counters (telemetry.Scheduling's fields)."""
+        """The threads, the order in use and the prefetch counters (telemetry.Scheduling's fields)."""
         sched = self.scheduler
-        return {"order": self.planner.order, "reordered_batches": self.planner.reordered, "prefetch": self.prefetch,
+        return {"threads": self.threads_used, "order": self.planner.order, "reordered_batches": self.planner.reordered, "prefetch": self.prefetch,
                 "prefetches": sched.prefetches, "prefetch_misses": sched.prefetch_misses}
 
     def summary(self) -> RunSummary:
@@ -507,7 +507,7 @@ class Engine:
                           stopped=self.stopped, last_error=self.last_error,
                           streams=[s.row(self.elapsed_s) for s in self.stats], models=self._models(),
                           memory=memory, eviction=sched.eviction, batching=self.batching,
-                          threads=self.threads_used, **self._order_and_prefetch())
+                          **self._order_and_prefetch())
 
 
 def run(bundle, streams: list[tuple[FrameSource, list[str]]], options: RunOptions | None = None,

@@ -154,6 +154,7 @@ class Scheduling:
     """The order in use and the prefetch counters, as a snapshot and a summary both report them
     (keyword-only, so that they follow the fields each of those gives positionally)."""
 
+    threads: int | None = None  # CPU threads one inference could use (None: not yet known, or not served)
     order: str | None = None  # merge-aware | fair (None: not served by the runtime that made it)
     reordered_batches: int = 0  # batches the merge-aware order ran before the fair choice
     prefetch: bool = False  # whether prefetch ran (a summary or snapshot built without saying claims not)
@@ -167,7 +168,8 @@ class Scheduling:
     def scheduling_from(data: dict) -> dict:
         """The keyword arguments for these fields from a served JSON object (an older runtime's
         lacks them: no order, no prefetch)."""
-        return {"order": None if data.get("order") is None else str(data["order"]),
+        return {"threads": None if data.get("threads") is None else int(data["threads"]),
+                "order": None if data.get("order") is None else str(data["order"]),
                 "reordered_batches": int(data.get("reordered_batches", 0)),
                 "prefetch": bool(data.get("prefetch", False)), "prefetches": int(data.get("prefetches", 0)),
                 "prefetch_misses": int(data.get("prefetch_misses", 0))}
@@ -242,15 +244,13 @@ class RunSummary(Scheduling):
     eviction: str = "belady"
     batching: bool = True
     order: str | None = field(default="merge-aware", kw_only=True)
-    threads: int | None = field(default=None, kw_only=True)  # CPU threads one inference could use (None: unknown)
 
     def to_dict(self) -> dict:
         return {"bundle": self.bundle, "backend": self.backend, "device": self.device, "policy": self.policy,
                 "budget_bytes": self.budget_bytes, "elapsed_s": self.elapsed_s, "stopped": self.stopped,
                 "last_error": self.last_error, "streams": [s.to_dict() for s in self.streams],
                 "models": {n: m.to_dict() for n, m in self.models.items()}, "memory": self.memory.to_dict(),
-                "eviction": self.eviction, "batching": self.batching, "threads": self.threads,
-                **self.scheduling_dict()}
+                "eviction": self.eviction, "batching": self.batching, **self.scheduling_dict()}
 
 
 class LatencyWindow:

@@ -16,6 +16,7 @@ merge is waiting for.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -331,6 +332,12 @@ class PreviewPanel(TaskMixin, QWidget):
         self.load_combo.addItems(choices("load"))
         self.load_combo.setToolTip("whole: a model's missing weights load before it runs · layered (MemA): each "
                                    "layer's weights load while the layers before it run (torch backend)")
+        self.threads_spin = QSpinBox(self)
+        self.threads_spin.setRange(0, max(1, os.cpu_count() or 1))
+        self.threads_spin.setSpecialValueText("one per core")  # 0: torch's and onnxruntime's own
+        self.threads_spin.setValue(0)
+        self.threads_spin.setToolTip("CPU threads one inference may use (--threads). One per core is torch's own "
+                                     "default; 1 leaves the other cores to the studio and other work on a shared box")
         form = QFormLayout()
         form.addRow("Policy", self.policy_combo)
         form.addRow("Memory budget", self.budget_spin)
@@ -339,6 +346,7 @@ class PreviewPanel(TaskMixin, QWidget):
         form.addRow("Device", self.device_combo)
         form.addRow("Backend", self.backend_combo)
         form.addRow("Loading", self.load_combo)
+        form.addRow("CPU threads", self.threads_spin)
 
         self.start_button = QPushButton("Start", self)
         self.start_button.setToolTip("Load and verify the bundle, then run the streams until Stop")
@@ -621,7 +629,8 @@ class PreviewPanel(TaskMixin, QWidget):
         return validate(RunOptions, {"policy": self.policy_combo.currentText(), "memory_budget": self.budget_bytes(),
                                      "device": self.device_combo.currentText(),
                                      "backend": self.backend_combo.currentText(),
-                                     "load": self.load_combo.currentText()})
+                                     "load": self.load_combo.currentText(),
+                                     "threads": self.threads_spin.value() or None})
 
     # --- running ----------------------------------------------------------------------------
 
@@ -807,7 +816,7 @@ class PreviewPanel(TaskMixin, QWidget):
         self.stop_button.setEnabled(running and not self.task_stopping)
         for w in (self.bundle_edit, self.folder_button, self.archive_button, self.add_synthetic_button,
                   self.add_video_button, self.add_images_button, self.remove_button, self.fps_spin, self.loop_check, self.models_list,
-                  self.policy_combo, self.device_combo, self.backend_combo):
+                  self.policy_combo, self.device_combo, self.backend_combo, self.threads_spin):
             w.setEnabled(not running)
         self.load_combo.setEnabled(not running and self.backend_combo.currentText() == "torch")
         if self.backend_combo.currentText() != "torch":

@@ -39,11 +39,13 @@ def dropped_totals(snapshot: RunSnapshot | dict) -> tuple[int, int, int, int]:
 
 
 def run_state_text(snapshot: RunSnapshot | dict) -> str:
-    """'running, 12.3 s: policy merged, budget 256.0 MiB, device cpu, bundle /x/b'."""
+    """'running, 12.3 s: policy merged, budget 256.0 MiB, device cpu, 1 CPU thread, bundle /x/b' (the
+    threads once the run has said)."""
     s = as_snapshot(snapshot)
     budget = s.memory.budget_bytes
     budget_text = f"budget {human_bytes(budget)}" if budget is not None else "no budget"
-    return (f"{s.state or '?'}, {s.elapsed_s:.1f} s: policy {s.policy}, {budget_text}, device {s.device}, "
+    threads = "" if s.threads is None else f", {s.threads} CPU thread{'' if s.threads == 1 else 's'}"
+    return (f"{s.state or '?'}, {s.elapsed_s:.1f} s: policy {s.policy}, {budget_text}, device {s.device}{threads}, "
             f"bundle {s.bundle}" + (f"; last model error: {s.last_error}" if s.last_error else ""))
 
 

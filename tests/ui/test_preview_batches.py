@@ -143,6 +143,35 @@ def test_onnxruntime_on_auto_budgets_the_cpus_memory(window, preview):
     assert preview.budget_device() == torch.device("cpu")
 
 
+# --- CPU threads -----------------------------------------------------------------------------------
+
+
+def test_cpu_threads_default_to_the_libraries_own_and_a_set_count_runs_and_is_given_back(window, preview, qtbot):
+    panel = preview
+    assert panel.threads_spin.value() == 0 and panel.threads_spin.text() == "one per core"
+    assert panel.run_options().threads is None  # as `gemel run` without --threads
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)  # not what the form asks for, whatever this machine's default
+    try:
+        panel.threads_spin.setValue(1)
+        assert panel.run_options().threads == 1
+        panel.add_synthetic_stream(5, models=["color"])
+        qtbot.mouseClick(panel.start_button, Qt.MouseButton.LeftButton)
+        qtbot.waitUntil(lambda: panel.last_snapshot is not None and panel.last_snapshot.threads is not None,
+                        timeout=60_000)
+        assert panel.last_snapshot.threads == 1  # the run's own figure, served in its snapshot
+        assert not panel.threads_spin.isEnabled()  # fixed while the run works
+        panel.refresh(force=True)
+        assert ", 1 CPU thread, " in panel.state_label.text()
+        with qtbot.waitSignal(panel.sigRunEnded, timeout=15_000):
+            panel.stop()
+        assert torch.get_num_threads() == 3  # the run gave the setting back
+        assert panel.threads_spin.isEnabled()
+    finally:
+        torch.set_num_threads(before)
+
+
 # --- what a redraw costs -------------------------------------------------------------------------
 
 
