@@ -261,3 +261,35 @@ def test_predict_banks_the_predicted_block_with_zero_retraining(write_workload):
     assert first.outcome == "kept" and first.epochs == 0 and first.next_action == "banked with zero retraining"
     assert first.trained_epochs == 0.0
     assert run.saved_bytes == sum(g.savings_bytes for g in plan.groups)
+
+
+def test_predict_tries_the_output_layers_of_different_tasks_last_in_a_block_of_their_own(write_workload):
+    from gemel_studio.merging.heuristic import predicted_blocks
+    from gemel_studio.merging.pipeline import task_heads
+    from gemel_studio.merging.plan import GroupRisk
+
+    w = _workload(write_workload, {"absolute": 0.001})  # color and shape: two 3-class heads of two questions
+    plan, ctx = _context(w)
+    heads = task_heads(w, ctx.analysis, plan)
+    assert [sorted((m.model, m.layer) for m in g.members) for g in plan.groups if g.id in heads] == \
+        [[("color", "fc"), ("shape", "fc")]]
+    for g in plan.groups:  # every group harmless, the heads the most harmless of all
+        g.risk = GroupRisk(cka=0.9, drop={m.model: (0.0 if g.id in heads else 0.01) for m in g.members})
+    blocks = predicted_blocks(plan.groups, None, defer=heads)
+    assert [{g.id for g in c.groups} for c in blocks] == [{g.id for g in plan.groups} - heads, heads]
+    run = search(ctx.build_models, ctx.base_state, plan, ctx.data, ctx.targets, "predict", defer=heads)
+    assert [set(s.groups) for s in run.steps] == [{g.id for g in plan.groups} - heads, heads]
+    assert run.saved_bytes == sum(g.savings_bytes for g in plan.groups)  # deferred, not left out
+
+
+def test_heads_of_models_with_the_same_task_are_not_deferred(write_workload):
+    from gemel_studio.analysis import analyze_workload
+    from gemel_studio.merging.pipeline import task_heads
+
+    same = {"kind": "synthetic", "task": "color", "samples": 48, "seed": 0}  # two cameras, one question
+    w = load_workload(write_workload([tv("cam1", "resnet18", num_classes=3, dataset=same),
+                                      tv("cam2", "resnet18", num_classes=3, dataset=same)], input_size=[3, 16, 16]))
+    analysis = analyze_workload(w)
+    plan = propose_plan(w, analysis)
+    assert any(all(m.layer == "fc" for m in g.members) for g in plan.groups)  # the heads are a group
+    assert task_heads(w, analysis, plan) == set()

@@ -17,8 +17,11 @@ Two strategies over the same candidates, retraining and bookkeeping:
   the check before training confirms. Then the other low-risk groups (largest drop at most
   LOW_RISK; a group too small for a drop of its own counts the drop of all such groups tied
   together, so a harmless tail joins this block and a harmful one waits), then the rest; a
-  failed block is split by risk, the safer half first, so risky groups end up alone and last. Without risk figures it is bisection with the risk-ordered
-  split.
+  failed block is split by risk, the safer half first, so risky groups end up alone and last.
+  The output layers of models with different tasks (a 3-class head of one question tied to the
+  3-class head of another) come after everything else, in a block of their own: tied with the
+  rest they make the whole repair harder, whatever their own drop. Without risk figures it is
+  bisection with the risk-ordered split.
 
 Retraining always starts from the last banked weights; a failed round is thrown away.
 """
@@ -27,7 +30,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -140,11 +143,15 @@ def candidates(plan: MergePlan) -> list[Candidate]:
 
 
 def predicted_blocks(groups: list[PlannedGroup], margins: Mapping[str, float] | None,
-                     init: str | None = None) -> list[Candidate]:
+                     init: str | None = None, defer: Collection[str] = ()) -> list[Candidate]:
     """predict's blocks, in the order tried (see the module's docstring). `margins`: each model's
     unmerged accuracy minus its target; without them there is no first block. `init`: the plan's
     init method; a drop measured with another init says nothing of this one's, so such a group
-    is left out of the first block."""
+    is left out of the first block. `defer`: ids of groups tried only after all the others, in a
+    block of their own whatever their risk (the output layers of models with different tasks:
+    `pipeline.task_heads`)."""
+    held = [g for g in groups if g.id in defer]
+    groups = [g for g in groups if g.id not in defer]
     def cost(g: PlannedGroup) -> float:  # points lost per byte, the largest over the members
         return max(0.0, g.risk.max_drop) / max(1, g.savings_bytes)
 
@@ -163,7 +170,8 @@ def predicted_blocks(groups: list[PlannedGroup], margins: Mapping[str, float] | 
     rest = [g for g in groups if g.id not in chosen]
     low = [g for g in rest if group_risk(g) <= LOW_RISK]
     high = sorted((g for g in rest if group_risk(g) > LOW_RISK), key=lambda g: (group_risk(g), -g.savings_bytes))
-    return [Candidate(part) for part in (first, low, high) if part]
+    held.sort(key=lambda g: (group_risk(g), -g.savings_bytes))
+    return [Candidate(part) for part in (first, low, high, held) if part]
 
 
 def _affected(models: frozenset[str], groups: list[PlannedGroup]) -> list[str]:
@@ -195,7 +203,7 @@ def search(build_models: Builder, base_state: Mapping[str, Mapping[str, torch.Te
            on_step: Callable[[Step], None] | None = None, seed: int = 0,
            state_path: Path | None = None, on_epoch: Callable[[EpochRecord], None] | None = None,
            init_base: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
-           unmerged: Mapping[str, float] | None = None) -> SearchResult:
+           unmerged: Mapping[str, float] | None = None, defer: Collection[str] = ()) -> SearchResult:
     """Run the merge search. `build_models()` returns fresh, untied models; `base_state` holds
     the unmerged weights. Returns the plan with kept/backed-off states and the banked weights.
 
@@ -206,7 +214,8 @@ def search(build_models: Builder, base_state: Mapping[str, Mapping[str, torch.Te
     holds each model's pretrained state for `ties`), batch-norm statistics are recomputed after
     tying, and with `plan.retraining.check_before_training` a candidate whose models all meet
     their targets before the first step is banked with zero retraining. `unmerged` (each model's
-    unmerged accuracy) gives `predict` the margins its first block is sized by.
+    unmerged accuracy) gives `predict` the margins its first block is sized by; `defer` (group
+    ids) the groups it tries last, in a block of their own.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy '{strategy}'; expected one of {', '.join(STRATEGIES)}")
@@ -224,7 +233,7 @@ def search(build_models: Builder, base_state: Mapping[str, Mapping[str, torch.Te
         queue = [Candidate([g for c in queue for g in c.groups])]
     elif strategy == "predict":
         margins = {n: unmerged[n] - targets[n] for n in targets if n in unmerged} if unmerged else None
-        queue = predicted_blocks([g for c in queue for g in c.groups], margins, plan.init.method)
+        queue = predicted_blocks([g for c in queue for g in c.groups], margins, plan.init.method, defer)
     kept: list[PlannedGroup] = []
     state = {n: dict(s) for n, s in base_state.items()}
     result = SearchResult(strategy=strategy, plan=plan, state=state)

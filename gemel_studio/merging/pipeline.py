@@ -120,6 +120,26 @@ def prepare_merge(workload: Workload, plan: MergePlan, *, limit: int | None = No
     return MergeContext(workload, analysis, names, base_state, data, accuracy, targets)
 
 
+def task_heads(workload: Workload, analysis: WorkloadAnalysis, plan: MergePlan) -> set[str]:
+    """Ids of the plan's groups that tie models' output layers (each member the last layer with
+    weights its model runs, in the analysis' execution order) across models with different
+    tasks (their datasets differ). Shapes can match by chance (two 3-class questions); tying
+    such heads makes two tasks read the same logits, which retraining then has to pull apart."""
+    last: dict[str, str] = {}
+    for inv in analysis.models:
+        ran = [layer.name for layer in inv.layers if layer.param_bytes > 0 and layer.executed]
+        if ran:
+            last[inv.name] = ran[-1]
+    out = set()
+    for g in plan.groups:
+        if not all(last.get(m.model) == m.layer for m in g.members):
+            continue
+        datasets = [workload.model(m.model).dataset for m in g.members]
+        if any(d != datasets[0] for d in datasets[1:]):
+            out.add(g.id)
+    return out
+
+
 def write_merged_folder(out_dir: Path, workload: Workload, models: dict[str, torch.nn.Module], plan,
                         report: MergeReport | dict | None = None) -> int:
     """What `gemel export` reads: merged.safetensors (each shared tensor once), plan.yaml, a copy
@@ -197,7 +217,8 @@ def merge_workload(workload: Workload, plan: MergePlan, out_dir: Path, options: 
                                   progress=progress, time_budget_s=plan.retraining.time_budget_s,
                                   on_step=on_step, state_path=out_dir / "search.state", on_epoch=on_epoch,
                                   init_base=load_base(workload, ctx.names, plan.init)
-                                  if plan.init.method == "ties" else None, unmerged=ctx.unmerged_accuracy)
+                                  if plan.init.method == "ties" else None, unmerged=ctx.unmerged_accuracy,
+                                  defer=task_heads(workload, ctx.analysis, plan) if strategy == "predict" else ())
     if progress is not None:
         progress.check()  # a pause or cancel during the last round: the search state is saved, resume writes
     models = ctx.build_models()
