@@ -286,10 +286,29 @@ def test_heads_of_models_with_the_same_task_are_not_deferred(write_workload):
     from gemel_studio.analysis import analyze_workload
     from gemel_studio.merging.pipeline import task_heads
 
-    same = {"kind": "synthetic", "task": "color", "samples": 48, "seed": 0}  # two cameras, one question
-    w = load_workload(write_workload([tv("cam1", "resnet18", num_classes=3, dataset=same),
-                                      tv("cam2", "resnet18", num_classes=3, dataset=same)], input_size=[3, 16, 16]))
+    # Two cameras, one question: each its own footage (seed, size), the same class names.
+    w = load_workload(write_workload(
+        [tv("cam1", "resnet18", num_classes=3, dataset={"kind": "synthetic", "task": "color", "samples": 48, "seed": 0}),
+         tv("cam2", "resnet18", num_classes=3, dataset={"kind": "synthetic", "task": "color", "samples": 64, "seed": 5})],
+        input_size=[3, 16, 16]))
     analysis = analyze_workload(w)
     plan = propose_plan(w, analysis)
     assert any(all(m.layer == "fc" for m in g.members) for g in plan.groups)  # the heads are a group
     assert task_heads(w, analysis, plan) == set()
+
+
+def test_a_weight_on_the_models_root_is_not_taken_for_its_output_layer(write_workload):
+    """ViT keeps its class token on the root module, whose forward hook fires last."""
+    from dataclasses import replace
+
+    from gemel_studio.analysis import analyze_workload
+    from gemel_studio.merging.pipeline import task_heads
+
+    w = _workload(write_workload, {"absolute": 0.001})
+    analysis = analyze_workload(w)
+    plan = propose_plan(w, analysis)
+    heads = task_heads(w, analysis, plan)
+    assert len(heads) == 1
+    for inv in analysis.models:
+        inv.layers.append(replace(inv.layers[-1], name="", param_bytes=3072))
+    assert task_heads(w, analysis, plan) == heads

@@ -32,6 +32,7 @@ from ..workload import PATH_FIELDS, CheckpointSource, TorchvisionSource, Workloa
 from .datasets import ModelData, distill, load_model_data
 from .folder import WEIGHTS, MergedFolder, save_shared_weights
 from .heuristic import SearchResult, Step, search
+from .labels import labels_of
 from .initialise import load_base
 from .options import MergeOptions, RetrainSettings
 from .plan import GroupState, MergePlan, save_plan, validate_plan
@@ -121,21 +122,24 @@ def prepare_merge(workload: Workload, plan: MergePlan, *, limit: int | None = No
 
 
 def task_heads(workload: Workload, analysis: WorkloadAnalysis, plan: MergePlan) -> set[str]:
-    """Ids of the plan's groups that tie models' output layers (each member the last layer with
-    weights its model runs, in the analysis' execution order) across models with different
-    tasks (their datasets differ). Shapes can match by chance (two 3-class questions); tying
-    such heads makes two tasks read the same logits, which retraining then has to pull apart."""
+    """Ids of the plan's groups that tie classifiers' output layers across models with different
+    tasks: each member is the last layer with weights its model runs (in the analysis' execution
+    order, the model's own root left out: ViT's class token sits there), and the members' class
+    names differ (the workload's, else the dataset's, else the weights'; as the bundle names
+    them). Shapes can match by chance (two 3-class questions); tying such heads makes two tasks
+    read the same logits, which retraining then has to pull apart. Detectors' heads are not
+    looked for (their last layer is the box regression, not the class logits)."""
     last: dict[str, str] = {}
     for inv in analysis.models:
-        ran = [layer.name for layer in inv.layers if layer.param_bytes > 0 and layer.executed]
-        if ran:
+        ran = [layer.name for layer in inv.layers if layer.param_bytes > 0 and layer.executed and layer.name]
+        if ran and inv.task == "classification":
             last[inv.name] = ran[-1]
     out = set()
     for g in plan.groups:
         if not all(last.get(m.model) == m.layer for m in g.members):
             continue
-        datasets = [workload.model(m.model).dataset for m in g.members]
-        if any(d != datasets[0] for d in datasets[1:]):
+        labels = [labels_of(workload, workload.model(m.model)) for m in g.members]
+        if any(names != labels[0] for names in labels[1:]):
             out.add(g.id)
     return out
 

@@ -362,8 +362,9 @@ class Engine:
     @contextlib.contextmanager
     def _torch_threads(self):
         """torch's intra-op threads at `threads` while the engine works (the profile too, so that
-        its latencies are those of the run), torch's own setting again after. The setting is the
-        process's: a run sets it for as long as it works."""
+        its latencies are those of the run), torch's own setting again after. With OpenMP the
+        count is the calling thread's, and the one a thread takes when it first uses torch: a
+        thread that starts using torch while a run works takes the run's count."""
         before = torch.get_num_threads()
         if self.threads is not None and self.threads != before:
             torch.set_num_threads(self.threads)
