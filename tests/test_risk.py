@@ -157,3 +157,39 @@ def test_the_joint_drop_of_the_small_groups_is_measured_from_the_unmerged_weight
         assert by_id[g.id].risk.joint_drop == {n: round(d, 4) for n, d in alone[JOINT].items()
                                                if n in {m.model for m in g.members}}
     assert not any(by_id[g.id].risk.joint_drop for g in plan.groups if g.savings_bytes >= floor)
+
+
+def test_a_tie_that_changes_no_weight_costs_nothing_though_re_estimating_statistics_changes_the_model(
+        three_resnets, monkeypatch):
+    """The drop is the tie's: measured against the untied model with its batch-norm statistics
+    re-estimated from the same batches, not against its trained statistics."""
+    from gemel_studio.merging import risk
+    from gemel_studio.merging.pipeline import prepare_merge
+    from gemel_studio.merging.plan import InitSettings
+
+    w, plan, _ = three_resnets
+    plan = plan.model_copy(update={"init": InitSettings(method="first", recompute_bn=True, bn_batches=2)})
+    ctx = prepare_merge(w, plan, limit=20)
+    group = plan.groups[0]
+    owner = group.members[0]
+    for m in group.members[1:]:  # the members already hold the same weights there: tying changes nothing
+        for name in ("weight", "bias"):
+            key = f"{owner.layer}.{name}"
+            if key in ctx.base_state[owner.model]:
+                ctx.base_state[m.model][f"{m.layer}.{name}"] = ctx.base_state[owner.model][key].clone()
+
+    def statistics(model, data, device, task="classification"):  # a figure that reads the statistics only
+        return float(sum(b.running_mean.abs().sum() + (b.running_var - 1).abs().sum() for b in model.modules()
+                         if isinstance(b, torch.nn.BatchNorm2d)))
+
+    monkeypatch.setattr(risk, "evaluate", statistics)
+    drops, unmerged = risk.group_drops(ctx.build_models, ctx.base_state, ctx.data, [group], plan, eval_limit=8,
+                                       bn_batches=2)
+    assert set(drops[group.id]) == {m.model for m in group.members}
+    assert all(v == 0.0 for v in drops[group.id].values())  # exactly: the same weights, the same batches
+    # ...while re-estimating the statistics alone does change what the figure reads.
+    models = ctx.build_models()
+    name = group.members[1].model
+    models[name].load_state_dict(ctx.base_state[name])
+    risk.after_tying(models, [name], plan.init, ctx.data)
+    assert statistics(models[name], None, None) != unmerged[name]
