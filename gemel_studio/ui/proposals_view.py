@@ -46,7 +46,8 @@ RISK_MIN_FRACTION = 0.01  # as `gemel propose`: the drop only for groups saving 
 CKA_TIP = ("CKA: how alike the members' outputs at this layer are on the same inputs (lowest linear CKA over "
            "pairs; 1 = the same up to rotation and scale, near 0 = unrelated). A ranking signal, not a promise.")
 DROP_TIP = ("Drop: the most accuracy a member loses on its held-out split when this group alone is tied, "
-            "before any retraining (what retraining must repair). Drops do not add up across groups. "
+            "before any retraining, against the untied model with its batch-norm statistics re-estimated the "
+            "same way (what retraining must repair). Drops do not add up across groups. "
             "≤: a group too small for its own, showing the drop of all such groups tied together (one "
             "group's own is usually less).")
 
