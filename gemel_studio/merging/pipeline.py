@@ -32,8 +32,8 @@ from ..workload import PATH_FIELDS, CheckpointSource, TorchvisionSource, Workloa
 from .datasets import ModelData, distill, load_model_data
 from .folder import WEIGHTS, MergedFolder, save_shared_weights
 from .heuristic import SearchResult, Step, search
-from .labels import labels_of
 from .initialise import load_base
+from .labels import labels_of
 from .options import MergeOptions, RetrainSettings
 from .plan import GroupState, MergePlan, save_plan, validate_plan
 from .report import MergeReport, ModelOutcome

@@ -490,13 +490,13 @@ class Engine:
                            device=str(self.device), eviction=sched.eviction, state=state, last_error=self.last_error,
                            elapsed_s=elapsed, streams=[s.row(elapsed) for s in self.stats], models=self._models(),
                            memory=memory_snapshot(self.device, sched.resident_bytes, sched.peak_resident_bytes,
-                                                  sched.budget), **self._order_and_prefetch())
+                                                  sched.budget), **self._scheduling())
 
-    def _order_and_prefetch(self) -> dict:
+    def _scheduling(self) -> dict:
         """The threads, the order in use and the prefetch counters (telemetry.Scheduling's fields)."""
         sched = self.scheduler
-        return {"threads": self.threads_used, "order": self.planner.order, "reordered_batches": self.planner.reordered, "prefetch": self.prefetch,
-                "prefetches": sched.prefetches, "prefetch_misses": sched.prefetch_misses}
+        return {"threads": self.threads_used, "order": self.planner.order, "reordered_batches": self.planner.reordered,
+                "prefetch": self.prefetch, "prefetches": sched.prefetches, "prefetch_misses": sched.prefetch_misses}
 
     def summary(self) -> RunSummary:
         sched = self.scheduler
@@ -508,7 +508,7 @@ class Engine:
                           stopped=self.stopped, last_error=self.last_error,
                           streams=[s.row(self.elapsed_s) for s in self.stats], models=self._models(),
                           memory=memory, eviction=sched.eviction, batching=self.batching,
-                          **self._order_and_prefetch())
+                          **self._scheduling())
 
 
 def run(bundle, streams: list[tuple[FrameSource, list[str]]], options: RunOptions | None = None,

@@ -151,8 +151,9 @@ class SummaryMemory(MemoryReport):
 
 @dataclass(kw_only=True)
 class Scheduling:
-    """The order in use and the prefetch counters, as a snapshot and a summary both report them
-    (keyword-only, so that they follow the fields each of those gives positionally)."""
+    """The CPU threads, the order in use and the prefetch counters, as a snapshot and a summary
+    both report them (keyword-only, so that they follow the fields each of those gives
+    positionally)."""
 
     threads: int | None = None  # CPU threads one inference could use (None: not yet known, or not served)
     order: str | None = None  # merge-aware | fair (None: not served by the runtime that made it)
