@@ -429,6 +429,20 @@ def test_onnxruntime_sessions_take_the_runs_thread_count(loaded):
     assert default.get_session_options().intra_op_num_threads == 0  # onnxruntime's own choice
 
 
+def test_onnxruntime_sessions_take_torchs_count_by_default_so_the_count_shown_is_theirs(loaded, monkeypatch):
+    made = []
+    real = type(loaded).session_over
+    monkeypatch.setattr(type(loaded), "session_over",
+                        lambda self, *a, threads=None, **k: made.append(threads) or real(self, *a, threads=threads, **k))
+    engine = Engine(loaded, [(SyntheticSource(fps=20, size=(16, 16), frames=3), ["color"])],
+                    RunOptions(policy="unlimited", device="cpu", backend="onnxruntime", deadline_ms=30000))
+    summary = engine.run()
+    assert summary.streams[0].processed == 3
+    # Every session (the profile's, the run's) was made with the count the summary shows.
+    assert made and summary.threads is not None and set(made) == {summary.threads}
+    assert summary.threads == torch.get_num_threads()
+
+
 def test_a_stream_spec_reads_the_command_line_form():
     from gemel_studio.runtime.sources import StreamSpec
 

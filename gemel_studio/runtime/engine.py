@@ -83,7 +83,7 @@ class Engine:
                                                    options.eviction, demand)
         self.inputs = {m: tuple(bundle.manifest.model(m).input_size) for m in used}
         self.preprocessing = {m: bundle.manifest.model(m).preprocessing.image_preprocessing() for m in used}
-        self.threads = options.threads  # None: torch's and onnxruntime's own (one per core)
+        self.threads = options.threads  # None: torch's own (one per core), onnxruntime's sessions taking it too
         self.threads_used: int | None = None  # torch's intra-op threads while the run worked
         self._ort = OrtRunner(bundle, self.scheduler, used, options.threads) if backend == "onnxruntime" else None
         self._torch = TorchRunner(bundle)
@@ -368,6 +368,10 @@ class Engine:
         before = torch.get_num_threads()
         if self.threads is not None and self.threads != before:
             torch.set_num_threads(self.threads)
+        if self._ort is not None and self._ort.threads is None:
+            # onnxruntime's sessions take the same count, so that the one shown is theirs too
+            # (left to itself onnxruntime picks its own, which the summary could not report)
+            self._ort.threads = torch.get_num_threads()
         try:
             yield
         finally:
