@@ -15,7 +15,9 @@ the search. Every strategy checks the held-out split `--checks-per-epoch` times 
 side by side (`init_comparison`): every model's accuracy on the deciding and unseen splits with
 the groups tied (all, or --init-groups N) and no retraining, and with --init-epochs E the
 retraining seconds and epochs each init needed to bring every model to its target. Only the
-init comparison: `--strategies` with no names.
+init comparison: `--strategies` with no names. `--compare-risk` times predict's merge risk
+measured both ways (every drop from whole forward passes, and from each group's cut on, the
+default) and says whether the figures agree (`risk_identical`).
 
 For each workload: fine-tune the unmerged models (once; reused on later runs), measure their
 accuracy on the held-out split, propose every share group, then run each strategy from the
@@ -283,6 +285,10 @@ def main() -> None:
     parser.add_argument("--init-epochs", type=int, default=0,
                         help="after the zero-retraining check, retrain each init jointly for at most this "
                              "many epochs (stopping once every model meets its target); 0: no retraining")
+    parser.add_argument("--compare-risk", action="store_true",
+                        help="measure predict's merge risk twice, every drop from whole forward passes and then "
+                             "from each group's cut on (the default), and report both times and whether the "
+                             "figures agree (with --strategies and nothing after it: only that)")
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "bench-merge")
     args = parser.parse_args()
     limit = args.limit or None
@@ -313,12 +319,19 @@ def main() -> None:
         risk_plan = base / "finetuned" / "plan-risk.yaml"
         init_name = ("ties" if tv_base is not None else "mean") if args.init == "auto" else args.init
         predict_init = init_settings(init_name, tv_base) or InitSettings(method="mean")  # ties needs a base
-        if "predict" in args.strategies:
-            started = time.perf_counter()
+        if "predict" in args.strategies or args.compare_risk:
             plan = load_plan(plan_path)
             plan = plan.model_copy(update={"retraining": plan.retraining.model_copy(update={"device": args.device}),
                                            "init": predict_init})
+            if args.compare_risk:
+                started = time.perf_counter()
+                whole, _ = measure_risk(load_workload(workload_path), plan, limit=limit, drop_min_savings=floor,
+                                        partial=False)
+                row["risk_seconds_whole_passes"] = round(time.perf_counter() - started, 1)
+            started = time.perf_counter()
             measured, notes = measure_risk(load_workload(workload_path), plan, limit=limit, drop_min_savings=floor)
+            if args.compare_risk:
+                row["risk_identical"] = [g.risk for g in whole.groups] == [g.risk for g in measured.groups]
             save_plan(measured, risk_plan)
             row["risk_seconds"] = round(time.perf_counter() - started, 1)
             row["risk_notes"] = notes

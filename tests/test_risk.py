@@ -184,7 +184,7 @@ def test_a_tie_that_changes_no_weight_costs_nothing_though_re_estimating_statist
 
     monkeypatch.setattr(risk, "evaluate", statistics)
     drops, unmerged = risk.group_drops(ctx.build_models, ctx.base_state, ctx.data, [group], plan, eval_limit=8,
-                                       bn_batches=2)
+                                       bn_batches=2, partial=False)  # the whole passes, which call evaluate
     assert set(drops[group.id]) == {m.model for m in group.members}
     assert all(v == 0.0 for v in drops[group.id].values())  # exactly: the same weights, the same batches
     # ...while re-estimating the statistics alone does change what the figure reads.
@@ -193,3 +193,63 @@ def test_a_tie_that_changes_no_weight_costs_nothing_though_re_estimating_statist
     models[name].load_state_dict(ctx.base_state[name])
     risk.after_tying(models, [name], plan.init, ctx.data)
     assert statistics(models[name], None, None) != unmerged[name]
+
+
+@pytest.mark.parametrize("method, recompute", [("mean", True), ("first", False)])
+def test_drops_from_the_cut_on_equal_the_whole_passes_and_skip_the_layers_before_it(three_resnets, method,
+                                                                                    recompute):
+    """merging/suffix.py: each group's drop, measured by running only the nodes from its first
+    tied layer on (the activations before it recorded in the reference passes), is the whole
+    passes' drop exactly, and the stem is not run again after the reference passes."""
+    from gemel_studio.merging import risk
+    from gemel_studio.merging.pipeline import prepare_merge
+    from gemel_studio.merging.plan import InitSettings
+
+    w, plan, bound = three_resnets
+    plan = plan.model_copy(update={"init": InitSettings(method=method, recompute_bn=recompute, bn_batches=2)})
+    ctx = prepare_merge(w, plan, limit=40)
+    floor = int(0.05 * bound)
+    heavy = [g for g in plan.groups if g.savings_bytes >= floor]
+    small = [g for g in plan.groups if g.savings_bytes < floor]
+    assert heavy and small
+    stem_calls = []
+
+    def build():
+        models = ctx.build_models()
+        for n, m in models.items():
+            # the measuring passes (no gradient), not a Fisher init's
+            m.conv1.register_forward_hook(lambda *_, n=n: None if torch.is_grad_enabled() else stem_calls.append(n))
+        return models
+
+    kwargs = dict(eval_limit=32, bn_batches=2, together=small)
+    whole, unmerged = risk.group_drops(build, ctx.base_state, ctx.data, heavy, plan, partial=False, **kwargs)
+    whole_calls = len(stem_calls)
+    stem_calls.clear()
+    cut, unmerged_cut = risk.group_drops(build, ctx.base_state, ctx.data, heavy, plan, **kwargs)
+    assert cut == whole and unmerged_cut == unmerged
+    assert any(v != 0.0 for d in whole.values() for v in d.values())  # the figures compared say something
+    # The reference passes run the stem (the statistics batches and the held-out batch, after the
+    # unmerged accuracy's pass); the groups' passes run it only where a group ties the stem itself.
+    stem_blocks = [g for g in heavy if any(m.layer == "conv1" for m in g.members)]
+    stem_blocks += [small] if any(m.layer == "conv1" for g in small for m in g.members) else []
+    members = sum(len({m.model for g in (b if isinstance(b, list) else [b]) for m in g.members})
+                  for b in stem_blocks)
+    bn = {min(2, -(-len(ctx.data[n].train) // 32)) if recompute else 0 for n in ctx.data}  # statistics batches
+    assert len(bn) == 1
+    per_pass = bn.pop() + 1  # and one held-out batch (32 samples)
+    assert len(stem_calls) == 3 * (1 + per_pass) + members * per_pass
+    assert whole_calls > len(stem_calls)
+
+
+def test_drops_of_a_model_too_large_to_record_are_measured_whole(three_resnets):
+    from gemel_studio.merging import risk
+    from gemel_studio.merging.pipeline import prepare_merge
+
+    w, plan, _ = three_resnets
+    ctx = prepare_merge(w, plan, limit=40)
+    groups = plan.groups[:3]
+    whole, _ = risk.group_drops(ctx.build_models, ctx.base_state, ctx.data, groups, plan, eval_limit=16,
+                                partial=False)
+    tiny, _ = risk.group_drops(ctx.build_models, ctx.base_state, ctx.data, groups, plan, eval_limit=16,
+                               max_bytes=1)
+    assert tiny == whole

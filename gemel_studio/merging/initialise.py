@@ -110,10 +110,11 @@ def diagonal_fisher(model: torch.nn.Module, data: ModelData, params: Mapping[str
 
 
 _BN = (torch.nn.modules.batchnorm._BatchNorm,)
+BN_BATCH_SIZE = 32  # the batches batch-norm statistics are re-estimated from
 
 
 @torch.no_grad()
-def recompute_batchnorm(model: torch.nn.Module, data: ModelData, batches: int = 20, batch_size: int = 32,
+def recompute_batchnorm(model: torch.nn.Module, data: ModelData, batches: int = 20, batch_size: int = BN_BATCH_SIZE,
                         device: torch.device | str = "cpu") -> int:
     """Reset and re-estimate every batch-norm layer's running statistics from a few batches of
     the model's own training data (a cumulative average, no gradient, dropout off). Returns the

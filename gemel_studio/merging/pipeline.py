@@ -87,10 +87,13 @@ def build_seeded(workload: Workload, spec):
 
 
 def prepare_merge(workload: Workload, plan: MergePlan, *, limit: int | None = None,
-                  progress: Progress | None = None, baseline: dict | None = None) -> MergeContext:
+                  progress: Progress | None = None, baseline: dict | None = None,
+                  measure: bool = True) -> MergeContext:
     """Build, load data and measure each participant's unmerged accuracy. With `baseline` (a
     merged folder's `baseline.json`, which names every participant), the stored accuracies and
-    targets are used instead of measuring again: a resumed merge keeps its targets."""
+    targets are used instead of measuring again: a resumed merge keeps its targets. With
+    `measure=False` nothing is evaluated and the context has no accuracies or targets (the
+    merge risk measures its own)."""
     progress = progress or Progress()
     stored = (baseline or {}).get("models", {})
     analysis = analyze_workload(workload, alignment=plan.alignment)
@@ -101,7 +104,7 @@ def prepare_merge(workload: Workload, plan: MergePlan, *, limit: int | None = No
             raise GemelError(f"model '{name}': merging needs a torchvision or checkpoint source "
                              f"(TorchScript and ONNX are analysed only); reject its groups in the plan")
     device = resolve_device(plan.retraining.device)
-    progress.start(len(names), "measuring unmerged accuracy")
+    progress.start(len(names), "measuring unmerged accuracy" if measure else "loading the models and their data")
     base_state, data, accuracy, targets = {}, {}, {}, {}
     for name in names:
         spec = workload.model(name)
@@ -113,6 +116,9 @@ def prepare_merge(workload: Workload, plan: MergePlan, *, limit: int | None = No
         if set(names) <= set(stored):
             accuracy[name], targets[name] = stored[name]["unmerged_accuracy"], stored[name]["target"]
             progress.step(f"{name}: unmerged accuracy {accuracy[name]:.3f} (measured when this merge began)")
+            continue
+        if not measure:
+            progress.step(f"{name}: loaded")
             continue
         accuracy[name] = evaluate(module.to(device), data[name].val, device, task=data[name].task)
         targets[name] = (spec.target.absolute if spec.target.absolute is not None

@@ -25,14 +25,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
-from torch.utils.data import Subset
+from torch.utils.data import DataLoader, Subset
 
 from ..devices import resolve_device
 from ..progress import Progress
 from .datasets import ModelData
-from .initialise import after_tying, initialise_groups
+from .initialise import _BN, BN_BATCH_SIZE, _batches, after_tying, initialise_groups
 from .plan import GroupRisk, MergePlan, PlannedGroup
 from .retrain import evaluate
+from .suffix import NotSplittable, SuffixRunner, re_estimating
 
 JOINT = "(together)"  # group_drops' key for the groups measured together
 
@@ -137,12 +138,16 @@ def group_cka(models: Mapping[str, torch.nn.Module], data: Mapping[str, ModelDat
 def group_drops(build_models, base_state: Mapping[str, Mapping[str, torch.Tensor]], data: Mapping[str, ModelData],
                 groups: Sequence[PlannedGroup], plan: MergePlan, *, eval_limit: int = 256, bn_batches: int = 3,
                 init_base=None, device: torch.device | str = "cpu", progress: Progress | None = None,
-                together: Sequence[PlannedGroup] = ()) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+                together: Sequence[PlannedGroup] = (), partial: bool = True,
+                max_bytes: int = 512 << 20) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
     """For each group alone: each member's accuracy before minus after tying it with the plan's
     init (no retraining); where the init re-estimates batch-norm statistics, "before" is the
     untied model with its statistics re-estimated the same way, so that the drop is the tie's
     alone. `together`: groups measured once, all tied at the same time, under the key JOINT.
-    Returns ({group id or JOINT: {model: drop}}, {model: unmerged accuracy})."""
+    `partial`: a classifier that torch.fx can trace runs only from the first tied layer on
+    (merging/suffix.py; the same figures, bit for bit), its activations before it recorded in the
+    reference passes, at most `max_bytes` a model. Returns ({group id or JOINT: {model: drop}},
+    {model: unmerged accuracy})."""
     device = torch.device(device)
     progress = progress or Progress()
     init = plan.init.model_copy(update={"bn_batches": min(plan.init.bn_batches, bn_batches)})
@@ -150,19 +155,31 @@ def group_drops(build_models, base_state: Mapping[str, Mapping[str, torch.Tensor
     models = build_models()
     names = sorted({m.model for g in [*groups, *together] for m in g.members} & set(models) & set(data))
     val = {n: Subset(data[n].val, range(min(eval_limit, len(data[n].val)))) for n in names}
+    usable = [g for g in together if {m.model for m in g.members} <= set(names)]
+    blocks = [[g] for g in groups if {m.model for m in g.members} <= set(names)] + ([usable] if usable else [])
     before = {}
     for n in names:
         progress.check()
         models[n].load_state_dict(base_state[n])
         models[n].to(device)
         before[n] = evaluate(models[n], val[n], device, task=data[n].task)
+    runners = _runners(models, names, data, blocks, max_bytes) if partial else {}
     # A drop is measured against the untied model with its statistics re-estimated the same way
     # (the same batches): a few batches' estimate loses accuracy of its own (8.6 points of the
     # quick start's count model with 3 batches, 0.8 with 20), and that is not the tie's.
     reference = dict(before)
-    if init.recompute_bn:
-        for n in names:
-            progress.check()
+    labels: dict[str, list[torch.Tensor]] = {}
+    for n in names:
+        progress.check()
+        if n in runners:
+            try:
+                reference[n], labels[n] = _record(runners[n], models[n], data[n], val[n], init, device)
+                models[n].load_state_dict(base_state[n])  # as the whole path leaves it (a Fisher init reads it)
+                continue
+            except NotSplittable:
+                del runners[n]  # its activations would take too much memory: run it whole
+                models[n].load_state_dict(base_state[n])
+        if init.recompute_bn:
             after_tying(models, [n], init, data, device=device)
             reference[n] = evaluate(models[n], val[n], device, task=data[n].task)
             models[n].load_state_dict(base_state[n])
@@ -179,13 +196,18 @@ def group_drops(build_models, base_state: Mapping[str, Mapping[str, torch.Tensor
                         layer = models[m.model].get_submodule(m.layer)
                         for pname, p in owner.named_parameters(recurse=False):
                             getattr(layer, pname).copy_(p)
-        after_tying(models, members, init, data, device=device)
-        out = {n: reference[n] - evaluate(models[n], val[n], device, task=data[n].task) for n in members}
+        out = {}
+        for n in members:
+            if n in runners:
+                layers = [m.layer for g in block for m in g.members if m.model == n]
+                out[n] = reference[n] - _replay(runners[n], models[n], layers, labels[n], init, device)
+            else:
+                after_tying(models, [n], init, data, device=device)
+                out[n] = reference[n] - evaluate(models[n], val[n], device, task=data[n].task)
         for n in members:
             models[n].load_state_dict(base_state[n])
         return out
 
-    usable = [g for g in together if {m.model for m in g.members} <= set(names)]
     drops: dict[str, dict[str, float]] = {}
     progress.start(len(groups) + (1 if usable else 0), "merge risk: each group tied alone")
     for g in groups:
@@ -202,13 +224,82 @@ def group_drops(build_models, base_state: Mapping[str, Mapping[str, torch.Tensor
     return drops, before
 
 
+def _runners(models, names, data, blocks, max_bytes) -> dict[str, SuffixRunner]:
+    """A SuffixRunner per classifier that can be split at every block's cut."""
+    out = {}
+    for n in names:
+        if data[n].task != "classification":
+            continue
+        layer_sets = [[m.layer for g in block for m in g.members if m.model == n] for block in blocks]
+        model = models[n]
+        was_training = model.training
+        model.eval()  # traced in eval mode: what the measurement runs (a traced `self.training` is fixed)
+        try:
+            out[n] = SuffixRunner(model, [s for s in layer_sets if s], max_bytes=max_bytes)
+        except NotSplittable:
+            pass
+        finally:
+            model.train(was_training)
+    return out
+
+
+def _autocast(device: torch.device):
+    """As `retrain.evaluate` runs a classifier (bfloat16 on CUDA)."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+@torch.no_grad()
+def _record(runner: SuffixRunner, model: torch.nn.Module, data: ModelData, val, init, device: torch.device):
+    """The reference passes, whole, as `after_tying` and `evaluate` make them (statistics
+    re-estimated from the same batches where the init says so, then the held-out samples),
+    recording the cuts' activations. Returns the accuracy and the held-out labels by batch."""
+    runner.clear()
+    if init.recompute_bn:
+        bns = [m for m in model.modules() if isinstance(m, _BN) and m.track_running_stats]
+        with re_estimating(model, bns):
+            for x, _ in _batches(data.train, data.task, BN_BATCH_SIZE, init.bn_batches):
+                runner.record(x.to(device))
+    model.eval()
+    correct = total = 0
+    labels = []
+    for x, y in DataLoader(val, batch_size=256):
+        with _autocast(device):
+            out = runner.record(x.to(device))
+        correct += (out.argmax(1).cpu() == y).sum().item()
+        total += len(y)
+        labels.append(y)
+    return (correct / total if total else 0.0), labels
+
+
+@torch.no_grad()
+def _replay(runner: SuffixRunner, model: torch.nn.Module, layers, labels, init, device: torch.device) -> float:
+    """The tied model's accuracy from the recorded passes, only the nodes from the cut before
+    `layers` run (the batch-norm layers after it re-estimated from the same batches)."""
+    k = init.bn_batches if init.recompute_bn else 0
+    k = min(k, len(runner.recorded) - len(labels))
+    if init.recompute_bn:
+        with re_estimating(model, runner.batchnorms_after(layers)):
+            for i in range(k):
+                runner.run_from(layers, i)
+    model.eval()
+    correct = total = 0
+    for i, y in enumerate(labels):
+        with _autocast(device):
+            out = runner.run_from(layers, k + i)
+        correct += (out.argmax(1).cpu() == y).sum().item()
+        total += len(y)
+    return correct / total if total else 0.0
+
+
 def measure_risk(workload, plan: MergePlan, *, limit: int | None = None, per_model: int = 16, eval_limit: int = 256,
-                 drop_min_savings: int = 0, progress: Progress | None = None) -> tuple[MergePlan, list[str]]:
+                 drop_min_savings: int = 0, progress: Progress | None = None,
+                 partial: bool = True) -> tuple[MergePlan, list[str]]:
     """A copy of `plan` with `risk` filled in for every group whose members can be retrained
     (a torchvision or checkpoint source and a dataset): CKA for each, the drop for groups that
     save at least `drop_min_savings` bytes (each costs a few forward passes of its members).
     Returns it and notes on what was skipped. Every stage (unmerged accuracy, CKA, drop)
-    reports to `progress` and stops at its next step once it is cancelled (raising Cancelled)."""
+    reports to `progress` and stops at its next step once it is cancelled (raising Cancelled).
+    `partial`: group_drops' (False: every drop from whole passes; the same figures, slower)."""
     from ..workload import CheckpointSource, TorchvisionSource
     from .initialise import load_base
     from .pipeline import prepare_merge
@@ -225,7 +316,7 @@ def measure_risk(workload, plan: MergePlan, *, limit: int | None = None, per_mod
     if not groups:
         return out, notes
     sub = plan.model_copy(update={"groups": groups})
-    ctx = prepare_merge(workload, sub, limit=limit, progress=progress)
+    ctx = prepare_merge(workload, sub, limit=limit, progress=progress, measure=False)  # the drops measure their own
     device = resolve_device(plan.retraining.device)
     models = ctx.build_models()
     for n, m in models.items():
@@ -240,7 +331,7 @@ def measure_risk(workload, plan: MergePlan, *, limit: int | None = None, per_mod
         notes.append(f"{len(small)} group(s) saving under {drop_min_savings} bytes: tied all together for one "
                      "joint drop, none of their own")
     drops, _ = group_drops(ctx.build_models, ctx.base_state, ctx.data, heavy, plan, eval_limit=eval_limit,
-                           init_base=base, device=device, progress=progress, together=small)
+                           init_base=base, device=device, progress=progress, together=small, partial=partial)
     joint, small_ids = drops.get(JOINT, {}), {g.id for g in small}
     by_id = {g.id: g for g in out.groups}
     for g in groups:
