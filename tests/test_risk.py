@@ -253,3 +253,60 @@ def test_drops_of_a_model_too_large_to_record_are_measured_whole(three_resnets):
     tiny, _ = risk.group_drops(ctx.build_models, ctx.base_state, ctx.data, groups, plan, eval_limit=16,
                                max_bytes=1)
     assert tiny == whole
+
+
+def test_a_run_from_the_cut_gives_the_whole_models_output_after_the_tied_layer_changes():
+    """Also for a layer inside a module fx keeps whole (nn.MultiheadAttention's out_proj)."""
+    from torch import nn
+
+    from gemel_studio.merging.suffix import SuffixRunner
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.bn = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.head = nn.Linear(8, 4)
+
+        def forward(self, x):
+            x = self.bn(self.stem(x)).flatten(2).transpose(1, 2)
+            x = x + self.attn(x, x, x, need_weights=False)[0]
+            return self.head(x.mean(1))
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    runner = SuffixRunner(model, [["attn.out_proj"], ["head"], ["bn"]])
+    assert runner.cut_of[("bn",)] < runner.cut_of[("attn.out_proj",)] < runner.cut_of[("head",)]
+    x = torch.randn(4, 3, 6, 6)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        untied = runner.record(x)
+        assert torch.equal(untied, model(x))
+        for layer in ("attn.out_proj", "head", "bn"):
+            model.get_submodule(layer).weight.mul_(1.5)  # the tie changes the layer after the recording
+            changed = model(x)
+            assert not torch.equal(changed, untied)  # the change shows at the output...
+            assert torch.equal(runner.run_from([layer], 0), changed)  # ...and the run from the cut has it
+            model.load_state_dict(state)
+
+
+def test_a_run_from_the_cut_that_fails_at_run_time_falls_back_to_the_whole_passes(three_resnets, monkeypatch):
+    """Out of (GPU) memory in the traced graph: the model is measured whole, the same figures."""
+    from gemel_studio.merging import risk
+    from gemel_studio.merging.pipeline import prepare_merge
+    from gemel_studio.merging.suffix import SuffixRunner
+
+    w, plan, _ = three_resnets
+    ctx = prepare_merge(w, plan, limit=40)
+    groups = plan.groups[:2]
+    whole, _ = risk.group_drops(ctx.build_models, ctx.base_state, ctx.data, groups, plan, eval_limit=16,
+                                partial=False)
+    calls = []
+
+    def out_of_memory(self, layers, batch):
+        calls.append(batch)
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(SuffixRunner, "run_from", out_of_memory)
+    fallen, _ = risk.group_drops(ctx.build_models, ctx.base_state, ctx.data, groups, plan, eval_limit=16)
+    assert calls and fallen == whole

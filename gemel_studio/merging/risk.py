@@ -176,8 +176,9 @@ def group_drops(build_models, base_state: Mapping[str, Mapping[str, torch.Tensor
                 reference[n], labels[n] = _record(runners[n], models[n], data[n], val[n], init, device)
                 models[n].load_state_dict(base_state[n])  # as the whole path leaves it (a Fisher init reads it)
                 continue
-            except NotSplittable:
-                del runners[n]  # its activations would take too much memory: run it whole
+            except (NotSplittable, RuntimeError):  # too much to record, or out of (GPU) memory: run it whole
+                runners[n].clear()
+                del runners[n]
                 models[n].load_state_dict(base_state[n])
         if init.recompute_bn:
             after_tying(models, [n], init, data, device=device)
@@ -200,10 +201,15 @@ def group_drops(build_models, base_state: Mapping[str, Mapping[str, torch.Tensor
         for n in members:
             if n in runners:
                 layers = [m.layer for g in block for m in g.members if m.model == n]
-                out[n] = reference[n] - _replay(runners[n], models[n], layers, labels[n], init, device)
-            else:
-                after_tying(models, [n], init, data, device=device)
-                out[n] = reference[n] - evaluate(models[n], val[n], device, task=data[n].task)
+                try:
+                    out[n] = reference[n] - _replay(runners[n], models[n], layers, labels[n], init, device)
+                    continue
+                except RuntimeError:  # out of (GPU) memory in the traced graph: this model runs whole from now on
+                    runners.pop(n).clear()
+                    if not init.recompute_bn:  # the reference was the recorded pass: make it whole again
+                        reference[n] = before[n]
+            after_tying(models, [n], init, data, device=device)
+            out[n] = reference[n] - evaluate(models[n], val[n], device, task=data[n].task)
         for n in members:
             models[n].load_state_dict(base_state[n])
         return out

@@ -32,11 +32,13 @@ class NotSplittable(Exception):
 
 
 def _touches(node: fx.Node, layer: str) -> bool:
-    """Whether `node` runs or reads `layer` (a module name; "" is the model itself)."""
+    """Whether `node` runs or reads `layer` (a module name; "" is the model itself): the layer
+    itself, a module or tensor inside it, or a module fx keeps whole that holds it (the
+    output projection inside nn.MultiheadAttention, which fx calls as one node)."""
     if node.op not in ("call_module", "get_attr"):
         return False
     target = str(node.target)
-    return layer == "" or target == layer or target.startswith(layer + ".")
+    return layer == "" or target == layer or target.startswith(layer + ".") or layer.startswith(target + ".")
 
 
 class SuffixRunner:
