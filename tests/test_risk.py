@@ -310,3 +310,30 @@ def test_a_run_from_the_cut_that_fails_at_run_time_falls_back_to_the_whole_passe
     monkeypatch.setattr(SuffixRunner, "run_from", out_of_memory)
     fallen, _ = risk.group_drops(ctx.build_models, ctx.base_state, ctx.data, groups, plan, eval_limit=16)
     assert calls and fallen == whole
+
+
+def test_a_run_from_the_cut_that_writes_in_place_leaves_the_recording_as_it_was():
+    from torch import nn
+
+    from gemel_studio.merging.suffix import SuffixRunner
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.head = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            h = self.stem(x)
+            y = self.head(h)
+            h.mul_(2)  # after the cut before `head`: it writes into `h`, which crosses the cut
+            return y + h
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    runner = SuffixRunner(model, [["head"]])
+    x = torch.randn(8, 4)
+    with torch.no_grad():
+        untied = runner.record(x)
+        assert torch.equal(untied, model(x))
+        for _ in range(2):  # each run starts from the recording of what the reference computed
+            assert torch.equal(runner.run_from(["head"], 0), untied)

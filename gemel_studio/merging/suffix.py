@@ -41,6 +41,19 @@ def _touches(node: fx.Node, layer: str) -> bool:
     return layer == "" or target == layer or target.startswith(layer + ".") or layer.startswith(target + ".")
 
 
+def _in_place(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether `node` may write into one of its inputs."""
+    if node.op == "call_module":
+        return bool(getattr(gm.get_submodule(str(node.target)), "inplace", False))
+    if node.op == "call_method":
+        return str(node.target).endswith("_") and not str(node.target).endswith("__")
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return bool(node.kwargs.get("inplace")) or name.startswith("i") and name in {
+            "iadd", "isub", "imul", "itruediv", "iand", "ior"} or (name.endswith("_") and not name.endswith("__"))
+    return False
+
+
 class SuffixRunner:
     """One classifier, traced, with its activations at the cuts before `blocks`' layers (each
     block: the layers tied together in one measurement) recorded by `record` passes and
@@ -72,23 +85,32 @@ class SuffixRunner:
         for cut in set(self.cut_of.values()):
             self.frontier[cut] = [n for n in self.nodes[:cut] if any(index[u] >= cut for u in n.users)]
         kept = sorted({n for f in self.frontier.values() for n in f}, key=index.__getitem__)
-        self.recorder = self._recorder(gm, kept)
+        # Values a later node may write in place (an in-place ReLU, x.mul_()): recorded as a copy
+        # made as soon as they are computed, and handed to each run as a copy, so that the
+        # recording stays what the reference computed.
+        written = {n for n in kept if any(_in_place(gm, u) for u in n.users)}
+        self.recorder = self._recorder(gm, kept, written)
         self.kept_at = {n: i for i, n in enumerate(kept)}
         self.suffixes = {cut: self._suffix(gm, cut, f) for cut, f in self.frontier.items()}
+        self.copied = {cut: {i for i, n in enumerate(f) if n in written} for cut, f in self.frontier.items()}
         self.recorded: list[tuple] = []  # per recorded batch, the kept nodes' values
         self.bytes = 0
 
     @staticmethod
-    def _recorder(gm: fx.GraphModule, kept: list[fx.Node]) -> fx.GraphModule:
-        """The whole graph, returning the kept nodes' values beside its output."""
+    def _recorder(gm: fx.GraphModule, kept: list[fx.Node], written: set[fx.Node]) -> fx.GraphModule:
+        """The whole graph, returning the kept nodes' values beside its output (a copy of each
+        `written` one, taken when it is computed)."""
         graph = fx.Graph()
         env: dict[fx.Node, fx.Node] = {}
+        copies: dict[fx.Node, fx.Node] = {}
         for n in gm.graph.nodes:
             if n.op == "output":
                 out = fx.node.map_arg(n.args[0], env.__getitem__)
-                graph.output((out, tuple(env[k] for k in kept)))
+                graph.output((out, tuple(copies.get(k, env[k]) for k in kept)))
             else:
                 env[n] = graph.node_copy(n, env.__getitem__)
+                if n in written:
+                    copies[n] = graph.call_method("clone", (env[n],))
         return fx.GraphModule(gm, graph)
 
     @staticmethod
@@ -118,8 +140,9 @@ class SuffixRunner:
         """The output for recorded batch `batch` (in recording order) when only the nodes from the
         cut before `layers` run."""
         cut = self.cut_of[tuple(sorted(layers))]
-        values = self.recorded[batch]
-        return self.suffixes[cut](*(values[self.kept_at[n]] for n in self.frontier[cut]))
+        values = [self.recorded[batch][self.kept_at[n]] for n in self.frontier[cut]]
+        values = [v.clone() if i in self.copied[cut] else v for i, v in enumerate(values)]
+        return self.suffixes[cut](*values)
 
     def batchnorms_after(self, layers: Sequence[str]) -> list[torch.nn.Module]:
         """The batch-norm layers the cut before `layers` leaves to run (their statistics are the
