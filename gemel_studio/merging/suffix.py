@@ -49,8 +49,8 @@ def _in_place(gm: fx.GraphModule, node: fx.Node) -> bool:
         return str(node.target).endswith("_") and not str(node.target).endswith("__")
     if node.op == "call_function":
         name = getattr(node.target, "__name__", "")
-        return bool(node.kwargs.get("inplace")) or name.startswith("i") and name in {
-            "iadd", "isub", "imul", "itruediv", "iand", "ior"} or (name.endswith("_") and not name.endswith("__"))
+        return (bool(node.kwargs.get("inplace")) or name in {"iadd", "isub", "imul", "itruediv", "iand", "ior"}
+                or (name.endswith("_") and not name.endswith("__")))
     return False
 
 
