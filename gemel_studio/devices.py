@@ -22,3 +22,9 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise GemelError(f"device '{name}' asked for, but this machine has no CUDA GPU; use --device cpu or auto")
     return device
+
+
+def mixed_precision(device: torch.device):
+    """The autocast every training and evaluation pass runs under: bfloat16 on CUDA, off on the
+    CPU."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")

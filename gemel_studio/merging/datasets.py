@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from ..devices import mixed_precision
 from ..errors import DatasetError
 from ..preprocessing import ImagePreprocessing, resolve_preprocessing
 from ..workload import BOX_DATASETS, FashionMnistDataset, ImageFolderDataset, ModelSpec, SyntheticDataset, Workload
@@ -364,7 +365,7 @@ def _predict_boxes(model: torch.nn.Module, data: Dataset, device: torch.device, 
     targets = []
     for images, _ in DataLoader(data, batch_size=batch_size, collate_fn=detection_collate):
         # The same precision as retrain.mean_average_precision, so the model agrees with its own boxes.
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with mixed_precision(device):
             out = model([x.to(device) for x in images])
         for o in out:
             keep = o["scores"] >= score_threshold
@@ -379,7 +380,7 @@ def _predict(model: torch.nn.Module, data: Dataset, device: torch.device, batch_
     images, labels = [], []
     for x, _ in DataLoader(data, batch_size=batch_size):
         # The same precision as retrain.evaluate, so the model agrees with its own labels.
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with mixed_precision(device):
             out = model(x.to(device))
         images.append(x)
         labels.append(out.argmax(1).cpu())

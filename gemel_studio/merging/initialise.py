@@ -22,6 +22,7 @@ weights with stale statistics lose most of their accuracy (REPAIR, Jordan et al.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -119,28 +120,41 @@ def recompute_batchnorm(model: torch.nn.Module, data: ModelData, batches: int = 
     """Reset and re-estimate every batch-norm layer's running statistics from a few batches of
     the model's own training data (a cumulative average, no gradient, dropout off). Returns the
     number of batch-norm layers updated."""
-    bns = [m for m in model.modules() if isinstance(m, _BN) and m.track_running_stats]
+    bns = batchnorms(model)
     if not bns:
         return 0
     device = torch.device(device)
-    was_training = model.training
-    momenta = [m.momentum for m in bns]
-    model.eval()
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative moving average over the batches below
-        m.train()
-    try:
+    with re_estimating(model, bns):
         for x, _ in _batches(data.train, data.task, batch_size, batches):
             if data.task == "detection":
                 model([i.to(device) for i in x])  # eval-mode detector: no targets needed
             else:
                 model(x.to(device))
+    return len(bns)
+
+
+def batchnorms(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's batch-norm layers that keep running statistics."""
+    return [m for m in model.modules() if isinstance(m, _BN) and m.track_running_stats]
+
+
+@contextlib.contextmanager
+def re_estimating(model: torch.nn.Module, bns: Sequence[torch.nn.Module]):
+    """`model` in eval mode (dropout off) with `bns` reset and accumulating a cumulative average
+    of the statistics of the batches run meanwhile; momenta and modes given back after."""
+    was_training = model.training
+    momenta = [m.momentum for m in bns]
+    model.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average over the batches run
+        m.train()
+    try:
+        yield
     finally:
         for m, mom in zip(bns, momenta):
             m.momentum = mom
         model.train(was_training)
-    return len(bns)
 
 
 # --- initialising a plan's groups -----------------------------------------------------------------
@@ -236,5 +250,5 @@ def load_base(workload, names: Sequence[str], settings: InitSettings) -> dict[st
     return out
 
 
-__all__ = ["METHODS", "after_tying", "combine_fisher", "combine_mean", "combine_ties", "diagonal_fisher",
-           "initialise_groups", "load_base", "recompute_batchnorm"]
+__all__ = ["BN_BATCH_SIZE", "METHODS", "after_tying", "batchnorms", "combine_fisher", "combine_mean", "combine_ties",
+           "diagonal_fisher", "initialise_groups", "load_base", "re_estimating", "recompute_batchnorm"]

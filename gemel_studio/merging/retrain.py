@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..devices import resolve_device
+from ..devices import mixed_precision, resolve_device
 from ..errors import Cancelled, GemelError
 from ..progress import Progress
 from . import distributed
@@ -73,7 +73,7 @@ def mean_average_precision(model: torch.nn.Module, data: Dataset, device: torch.
     metric = MeanAveragePrecision(iou_type="bbox", box_format="xyxy", iou_thresholds=[0.5])
     metric.warn_on_many_detections = False  # an untrained detector proposes hundreds of boxes
     for images, targets in loader(data, "detection", batch_size):
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with mixed_precision(device):
             out = model([i.to(device) for i in images])
         metric.update([{k: v.float().cpu() if k != "labels" else v.cpu() for k, v in o.items()} for o in out],
                       targets)
@@ -91,7 +91,7 @@ def evaluate(model: torch.nn.Module, data: Dataset, device: torch.device, batch_
     model.eval()
     correct = total = 0
     for x, y in DataLoader(data, batch_size=batch_size):
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with mixed_precision(device):
             out = model(x.to(device))
         correct += (out.argmax(1).cpu() == y).sum().item()
         total += len(y)
@@ -274,7 +274,7 @@ def joint_retrain(models: Mapping[str, torch.nn.Module], data: Mapping[str, Mode
                     progress.cancel()
                 progress.check()  # before the update: a cancel never leaves a step half-counted
                 optimizer.zero_grad(set_to_none=True)
-                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                with mixed_precision(device):
                     total, parts = runner(batches, weights)
                 for n in names:
                     losses[n] += parts[n].item()

@@ -27,13 +27,13 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from ..devices import resolve_device
+from ..devices import mixed_precision, resolve_device
 from ..progress import Progress
 from .datasets import ModelData
-from .initialise import _BN, BN_BATCH_SIZE, _batches, after_tying, initialise_groups
+from .initialise import BN_BATCH_SIZE, _batches, after_tying, batchnorms, initialise_groups, re_estimating
 from .plan import GroupRisk, MergePlan, PlannedGroup
 from .retrain import evaluate
-from .suffix import NotSplittable, SuffixRunner, re_estimating
+from .suffix import NotSplittable, SuffixRunner
 
 JOINT = "(together)"  # group_drops' key for the groups measured together
 
@@ -177,8 +177,7 @@ def group_drops(build_models, base_state: Mapping[str, Mapping[str, torch.Tensor
                 models[n].load_state_dict(base_state[n])  # as the whole path leaves it (a Fisher init reads it)
                 continue
             except (NotSplittable, RuntimeError):  # too much to record, or out of (GPU) memory: run it whole
-                runners[n].clear()
-                del runners[n]
+                runners.pop(n).clear()
                 models[n].load_state_dict(base_state[n])
         if init.recompute_bn:
             after_tying(models, [n], init, data, device=device)
@@ -249,11 +248,6 @@ def _runners(models, names, data, blocks, max_bytes) -> dict[str, SuffixRunner]:
     return out
 
 
-def _autocast(device: torch.device):
-    """As `retrain.evaluate` runs a classifier (bfloat16 on CUDA)."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
 @torch.no_grad()
 def _record(runner: SuffixRunner, model: torch.nn.Module, data: ModelData, val, init, device: torch.device):
     """The reference passes, whole, as `after_tying` and `evaluate` make them (statistics
@@ -261,20 +255,13 @@ def _record(runner: SuffixRunner, model: torch.nn.Module, data: ModelData, val, 
     recording the cuts' activations. Returns the accuracy and the held-out labels by batch."""
     runner.clear()
     if init.recompute_bn:
-        bns = [m for m in model.modules() if isinstance(m, _BN) and m.track_running_stats]
-        with re_estimating(model, bns):
+        with re_estimating(model, batchnorms(model)):
             for x, _ in _batches(data.train, data.task, BN_BATCH_SIZE, init.bn_batches):
                 runner.record(x.to(device))
     model.eval()
-    correct = total = 0
-    labels = []
-    for x, y in DataLoader(val, batch_size=256):
-        with _autocast(device):
-            out = runner.record(x.to(device))
-        correct += (out.argmax(1).cpu() == y).sum().item()
-        total += len(y)
-        labels.append(y)
-    return (correct / total if total else 0.0), labels
+    batches = list(DataLoader(val, batch_size=256))  # evaluate's batches
+    labels = [y for _, y in batches]
+    return _accuracy(labels, lambda i: runner.record(batches[i][0].to(device)), device), labels
 
 
 @torch.no_grad()
@@ -288,10 +275,16 @@ def _replay(runner: SuffixRunner, model: torch.nn.Module, layers, labels, init, 
             for i in range(k):
                 runner.run_from(layers, i)
     model.eval()
+    return _accuracy(labels, lambda i: runner.run_from(layers, k + i), device)
+
+
+def _accuracy(labels: list[torch.Tensor], outputs, device: torch.device) -> float:
+    """Top-1 accuracy of `outputs(i)` (held-out batch i's logits, run as `retrain.evaluate` runs
+    them) against `labels[i]`."""
     correct = total = 0
     for i, y in enumerate(labels):
-        with _autocast(device):
-            out = runner.run_from(layers, k + i)
+        with mixed_precision(device):
+            out = outputs(i)
         correct += (out.argmax(1).cpu() == y).sum().item()
         total += len(y)
     return correct / total if total else 0.0
@@ -303,7 +296,7 @@ def measure_risk(workload, plan: MergePlan, *, limit: int | None = None, per_mod
     """A copy of `plan` with `risk` filled in for every group whose members can be retrained
     (a torchvision or checkpoint source and a dataset): CKA for each, the drop for groups that
     save at least `drop_min_savings` bytes (each costs a few forward passes of its members).
-    Returns it and notes on what was skipped. Every stage (unmerged accuracy, CKA, drop)
+    Returns it and notes on what was skipped. Every stage (loading, CKA, drop)
     reports to `progress` and stops at its next step once it is cancelled (raising Cancelled).
     `partial`: group_drops' (False: every drop from whole passes; the same figures, slower)."""
     from ..workload import CheckpointSource, TorchvisionSource

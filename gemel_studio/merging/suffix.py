@@ -18,13 +18,12 @@ runs it whole as before.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable, Sequence
 
 import torch
 from torch import fx
 
-_BN = (torch.nn.modules.batchnorm._BatchNorm,)
+from .initialise import _BN
 
 
 class NotSplittable(Exception):
@@ -64,7 +63,7 @@ class SuffixRunner:
             gm = fx.symbolic_trace(model)
         except Exception as exc:  # noqa: BLE001 - any tracing failure means: run it whole
             raise NotSplittable(f"not traceable ({type(exc).__name__})") from None
-        self.model, self.max_bytes = model, max_bytes
+        self.max_bytes = max_bytes
         self.nodes = list(gm.graph.nodes)
         index = {n: i for i, n in enumerate(self.nodes)}
         self.bn_at = {}  # batch-norm module -> the index of its call
@@ -151,25 +150,4 @@ class SuffixRunner:
         return [bn for bn, at in self.bn_at.items() if at >= cut and bn.track_running_stats]
 
 
-@contextlib.contextmanager
-def re_estimating(model: torch.nn.Module, bns: Sequence[torch.nn.Module]):
-    """`model` in eval mode with `bns` reset and accumulating a cumulative average of their
-    batches' statistics (as initialise.recompute_batchnorm does for all of them); modes and
-    momenta given back after."""
-    was_training = model.training
-    momenta = [m.momentum for m in bns]
-    model.eval()
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-        m.train()
-    try:
-        yield
-    finally:
-        for m, mom in zip(bns, momenta):
-            m.momentum = mom
-            m.eval()
-        model.train(was_training)
-
-
-__all__ = ["NotSplittable", "SuffixRunner", "re_estimating"]
+__all__ = ["NotSplittable", "SuffixRunner"]
